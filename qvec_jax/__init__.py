@@ -1,1 +1,53 @@
-"""qvec_jax: zero-shot quantization via weight-space arithmetic (arXiv 2604.03420)."""
+"""qvec_jax: zero-shot quantization via weight-space arithmetic (arXiv 2604.03420).
+
+The method is two short modules: ``qvec_jax.quant`` (the quantizer, METHOD.md) and
+``qvec_jax.trees`` (QV = QAT - FP, patched = FP + lam * QV). Everything else is plumbing.
+"""
+
+from .packing import QTensor, dequantize, quantize, size_report
+from .quant import VIT_RULE, codes_and_scale, fake_quant, fake_quant_tree, ptq
+from .trees import (
+    HEAD_RULE,
+    Rule,
+    add,
+    check_same_structure,
+    cosine,
+    flatten,
+    global_norm,
+    leaf_norms,
+    patch,
+    path_str,
+    quantization_vector,
+    scale,
+    sub,
+    unflatten,
+    weighted_sum,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "HEAD_RULE",
+    "VIT_RULE",
+    "QTensor",
+    "Rule",
+    "add",
+    "check_same_structure",
+    "codes_and_scale",
+    "cosine",
+    "dequantize",
+    "fake_quant",
+    "fake_quant_tree",
+    "flatten",
+    "global_norm",
+    "leaf_norms",
+    "patch",
+    "path_str",
+    "ptq",
+    "quantization_vector",
+    "quantize",
+    "scale",
+    "size_report",
+    "sub",
+    "unflatten",
+    "weighted_sum",
+]

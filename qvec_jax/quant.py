@@ -1,0 +1,134 @@
+"""The weight quantizer of METHOD.md: symmetric absmax round-to-nearest, with an STE for QAT.
+
+    qmax = 2**(b-1) - 1,  qmin = -2**(b-1)
+    s    = max(absmax, 1e-8) / qmax           one s per output channel, or per tensor
+    q    = clip(round(w / s), qmin, qmax)      round half to even
+    fq   = q * s
+
+QAT and PTQ are one function applied to the params before ``model.apply``:
+``fake_quant_tree(params, bits, ste=True)`` inside the loss for QAT, ``ptq(params, bits)``
+after training. ``VIT_RULE`` names which leaves are quantized and their channel axes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .trees import PyTree, Rule, flatten, is_float, path_str
+
+_BLOCK = r"Transformer/encoderblock_\d+/"
+#: The linear kernels of the ViT encoder blocks (Google layout) and their OUTPUT axes.
+#: q/k/v [embed, heads, head_dim] -> (1, 2); out [heads, head_dim, embed] -> (2,);
+#: MLP Dense [in, out] -> (1,). Biases, norms, embeddings, cls and head are not matched.
+VIT_RULE = Rule(
+    {
+        _BLOCK + r"MultiHeadDotProductAttention_1/(query|key|value)/kernel$": (1, 2),
+        _BLOCK + r"MultiHeadDotProductAttention_1/out/kernel$": (2,),
+        _BLOCK + r"MlpBlock_3/Dense_[01]/kernel$": (1,),
+    }
+)
+GRANULARITIES = ("channel", "tensor")
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int in 2..8, got {type(bits).__name__} {bits!r}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    return bits
+
+
+def reduce_axes(ndim: int, granularity: str, channel_axes) -> tuple[int, ...]:
+    """The axes one scale is shared over: all but ``channel_axes`` (default: the last)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "tensor":
+        return tuple(range(ndim))
+    axes = (-1,) if channel_axes is None else tuple(channel_axes)
+    if any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(f"channel_axes {axes} out of range for a {ndim}-D array")
+    keep = {a % ndim for a in axes}
+    return tuple(a for a in range(ndim) if a not in keep)
+
+
+def codes_and_scale(w, bits: int, granularity: str = "channel", channel_axes=None):
+    """Integer codes ``q`` (int8) and float32 scales ``s`` (kept dims) with ``fq = q * s``."""
+    check_bits(bits)
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    w32 = jnp.asarray(w).astype(jnp.float32)
+    absmax = jnp.max(
+        jnp.abs(w32), axis=reduce_axes(w32.ndim, granularity, channel_axes), keepdims=True
+    )
+    s = jnp.maximum(absmax, 1e-8) / qmax
+    q = jnp.clip(jnp.round(w32 / s), qmin, qmax)
+    return q.astype(jnp.int8), s
+
+
+def fake_quant(w, bits: int, *, granularity: str = "channel", channel_axes=None, ste: bool = False):
+    """``q * s`` in ``w``'s shape and dtype (computed in float32).
+
+    ``channel_axes`` get one scale each (default: the last axis, right for a Flax
+    ``Dense`` kernel ``[in, out]``); ``granularity="tensor"`` uses one scale. With
+    ``ste=True`` the gradient is the identity (straight-through estimator, no clipping
+    mask); written as ``sg(fq) + (w - sg(w))`` so the forward value is exactly ``fq``.
+    """
+    check_bits(bits)
+    reduce_axes(jnp.ndim(w), granularity, channel_axes)  # validate before tracing
+    axes = None if channel_axes is None else tuple(int(a) for a in channel_axes)
+    return _fake_quant(w, bits, granularity, axes, bool(ste))
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _fake_quant(w, bits, granularity, channel_axes, ste):
+    q, s = codes_and_scale(w, bits, granularity, channel_axes)
+    fq = (q.astype(jnp.float32) * s).astype(w.dtype)
+    return jax.lax.stop_gradient(fq) + (w - jax.lax.stop_gradient(w)) if ste else fq
+
+
+def select_quantized(params: PyTree, rule: Rule) -> dict[str, tuple]:
+    sel = rule.select(params)
+    if not sel:
+        raise ValueError(f"the quantization rule selects no leaf of this tree: {rule!r}")
+    leaves = flatten(params)
+    for p in sel:
+        if not is_float(leaves[p]):
+            raise ValueError(f"{p}: rule selects a non-float leaf of dtype {leaves[p].dtype}")
+    return sel
+
+
+def fake_quant_tree(
+    params: PyTree,
+    bits: int,
+    *,
+    granularity: str = "channel",
+    rule: Rule = VIT_RULE,
+    ste: bool = False,
+) -> PyTree:
+    """Fake-quantize the leaves ``rule`` selects, with the channel axes it gives.
+
+    Pure and traceable: call it inside a jitted loss for QAT (``ste=True``).
+    """
+    sel = select_quantized(params, rule)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: (
+            x
+            if (ax := sel.get(path_str(kp))) is None
+            else fake_quant(x, bits, granularity=granularity, channel_axes=ax, ste=ste)
+        ),
+        params,
+    )
+
+
+def ptq(
+    params: PyTree, bits: int, *, granularity: str = "channel", rule: Rule = VIT_RULE
+) -> PyTree:
+    """Post-training quantization of a param tree: same structure, dtypes and shardings.
+
+    Each selected leaf is quantized by its own jitted call, so peak memory stays at
+    the input plus the output (no whole-tree intermediate).
+    """
+    check_bits(bits)
+    return fake_quant_tree(params, bits, granularity=granularity, rule=rule)

@@ -1,0 +1,230 @@
+"""Quantization-vector arithmetic on pytrees (METHOD.md, "The idea in one line").
+
+    QV_D    = QAT_D - FP_D              over the backbone; the head is excluded
+    patched = FP_R + lam * QV_D         lam = 1 is zero-shot
+
+Works on any pytree: Flax Linen ``params`` dicts, ``nnx.State``, plain nested dicts,
+with float and integer leaves mixed. Leaves are addressed by "/"-joined key paths,
+e.g. ``Transformer/encoderblock_3/LayerNorm_0/scale``; one small ``Rule`` type over
+those paths selects what QAT and PTQ quantize, what a QV leaves out, and what counts
+in the model size. A QV is a plain nested dict holding only the leaves it covers, so
+it can be added to a receiver whose head has a different shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def path_str(keypath) -> str:
+    """ "/"-joined key path. The ``.value`` of an nnx Variable is dropped."""
+    parts = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        else:  # FlattenedIndexKey and custom keys
+            parts.append(str(getattr(k, "key", k)))
+    if parts and parts[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
+        parts.pop()
+    return "/".join(parts)
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """``{path: leaf}`` in tree order."""
+    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """Nested plain dict from ``{path: leaf}``."""
+    out: dict = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return out
+
+
+class Rule:
+    """Ordered regex rules over leaf paths; the first ``re.search`` match gives the value.
+
+    ``Rule([r"^head/", r"^pre_logits/"])`` selects (value ``True``);
+    ``Rule({r"Dense_\\d/kernel$": (1,)})`` attaches a value (here: channel axes).
+    """
+
+    def __init__(self, patterns: Mapping[str, Any] | Iterable[str | tuple[str, Any]]):
+        items = patterns.items() if isinstance(patterns, Mapping) else patterns
+        pairs = [(p, True) if isinstance(p, str) else tuple(p) for p in items]
+        self.patterns = tuple((re.compile(p), v) for p, v in pairs)
+
+    def match(self, path: str) -> Any:
+        for rx, value in self.patterns:
+            if rx.search(path):
+                return value
+        return None
+
+    def select(self, tree: PyTree) -> dict[str, Any]:
+        """``{path: value}`` for every leaf the rule selects."""
+        return {p: v for p in flatten(tree) if (v := self.match(p)) is not None}
+
+    def unmatched(self, tree: PyTree) -> list[str]:
+        """Patterns that select no leaf of ``tree`` (usually a typo or a layout mismatch)."""
+        paths = list(flatten(tree))
+        return [rx.pattern for rx, _ in self.patterns if not any(rx.search(p) for p in paths)]
+
+    def __repr__(self) -> str:
+        return f"Rule({[(rx.pattern, v) for rx, v in self.patterns]!r})"
+
+
+HEAD_RULE = Rule([r"^head/", r"^pre_logits/"])  # what a QV leaves out (METHOD.md)
+
+
+def is_float(x) -> bool:
+    return jnp.issubdtype(
+        jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.floating
+    )
+
+
+def check_same_structure(a: PyTree, b: PyTree, names=("a", "b"), *, paths=None) -> None:
+    """Raise ``ValueError`` naming the first path where ``a`` and ``b`` differ.
+
+    Compares the leaves at ``paths`` (default: every path of either tree): presence,
+    shape, and dtype kind (float vs integer).
+    """
+    fa, fb = flatten(a), flatten(b)
+    for p in paths if paths is not None else list(fa) + [p for p in fb if p not in fa]:
+        if p not in fa or p not in fb:
+            raise ValueError(f"{p}: missing in {names[0] if p not in fa else names[1]}")
+        x, y = fa[p], fb[p]
+        if np.shape(x) != np.shape(y):
+            raise ValueError(
+                f"{p}: shape {np.shape(x)} in {names[0]} vs {np.shape(y)} in {names[1]}"
+            )
+        if is_float(x) != is_float(y):
+            raise ValueError(f"{p}: dtype {x.dtype} in {names[0]} vs {y.dtype} in {names[1]}")
+
+
+def check_finite(tree: PyTree, name: str) -> None:
+    """Raise ``ValueError`` naming the first float leaf holding NaN or Inf.
+
+    Skipped for traced leaves (inside ``jit`` the values are not known).
+    """
+    for p, x in flatten(tree).items():
+        if isinstance(x, jax.core.Tracer) or not is_float(x):
+            continue
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"{p}: NaN or Inf in {name}")
+
+
+@jax.jit
+def _sub(a, b):
+    dt = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return a.astype(dt) - b.astype(dt)
+
+
+@jax.jit
+def _axpy(r, v, lam):
+    return (r.astype(jnp.float32) + lam * v.astype(jnp.float32)).astype(r.dtype)
+
+
+def quantization_vector(
+    qat_params: PyTree, fp_params: PyTree, *, exclude: Rule = HEAD_RULE
+) -> dict:
+    """``QV = QAT - FP`` (METHOD.md) over every float leaf not matched by ``exclude``.
+
+    Returns a nested dict of the covered leaves only (at least float32, so a bf16
+    fine-tune loses nothing). Biases and norms are included, the head is not; integer
+    leaves (step counters, RNG keys) never are. Eager calls check structure and NaN/Inf;
+    under ``jit`` the NaN/Inf check is skipped.
+    """
+    fq, ff = flatten(qat_params), flatten(fp_params)
+    paths = [p for p in fq if exclude.match(p) is None and is_float(fq[p])]
+    check_same_structure(qat_params, fp_params, ("qat_params", "fp_params"))
+    check_finite(qat_params, "qat_params")
+    check_finite(fp_params, "fp_params")
+    return unflatten({p: _sub(fq[p], ff[p]) for p in paths})
+
+
+def patch(receiver_params: PyTree, qv: PyTree, lam: float = 1.0) -> PyTree:
+    """``receiver + lam * qv`` on the QV's leaves (METHOD.md); every other leaf is untouched.
+
+    Each patched leaf keeps the receiver's dtype (and sharding). Every QV path must
+    exist in the receiver with the same shape. Eager calls check NaN/Inf.
+    """
+    fr, fv = flatten(receiver_params), flatten(qv)
+    check_same_structure(receiver_params, qv, ("receiver_params", "qv"), paths=list(fv))
+    for p, v in fv.items():
+        if not is_float(fr[p]) or not is_float(v):
+            raise ValueError(f"{p}: can only patch float leaves, got {fr[p].dtype} + {v.dtype}")
+    check_finite(qv, "qv")
+    check_finite({p: fr[p] for p in fv}, "receiver_params")
+    lam = jnp.float32(lam)
+    new = {p: _axpy(fr[p], fv[p], lam) if p in fv else x for p, x in fr.items()}
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(receiver_params), list(new.values())
+    )
+
+
+# --- plain vector algebra on same-structure trees (QVs, task vectors) ---------------
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+    check_same_structure(a, b)
+    return jax.tree.map(jnp.add, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+    check_same_structure(a, b)
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def scale(a: PyTree, c: float) -> PyTree:
+    return jax.tree.map(lambda x: (x * c).astype(x.dtype), a)
+
+
+def weighted_sum(trees: list[PyTree], weights: list[float] | None = None) -> PyTree:
+    """``sum_i w_i * tree_i``; with ``weights=None`` the mean (merging several QVs)."""
+    if not trees:
+        raise ValueError("weighted_sum needs at least one tree")
+    weights = [1.0 / len(trees)] * len(trees) if weights is None else list(weights)
+    if len(weights) != len(trees):
+        raise ValueError(f"{len(trees)} trees but {len(weights)} weights")
+    for t in trees[1:]:
+        check_same_structure(trees[0], t, ("trees[0]", "trees[i]"))
+    return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *trees)
+
+
+def leaf_norms(a: PyTree) -> dict[str, float]:
+    """Per-leaf L2 norm, keyed by path."""
+    return {
+        p: float(jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32))) for p, x in flatten(a).items()
+    }
+
+
+def global_norm(a: PyTree) -> float:
+    return float(
+        jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(a)))
+    )
+
+
+def cosine(a: PyTree, b: PyTree) -> float:
+    """Cosine similarity of two trees seen as flat vectors."""
+    check_same_structure(a, b)
+    dot = sum(
+        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+    return float(dot / (global_norm(a) * global_norm(b) + 1e-30))
