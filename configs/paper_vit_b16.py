@@ -1,0 +1,60 @@
+"""The paper's recipe (METHOD.md): ViT-B/16 in21k, AdamW, warmup + cosine, 3-bit QAT.
+
+    qvec finetune --config configs/paper_vit_b16.py --task cifar10 --mode qat \
+        --workdir runs/cifar10_qat init.path=/path/to/ViT-B_16.npz
+
+FP and QAT differ only in ``mode``; everything else, the seed included, is shared so
+that ``QAT - FP`` isolates the effect of quantization-aware training.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = ""  # set by --task; epochs come from the task table unless overridden
+    c.mode = "fp"  # "fp" or "qat" (set by --mode)
+    c.seed = 2038  # head init and data order; identical for FP and QAT
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "B/16"
+    c.model.image_size = 224
+
+    # Google's original ViT-B/16 ImageNet-21k checkpoint (timm: vit_base_patch16_224.orig_in21k),
+    # gs://vit_models/imagenet21k/ViT-B_16.npz. kind: "pretrained" (.npz / safetensors via
+    # checkpoints.load_pretrained), "params" (our orbax params dir) or "random" (tests).
+    # The classification head is always a fresh one for the task, seeded by `seed`.
+    c.init = ml_collections.ConfigDict()
+    c.init.kind = "pretrained"
+    c.init.path = "ViT-B_16.npz"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ""  # "" = the data package's default location
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.bits = 3
+    c.quant.granularity = "channel"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-5
+    c.optim.weight_decay = 0.1  # on all params, as the authors did
+    c.optim.warmup_steps = 500
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.label_smoothing = 0.0
+
+    c.batch_size = 128  # effective (global) batch per optimizer step
+    # Largest per-device micro-batch; when batch_size / num_devices is larger, the step
+    # accumulates gradients over micro-batches (same update, less memory). 0 = no limit.
+    c.device_batch_size = 32
+    c.epochs = -1.0  # -1 = the task table's epochs (METHOD.md)
+    c.total_steps = -1  # > 0 overrides epochs
+
+    c.eval_batch_size = 256
+    c.checkpoint_every = 500  # optimizer steps between resumable checkpoints
+    c.keep_checkpoints = 2
+    c.log_every = 50
+    c.fsdp = False  # True: shard params/opt state over the data axis (ZeRO-3 style)
+    return c
