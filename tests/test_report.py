@@ -1,0 +1,181 @@
+"""Report metrics on hand-made cells, and the files `write_report` produces."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+
+from qvec_jax import report as rp
+
+
+def base_cells(r, fp, ptq_fp, ptq_qat):
+    return [
+        {"kind": k, "receiver": r, "donor": None, "lam": None, "acc": {"val": v, "test": v}}
+        for k, v in (("fp", fp), ("ptq_fp", ptq_fp), ("ptq_qat", ptq_qat))
+    ]
+
+
+def patch_cell(d, r, lam, val, test):
+    return {
+        "kind": "patch",
+        "donor": d,
+        "receiver": r,
+        "lam": lam,
+        "acc": {"val": val, "test": test},
+    }
+
+
+def hand_grid():
+    """Two receivers a, b and a donor-only task c; base PTQ(FP): a 0.50, b 0.60."""
+    cells = base_cells("a", 0.90, 0.50, 0.85) + base_cells("b", 0.80, 0.60, 0.55)
+    # self pairs: ceiling a = 0.80 - 0.50 = +0.30 ; ceiling b = 0.55 - 0.60 = -0.05 (undefined)
+    cells += [patch_cell("a", "a", 0.5, 0.70, 0.71), patch_cell("a", "a", 1.0, 0.79, 0.80)]
+    cells += [patch_cell("b", "b", 0.5, 0.58, 0.58), patch_cell("b", "b", 1.0, 0.56, 0.55)]
+    # b -> a: lambda=1 delta +0.10 (test); val prefers 0.5 whose test delta is +0.20
+    cells += [patch_cell("b", "a", 0.5, 0.75, 0.70), patch_cell("b", "a", 1.0, 0.65, 0.60)]
+    # c -> a: hurts at 1 (-0.10), val ties at both lambdas -> lambda closest to 1 wins
+    cells += [patch_cell("c", "a", 0.5, 0.45, 0.46), patch_cell("c", "a", 1.0, 0.45, 0.40)]
+    # a -> b: +0.05 at lambda=1, but the receiver's ceiling is negative: recovery undefined
+    cells += [patch_cell("a", "b", 0.5, 0.62, 0.50), patch_cell("a", "b", 1.0, 0.61, 0.65)]
+    return cells
+
+
+def test_metrics_on_hand_made_cells():
+    m = rp.compute_metrics(hand_grid(), tasks=["a", "b", "c"])
+    base = m["baselines"]
+    assert base["a"]["ceiling"] == pytest.approx(0.30)
+    assert base["b"]["ceiling"] == pytest.approx(-0.05)
+    assert base["c"]["ceiling"] is None and base["c"]["ptq_fp"] is None
+
+    ba, ca, ab = m["pairs"][("b", "a")], m["pairs"][("c", "a")], m["pairs"][("a", "b")]
+    assert ba["delta_1"] == pytest.approx(0.10)
+    assert ba["lambda_best"] == 0.5 and ba["delta_best"] == pytest.approx(0.20)
+    assert ba["recovery_1"] == pytest.approx(0.10 / 0.30)
+    assert ba["recovery_best"] == pytest.approx(0.20 / 0.30)
+    assert ca["lambda_best"] == 1.0  # tie on val -> closest to 1
+    assert ca["delta_1"] == pytest.approx(-0.10)
+    assert ab["delta_1"] == pytest.approx(0.05)
+    assert ab["recovery_1"] is None  # ceiling <= 0
+
+    zero = m["modes"][rp.ZERO_SHOT]
+    assert zero["n_pairs"] == 3  # self pairs excluded
+    assert zero["wins"] == 2 and zero["win_rate"] == pytest.approx(2 / 3)
+    assert zero["mean_delta"] == pytest.approx((0.10 - 0.10 + 0.05) / 3)
+    assert zero["median_delta"] == pytest.approx(0.05)
+    assert zero["n_recovery"] == 2
+    assert zero["mean_recovery"] == pytest.approx((0.10 / 0.30 - 0.10 / 0.30) / 2)
+
+    best = m["modes"][rp.LAMBDA_BEST]
+    # a->b: val prefers 0.5 (0.62) whose test delta is 0.50 - 0.60 = -0.10
+    assert ab["lambda_best"] == 0.5 and ab["delta_best"] == pytest.approx(-0.10)
+    assert best["wins"] == 1
+    assert best["mean_delta"] == pytest.approx((0.20 - 0.10 - 0.10) / 3)
+    assert best["median_lambda_best"] == 0.5
+
+    curve = m["modes"][rp.CURVE]
+    assert list(curve) == [0.5, 1.0]
+    assert curve[1.0] == zero
+    assert curve[0.5]["mean_delta"] == pytest.approx((0.20 - 0.04 - 0.10) / 3)
+
+    assert m["receivers"]["a"]["n_pairs"] == 2 and m["receivers"]["a"]["wins"] == 1
+    assert m["donors"]["c"]["mean_delta"] == pytest.approx(-0.10)
+
+
+def test_recovery_and_lambda_best_rules():
+    assert rp.recovery(0.1, 0.0) is None
+    assert rp.recovery(0.1, -0.2) is None
+    assert rp.recovery(None, 0.2) is None
+    assert rp.recovery(-0.1, 0.2) == pytest.approx(-0.5)
+    assert rp.choose_lambda_best({}) is None
+    assert rp.choose_lambda_best({0.9: 0.5, 1.1: 0.5, 0.3: 0.4}) == 0.9  # equal |.-1|: smaller
+    assert rp.choose_lambda_best({0.9: 0.5, 1.05: 0.5}) == 1.05
+    assert rp.choose_lambda_best({0.15: 0.7, 1.0: 0.6}) == 0.15
+
+
+def test_later_records_replace_earlier_and_truncated_tail_is_ignored(tmp_path):
+    cells = hand_grid()
+    redo = dict(cells[0], acc={"val": 0.1, "test": 0.2})
+    lines = [json.dumps(c) for c in cells + [redo]] + ['{"kind": "patch", "rece']
+    (tmp_path / rp.CELLS_FILE).write_text("\n".join(lines))
+    loaded = rp.load_cells(tmp_path)
+    assert len(loaded) == len(cells)
+    fp_a = next(c for c in loaded if c["kind"] == "fp" and c["receiver"] == "a")
+    assert fp_a["acc"] == {"val": 0.1, "test": 0.2}
+    (tmp_path / rp.CELLS_FILE).write_text("garbage\n" + "\n".join(lines[:3]))
+    with pytest.raises(ValueError, match=r"cells.jsonl:1"):
+        rp.load_cells(tmp_path)
+
+
+def write_hand_workdir(path, missing=()):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / rp.CELLS_FILE).write_text("\n".join(json.dumps(c) for c in hand_grid()) + "\n")
+    meta = {
+        "tasks": ["a", "b", "c", *[m["task"] for m in missing]],
+        "lambdas": [0.5, 1.0],
+        "bits": 2,
+        "granularity": "channel",
+        "missing": list(missing),
+    }
+    (path / rp.GRID_META_FILE).write_text(json.dumps(meta))
+
+
+def test_write_report_files_and_numbers_agree(tmp_path):
+    missing = [{"task": "d", "mode": "qat", "path": "/runs/d/qat/params", "reason": "not found"}]
+    write_hand_workdir(tmp_path, missing)
+    out = rp.write_report(tmp_path)
+    for p in out["paths"].values():
+        assert p.exists() and p.stat().st_size > 0, p
+    for name in (
+        "heatmap_delta_lambda1",
+        "heatmap_delta_lambda_best",
+        "heatmap_recovery",
+        "lambda_curves",
+    ):
+        assert out["paths"][name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rows = list(csv.DictReader(out["paths"]["grid_csv"].open()))
+    assert len(rows) == 2 * len(hand_grid())  # one row per cell and split
+    assert {r["split"] for r in rows} == {"val", "test"}
+    cross1 = [
+        float(r["delta"])
+        for r in rows
+        if r["kind"] == "patch"
+        and r["split"] == "test"
+        and r["self"] == "False"
+        and float(r["lam"]) == 1.0
+    ]
+    best = [
+        r
+        for r in rows
+        if r["is_lambda_best"] == "True" and r["split"] == "test" and r["self"] == "False"
+    ]
+    assert len(best) == 3
+
+    summary = out["summary"]
+    assert summary == out["paths"]["summary_md"].read_text()
+    assert "2-bit channel" in summary
+    for mode in (rp.ZERO_SHOT, rp.LAMBDA_BEST, rp.CURVE):
+        assert f"## {mode}" in summary
+    assert "`d` qat: /runs/d/qat/params" in summary
+    wins = sum(d > 0 for d in cross1)
+    mean = 100 * statistics.fmean(cross1)
+    zero_row = next(ln for ln in summary.splitlines() if ln.startswith(f"| {rp.ZERO_SHOT}"))
+    assert f"{wins}/{len(cross1)}" in zero_row
+    assert f"{mean:+.1f}" in zero_row
+    best_mean = 100 * statistics.fmean(float(r["delta"]) for r in best)
+    best_row = next(ln for ln in summary.splitlines() if ln.startswith(f"| {rp.LAMBDA_BEST}"))
+    assert f"{best_mean:+.1f}" in best_row
+
+    js = json.loads(out["paths"]["summary_json"].read_text())
+    assert js["modes"][rp.ZERO_SHOT]["wins"] == wins
+    assert math.isclose(js["modes"][rp.ZERO_SHOT]["mean_delta"], mean / 100)
+    assert js["missing"] == missing
+
+
+def test_report_on_empty_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="qvec grid"):
+        rp.write_report(tmp_path)
