@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order `qvec --help` lists them.
-COMMANDS: list[str] = []
+COMMANDS: list[str] = ["qvec_jax.train"]
 
 
 class QvecError(Exception):

@@ -1,0 +1,579 @@
+"""FP and QAT fine-tuning: one loop, one config, on a ``jax.sharding`` mesh, resumable.
+
+QAT differs from FP in one line of the loss (``QAT is PTQ's sibling``)::
+
+    p = quant.fake_quant_tree(params, bits, granularity=g, ste=True) if qat else params
+    logits = model.apply({"params": p}, images)
+
+With the same config and seed, FP and QAT start from the same params (same fresh head)
+and see the same batches in the same order, so ``QAT - FP`` isolates quantization.
+
+Scale-out: a 1-D mesh ``("data",)`` over all devices (all hosts after
+``jax.distributed.initialize()``). The batch is sharded over it; params and optimizer
+state are replicated, or with ``fsdp=True`` sharded over the same axis along their
+largest divisible dimension (ZeRO-3 style: XLA all-gathers weights where used and
+reduce-scatters gradients), for models whose state does not fit one device.
+
+Workdir layout::
+
+    config.json      the run's full config; another config is refused unless --force
+    ckpt/<step>/     orbax CheckpointManager: params, optimizer state, data position
+    metrics.jsonl    loss, lr, grad_norm, throughput every ``log_every`` steps
+    params/          final params + meta (checkpoints.save_params), for the grid
+    results.json     val and test accuracy, FP and after PTQ at ``quant.bits``
+
+Training-state checkpoints exist to resume an interrupted run (the data position is
+the step: ``train_batches(..., start_step=step)`` replays the same stream); they are
+deleted once ``params/`` and ``results.json`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qvec_jax import config as qconfig
+from qvec_jax import quant
+from qvec_jax.evaluate import make_mesh, put
+
+MODES = ("fp", "qat")
+INIT_KINDS = ("pretrained", "params", "random")
+
+
+class TrainError(ValueError):
+    """Bad config or workdir; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def maybe_initialize_distributed(force: bool = False) -> None:
+    """``jax.distributed.initialize()`` for multi-host runs.
+
+    Called when ``force`` or the env var ``QVEC_DISTRIBUTED=1`` is set; on TPU pods and
+    SLURM/Open MPI clusters JAX finds the coordinator itself, elsewhere set
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+    """
+    if force or os.environ.get("QVEC_DISTRIBUTED", "") not in ("", "0"):
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+    """``clip_by_global_norm`` then AdamW on a linear-warmup + cosine schedule -> (tx, schedule)."""
+    warmup = int(optim.warmup_steps)
+    if not 0 <= warmup < total_steps:
+        raise TrainError(
+            f"optim.warmup_steps={warmup} must be in [0, total_steps={total_steps}); "
+            "lower it or train longer (epochs=... or total_steps=...)"
+        )
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=float(optim.lr), warmup_steps=warmup, decay_steps=total_steps
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(optim.clip_norm)),
+        optax.adamw(
+            schedule,
+            b1=float(optim.b1),
+            b2=float(optim.b2),
+            eps=float(optim.eps),
+            weight_decay=float(optim.weight_decay),
+        ),
+    )
+    return tx, schedule
+
+
+def accumulation_steps(batch_size: int, device_batch_size: int, n_devices: int) -> int:
+    """Micro-batches per optimizer step so that each device sees <= ``device_batch_size``."""
+    if batch_size % n_devices:
+        raise TrainError(
+            f"batch_size={batch_size} is not divisible by the {n_devices} devices of the mesh"
+        )
+    per_device = batch_size // n_devices
+    if device_batch_size <= 0 or per_device <= device_batch_size:
+        return 1
+    k = math.ceil(per_device / device_batch_size)
+    while per_device % k:
+        k += 1
+    return k
+
+
+def total_train_steps(cfg: ml_collections.ConfigDict, num_train: int, task_epochs) -> int:
+    """``total_steps`` if > 0, else ceil(epochs * num_train / batch_size)."""
+    if cfg.total_steps > 0:
+        return int(cfg.total_steps)
+    epochs = cfg.epochs if cfg.epochs > 0 else task_epochs
+    if not epochs or epochs <= 0:
+        raise TrainError("no epochs for this task: set epochs=... or total_steps=...")
+    return max(1, math.ceil(float(epochs) * num_train / cfg.batch_size))
+
+
+def state_shardings(abstract_state, mesh, fsdp: bool = False):
+    """Replicated shardings, or FSDP: each leaf's largest dim divisible by the mesh size."""
+    n = mesh.devices.size
+
+    def spec(x):
+        if not fsdp or x.ndim == 0 or n == 1:
+            return NamedSharding(mesh, P())
+        dims = [d for d in np.argsort(x.shape)[::-1] if x.shape[d] % n == 0]
+        if not dims:
+            return NamedSharding(mesh, P())
+        axes = [None] * x.ndim
+        axes[int(dims[0])] = "data"
+        return NamedSharding(mesh, P(*axes))
+
+    return jax.tree.map(spec, abstract_state)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def loss_fn(params, model, images, labels, *, mode, bits, granularity, label_smoothing=0.0):
+    """Mean softmax cross-entropy; QAT evaluates the model at the STE fake-quantized params."""
+    if mode == "qat":
+        params = quant.fake_quant_tree(params, bits, granularity=granularity, ste=True)
+    logits = model.apply({"params": params}, images)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def make_train_step(
+    model, tx, mesh, state_sharding, *, mode, bits, granularity, accum=1, label_smoothing=0.0
+):
+    """Jitted ``(state, images, labels) -> (state, metrics)``; ``state`` is donated.
+
+    ``state = {"params", "opt_state", "step"}``. With ``accum > 1`` the global batch is
+    split into ``accum`` equal micro-batches (each spread over all devices) whose mean
+    gradient feeds one optimizer update: the same update, a fraction of the activations.
+    """
+    if mode not in MODES:
+        raise TrainError(f"mode {mode!r} is not one of {MODES}")
+    grad_fn = jax.value_and_grad(loss_fn)
+    kw = dict(mode=mode, bits=bits, granularity=granularity, label_smoothing=label_smoothing)
+    batch_sh = NamedSharding(mesh, P("data"))
+
+    def step(state, images, labels):
+        params = state["params"]
+        if accum == 1:
+            loss, grads = grad_fn(params, model, images, labels, **kw)
+        else:
+            m = images.shape[0] // accum
+
+            def micro(x):  # [B, ...] -> [accum, m, ...]; micro j = rows j, j+accum, ...
+                x = x.reshape(m, accum, *x.shape[1:])
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+                return jax.lax.with_sharding_constraint(
+                    jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, "data"))
+                )
+
+            def body(carry, xy):
+                loss, grads = grad_fn(params, model, *xy, **kw)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, zero, (micro(images), micro(labels)))
+            loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        in_shardings=(state_sharding, batch_sh, batch_sh),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
+    )
+
+
+# --------------------------------------------------------------------------- init
+
+
+def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
+    """(model, host params) from ``cfg.init``; the head is always fresh, seeded by ``cfg.seed``."""
+    from qvec_jax import checkpoints
+    from qvec_jax.models import vit
+
+    kind, path = cfg.init.kind, cfg.init.path
+    if kind not in INIT_KINDS:
+        raise TrainError(f"init.kind={kind!r} is not one of {INIT_KINDS}")
+    model = vit.create_model(
+        cfg.model.variant, num_classes=num_classes, image_size=cfg.model.image_size
+    )
+    if kind == "pretrained":
+        if not path or not os.path.exists(path):
+            raise TrainError(
+                f"init.path={path!r} does not exist: download the pretrained checkpoint "
+                "(e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) and pass init.path=FILE"
+            )
+        model, params = checkpoints.load_pretrained(
+            path,
+            variant=cfg.model.variant,
+            num_classes=num_classes,
+            image_size=cfg.model.image_size,
+            seed=cfg.seed,
+        )
+        return model, params
+    fresh = vit.init_params(model, jax.random.key(cfg.seed))
+    if kind == "random":
+        return model, fresh
+    params, _ = checkpoints.restore_params(path)
+    params = dict(params)
+    if params.get("pre_logits") is not None and "pre_logits" not in fresh:
+        model = vit.create_model(
+            cfg.model.variant,
+            num_classes=num_classes,
+            image_size=cfg.model.image_size,
+            representation_size=int(np.shape(params["pre_logits"]["bias"])[-1]),
+        )
+        fresh = vit.init_params(model, jax.random.key(cfg.seed))
+    params["head"] = fresh["head"]
+    want = jax.tree.map(np.shape, fresh)
+    got = jax.tree.map(np.shape, params)
+    if want != got:
+        raise TrainError(
+            f"params at {path!r} do not fit {cfg.model.variant} at image_size "
+            f"{cfg.model.image_size}: set model.variant/model.image_size to the backbone's"
+        )
+    return model, params
+
+
+# --------------------------------------------------------------------------- workdir
+
+
+def _atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_" + os.path.basename(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _prepare_workdir(cfg, workdir: str, force: bool) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    cfg_path = os.path.join(workdir, "config.json")
+    new = json.loads(qconfig.to_json(cfg))
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        changed = qconfig.diff(old, new)
+        if changed and not force:
+            raise TrainError(
+                f"workdir {workdir!r} holds a run with a different config (differs in: "
+                f"{', '.join(changed)}); use another --workdir, or --force to start over there"
+            )
+        if changed:  # --force: drop the old run's files (ours only) and start over
+            for name in ("ckpt", "params", "metrics.jsonl", "results.json"):
+                p = os.path.join(workdir, name)
+                shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+    _atomic_write(cfg_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop records past ``step`` (written before a crash, about to be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    _atomic_write(path, "".join(keep))
+
+
+def _batch_crc(crc: int, images, labels) -> int:
+    """Running fingerprint of the data stream (labels + a strided image sample)."""
+    crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
+    return zlib.crc32(np.ascontiguousarray(np.asarray(images).reshape(-1)[::997]).tobytes(), crc)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.mode not in MODES:
+        raise TrainError(f"mode={cfg.mode!r}: use --mode fp or --mode qat")
+    if not cfg.task:
+        raise TrainError("no task: pass --task NAME (see `qvec tasks` / data.list_tasks())")
+    quant.check_bits(cfg.quant.bits)
+    if cfg.quant.granularity not in quant.GRANULARITIES:
+        raise TrainError(
+            f"quant.granularity={cfg.quant.granularity!r} is not one of {quant.GRANULARITIES}"
+        )
+
+
+def finetune(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    force: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    mesh=None,
+) -> dict:
+    """Run (or resume) the fine-tune described by ``cfg`` in ``workdir``; returns results.
+
+    ``stop_after``: run at most this many steps in this call, checkpoint, and return
+    ``{"stopped_at": step}`` (for time-limited jobs; rerun to continue). A finished run
+    returns its ``results.json`` without training again.
+    """
+    from tqdm.auto import tqdm
+
+    from qvec_jax import checkpoints
+    from qvec_jax import data as qdata
+
+    validate(cfg)
+    workdir = os.path.abspath(workdir)
+    _prepare_workdir(cfg, workdir, force)
+    results_path = os.path.join(workdir, "results.json")
+    params_dir = os.path.join(workdir, "params")
+    if os.path.exists(results_path) and os.path.isdir(params_dir):
+        with open(results_path) as f:
+            return json.load(f)
+
+    task = qdata.get_task(cfg.task)
+    data_dir = cfg.data.data_dir or None
+    train_split = qdata.load_split(
+        task, "train", image_size=cfg.model.image_size, data_dir=data_dir
+    )
+    total = total_train_steps(cfg, len(train_split.labels), task.epochs)
+    mesh = make_mesh() if mesh is None else mesh
+    accum = accumulation_steps(cfg.batch_size, cfg.device_batch_size, mesh.devices.size)
+    if (cfg.batch_size // accum) % mesh.devices.size:
+        raise TrainError("batch_size / accumulation steps must be divisible by the device count")
+    tx, schedule = make_optimizer(cfg.optim, total)
+
+    model, host_params = build_model_and_params(cfg, task.num_classes)
+    backbone = checkpoints.backbone_id(host_params)  # of the init; the head is excluded
+    abstract = jax.eval_shape(
+        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
+        host_params,
+    )
+    shardings = state_shardings(abstract, mesh, fsdp=cfg.fsdp)
+    train_step = make_train_step(
+        model,
+        tx,
+        mesh,
+        shardings,
+        mode=cfg.mode,
+        bits=cfg.quant.bits,
+        granularity=cfg.quant.granularity,
+        accum=accum,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(cfg.keep_checkpoints)), create=True
+    )
+    mngr = ocp.CheckpointManager(
+        os.path.join(workdir, "ckpt"), options=options, item_names=("state", "progress")
+    )
+    start, crc = 0, 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        restored = mngr.restore(
+            latest,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
+            ),
+        )
+        state, start, crc = restored.state, int(restored.progress["step"]), restored.progress["crc"]
+        del host_params
+    else:
+        params = put(host_params, shardings["params"])
+        del host_params
+        init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
+        state = {
+            "params": params,
+            "opt_state": init(params),
+            "step": put(np.zeros((), np.int32), shardings["step"]),
+        }
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_metrics(metrics_path, start)
+
+    def save(step):
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                progress=ocp.args.JsonSave({"step": step, "crc": crc}),
+            ),
+            force=True,
+        )
+
+    end = total if stop_after is None else min(total, start + int(stop_after))
+    batches = qdata.train_batches(train_split, cfg.batch_size, seed=cfg.seed, start_step=start)
+    is_main = jax.process_index() == 0
+    bar = tqdm(
+        total=total,
+        initial=start,
+        disable=not (progress and is_main),
+        unit="step",
+        desc=f"{cfg.task} {cfg.mode}",
+        dynamic_ncols=True,
+    )
+    window, t_log, n_log = [], time.perf_counter(), 0
+    with open(metrics_path, "a") as mfile:
+        for step in range(start, end):
+            images, labels = next(batches)
+            crc = _batch_crc(crc, images, labels)
+            x, y = qdata.shard_batch((images, labels), mesh)
+            state, m = train_step(state, x, y)
+            window.append(m)
+            n_log += 1
+            bar.update(1)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end:
+                ms = jax.device_get(window)
+                dt = time.perf_counter() - t_log
+                rec = {
+                    "step": done,
+                    "loss": float(np.mean([w["loss"] for w in ms])),
+                    "lr": float(schedule(step)),
+                    "grad_norm": float(ms[-1]["grad_norm"]),
+                    "steps_per_s": n_log / dt,
+                    "examples_per_s": n_log * cfg.batch_size / dt,
+                    "data_crc": crc,
+                }
+                if is_main:
+                    mfile.write(json.dumps(rec) + "\n")
+                    mfile.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                window, t_log, n_log = [], time.perf_counter(), 0
+            if done % cfg.checkpoint_every == 0 or done == end:
+                save(done)
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    if end < total:
+        return {"stopped_at": end, "total_steps": total}
+
+    params = state["params"]
+    meta = {
+        "variant": cfg.model.variant,
+        "num_classes": task.num_classes,
+        "image_size": cfg.model.image_size,
+        "task": cfg.task,
+        "mode": cfg.mode,
+        "bits": cfg.quant.bits,
+        "granularity": cfg.quant.granularity,
+        "seed": cfg.seed,
+        "backbone_id": backbone,
+        "steps": total,
+        "config": json.loads(qconfig.to_json(cfg)),
+    }
+    if os.path.isdir(params_dir):
+        shutil.rmtree(params_dir)
+    checkpoints.save_params(params_dir, jax.device_get(params), meta)
+
+    results = {
+        "task": cfg.task,
+        "mode": cfg.mode,
+        "bits": cfg.quant.bits,
+        "granularity": cfg.quant.granularity,
+        "steps": total,
+    }
+    results.update(final_eval(cfg, model, params, task, mesh=mesh))
+    if is_main:
+        _atomic_write(results_path, json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(os.path.join(workdir, "ckpt"), ignore_errors=True)
+    return results
+
+
+def final_eval(cfg, model, params, task, *, mesh=None) -> dict:
+    """Val and test accuracy, FP and after PTQ at ``cfg.quant.bits`` (reported, never used
+    to choose anything)."""
+    from qvec_jax import data as qdata
+    from qvec_jax.evaluate import accuracy
+
+    out = {}
+    for name in ("val", "test"):
+        split = qdata.load_split(
+            task, name, image_size=cfg.model.image_size, data_dir=cfg.data.data_dir or None
+        )
+        kw = dict(batch_size=cfg.eval_batch_size, mesh=mesh)
+        out[name] = {
+            "fp": accuracy(model, params, split, **kw),
+            "ptq": accuracy(
+                model, params, split, bits=cfg.quant.bits, granularity=cfg.quant.granularity, **kw
+            ),
+            "n": int(len(split.labels)),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="FP or QAT fine-tune of a backbone on a task (resumable)",
+        description=(
+            "Fine-tune FP or QAT from a config file. Rerunning with the same --workdir "
+            "resumes from the latest checkpoint; a finished run is not redone."
+        ),
+    )
+    p.add_argument("--config", required=True, help="Python file with get_config()")
+    p.add_argument("--task", help="task name (overrides the config's task)")
+    p.add_argument("--mode", choices=MODES, help="fp or qat (overrides the config's mode)")
+    p.add_argument("--workdir", required=True, help="run directory (created; resumed if present)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a workdir that holds a run with another config",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="train at most N steps now, then checkpoint and exit",
+    )
+    p.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_cli_finetune)
+
+
+def _cli_finetune(args) -> int:
+    maybe_initialize_distributed(args.distributed)
+    extra = []
+    if args.task:
+        extra.append(("task", args.task))
+    if args.mode:
+        extra.append(("mode", args.mode))
+    cfg = qconfig.load_config(args.config, args.overrides)
+    cfg = qconfig.apply_overrides(cfg, extra)
+    res = finetune(
+        cfg,
+        args.workdir,
+        force=args.force,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
+    if "stopped_at" in res:
+        print(f"stopped at step {res['stopped_at']}/{res['total_steps']}; rerun to resume")
+        return 0
+    print(json.dumps(res, indent=2))
+    return 0
