@@ -265,6 +265,8 @@ def load_split(
         in_memory=bool(in_memory),
         _label_map=label_map,
     )
+    if reader.in_memory:  # cheap: check every label of the split now, not at the first batch
+        out.labels  # noqa: B018
     _SPLITS[key] = out
     return out
 
