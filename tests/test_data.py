@@ -342,3 +342,18 @@ def test_shard_batch_on_8_forced_host_devices():
         timeout=300,
     )
     assert r.returncode == 0 and "SHARD_OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
+def test_debian_fashion_mnist_idx_and_class_views():
+    s = {k: D.load_split("fmnist_a", k, image_size=28) for k in D.SPLITS}
+    assert s["test"].source.endswith("/usr/share/datasets/fashion-mnist")
+    # Fashion-MNIST has 6000 train / 1000 test images per class
+    assert [len(s[k]) for k in D.SPLITS] == [27000, 3000, 5000]
+    assert set(np.unique(s["val"].labels)) == set(range(5))
+    full = D.load_split("fashion_mnist", "val", image_size=28)
+    assert len(full) == 5000 and len(D.load_split("fashion_mnist", "train", image_size=28)) == 55000
+    D.clear_cache()
