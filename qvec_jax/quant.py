@@ -12,6 +12,7 @@ after training. ``VIT_RULE`` names which leaves are quantized and their channel 
 
 from __future__ import annotations
 
+import numbers
 from functools import partial
 
 import jax
@@ -34,11 +35,12 @@ GRANULARITIES = ("channel", "tensor")
 
 
 def check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    """``bits`` as an int in 2..8 (METHOD.md); NumPy integers are accepted."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise TypeError(f"bits must be an int in 2..8, got {type(bits).__name__} {bits!r}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
-    return bits
+    return int(bits)
 
 
 def reduce_axes(ndim: int, granularity: str, channel_axes) -> tuple[int, ...]:
@@ -62,9 +64,19 @@ def codes_and_scale(w, bits: int, granularity: str = "channel", channel_axes=Non
     absmax = jnp.max(
         jnp.abs(w32), axis=reduce_axes(w32.ndim, granularity, channel_axes), keepdims=True
     )
-    s = jnp.maximum(absmax, 1e-8) / qmax
-    q = jnp.clip(jnp.round(w32 / s), qmin, qmax)
+    s = true_div(jnp.maximum(absmax, 1e-8), qmax)
+    q = jnp.clip(jnp.round(true_div(w32, s)), qmin, qmax)
     return q.astype(jnp.int8), s
+
+
+def true_div(a, b):
+    """``a / b`` as an IEEE division, like NumPy and PyTorch (METHOD.md: ``round(w / s)``).
+
+    XLA rewrites ``x / broadcast(y)`` into ``x * (1 / y)``, whose extra rounding moves
+    codes next to ties; ``b + 0 * a`` has b's values but is no broadcast, so the
+    division stays. The 0 * a costs nothing measurable: the quantizer is memory-bound.
+    """
+    return a / (b + 0 * a)
 
 
 def fake_quant(w, bits: int, *, granularity: str = "channel", channel_axes=None, ste: bool = False):
@@ -75,7 +87,7 @@ def fake_quant(w, bits: int, *, granularity: str = "channel", channel_axes=None,
     ``ste=True`` the gradient is the identity (straight-through estimator, no clipping
     mask); written as ``sg(fq) + (w - sg(w))`` so the forward value is exactly ``fq``.
     """
-    check_bits(bits)
+    bits = check_bits(bits)
     reduce_axes(jnp.ndim(w), granularity, channel_axes)  # validate before tracing
     axes = None if channel_axes is None else tuple(int(a) for a in channel_axes)
     return _fake_quant(w, bits, granularity, axes, bool(ste))
