@@ -1,0 +1,353 @@
+"""The quantizer against the METHOD.md formula (NumPy and PyTorch), STE, validation, ptq."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import VIT_KERNELS, vit_tree, with_int_leaves
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import qvec_jax as q
+
+BITS = range(2, 9)
+
+
+def np_quant(w, bits, reduce_axes):
+    """METHOD.md in NumPy float32: codes, scales, fake-quant values."""
+    w = np.asarray(w, np.float32)
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    absmax = np.abs(w).max(axis=reduce_axes, keepdims=True)
+    s = np.maximum(absmax, np.float32(1e-8)) / np.float32(qmax)
+    codes = np.clip(np.round(w / s), qmin, qmax)  # np.round: half to even
+    return codes.astype(np.int8), s, (codes * s).astype(np.float32)
+
+
+def reduce_of(ndim, granularity, channel_axes):
+    if granularity == "tensor":
+        return tuple(range(ndim))
+    keep = {a % ndim for a in ((-1,) if channel_axes is None else channel_axes)}
+    return tuple(a for a in range(ndim) if a not in keep)
+
+
+def near_ties(rng, shape, bits, reduce_axes):
+    """Arrays whose ``w / s`` sits on or next to ``k + 0.5``, where rounding can go wrong.
+
+    One entry per channel holds the channel's absmax, so ``s`` is known in advance.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    keep_shape = tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
+    absmax = rng.uniform(0.3, 3.0, keep_shape).astype(np.float32)
+    s = absmax / np.float32(qmax)
+    k = rng.integers(-qmax, qmax, shape).astype(np.float32) + np.float32(0.5)
+    w = (k * s).astype(np.float32)
+    w = np.where(rng.random(shape) < 0.3, np.nextafter(w, np.float32(np.inf)), w)
+    first = tuple(slice(0, 1) if a in reduce_axes else slice(None) for a in range(len(shape)))
+    w[first] = absmax * rng.choice(np.float32([-1, 1]), keep_shape)
+    return w
+
+
+def assert_codes_scale_values(w, bits, granularity, channel_axes):
+    red = reduce_of(np.ndim(w), granularity, channel_axes)
+    c_np, s_np, v_np = np_quant(w, bits, red)
+    c, s = q.codes_and_scale(w, bits, granularity, channel_axes)
+    v = q.fake_quant(w, bits, granularity=granularity, channel_axes=channel_axes)
+    assert c.dtype == jnp.int8 and c.shape == np.shape(w) and s.shape == s_np.shape
+    np.testing.assert_array_equal(np.asarray(c), c_np)
+    np.testing.assert_array_max_ulp(np.asarray(s), s_np, maxulp=1)
+    np.testing.assert_array_max_ulp(np.asarray(v), v_np, maxulp=1)
+
+
+CASES = [
+    ((12, 10), None),
+    ((12, 10), (0,)),
+    ((12, 10), (1,)),
+    ((6, 3, 5), (1, 2)),
+    ((3, 5, 6), (2,)),
+    ((6, 3, 5), (0,)),
+    ((6, 3, 5), (-1, 0)),
+    ((3, 3, 2, 8), None),
+    ((3, 3, 2, 8), (2, 3)),
+    ((3, 3, 2, 8), (0, 1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("shape,axes", CASES)
+def test_matches_numpy_formula(bits, granularity, shape, axes):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(0, 0.05, shape).astype(np.float32)
+    assert_codes_scale_values(w, bits, granularity, axes)
+    red = reduce_of(len(shape), granularity, axes)
+    assert_codes_scale_values(near_ties(rng, shape, bits, red), bits, granularity, axes)
+
+
+def test_round_half_to_even_on_exact_ties():
+    # absmax 3 at 3 bits -> s = 1 exactly, so w / s is w
+    w = np.float32([[3.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997]]).T
+    c, s = q.codes_and_scale(w, 3, "channel", (1,))
+    assert float(s[0, 0]) == 1.0
+    assert np.asarray(c).ravel().tolist() == [3, 0, 2, 2, 0, -2, -2, 0]
+
+
+finite32 = st.floats(-1e6, 1e6, width=32, allow_subnormal=False)
+
+
+@st.composite
+def kernels(draw):
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5))
+    w = draw(hnp.arrays(np.float32, shape, elements=finite32))
+    nd = len(shape)
+    axes = draw(
+        st.lists(st.integers(-nd, nd - 1), min_size=1, max_size=nd, unique_by=lambda a: a % nd)
+    )
+    return w, tuple(axes), draw(st.integers(2, 8)), draw(st.sampled_from(["channel", "tensor"]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(kernels())
+def test_properties(case):
+    w, axes, bits, gran = case
+    qmax = 2 ** (bits - 1) - 1
+    assert_codes_scale_values(w, bits, gran, axes)
+    c, s = q.codes_and_scale(w, bits, gran, axes)
+    c = np.asarray(c)
+    assert c.min() >= -qmax and c.max() <= qmax  # qmin is never reached
+    fq = q.fake_quant(w, bits, granularity=gran, channel_axes=axes)
+    # sign symmetry
+    np.testing.assert_array_equal(
+        np.asarray(q.fake_quant(-w, bits, granularity=gran, channel_axes=axes)), -np.asarray(fq)
+    )
+    # idempotence: same codes again, values within 1 ulp (s is recomputed from q * s)
+    c2, _ = q.codes_and_scale(fq, bits, gran, axes)
+    np.testing.assert_array_equal(np.asarray(c2), c)
+    fq2 = q.fake_quant(fq, bits, granularity=gran, channel_axes=axes)
+    np.testing.assert_array_max_ulp(np.asarray(fq2), np.asarray(fq), maxulp=1)
+
+
+def test_zero_channel_stays_zero():
+    w = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    w[:, 2] = 0.0
+    for gran in ("channel", "tensor"):
+        out = np.asarray(q.fake_quant(w, 3, granularity=gran))
+        assert np.isfinite(out).all() and (out[:, 2] == 0).all()
+    out = np.asarray(q.fake_quant(np.zeros((3, 3), np.float32), 4))
+    assert np.isfinite(out).all() and (out == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dtype_preserved_and_computed_in_float32(dtype):
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), dtype)
+    out = q.fake_quant(w, 3)
+    assert out.dtype == dtype and out.shape == w.shape
+    ref = q.fake_quant(w.astype(jnp.float32), 3).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+def test_jittable_with_static_bits():
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+    f = jax.jit(lambda x: q.fake_quant(x, 3, channel_axes=(1,)))
+    np.testing.assert_array_equal(np.asarray(f(w)), np.asarray(q.fake_quant(w, 3)))
+
+
+# --- the three ViT kernel layouts vs the PyTorch-layout [out, in] matrix -----------------
+
+D, H, HD, MLP = 16, 4, 8, 24
+LAYOUTS = {
+    # name: (kernel shape, channel axes, kernel -> torch [out, in], torch [out, in] -> kernel)
+    "qkv": (
+        (D, H, HD),
+        (1, 2),
+        lambda k: k.reshape(D, H * HD).T,
+        lambda m: m.T.reshape(D, H, HD),
+    ),
+    "out": (
+        (H, HD, D),
+        (2,),
+        lambda k: k.reshape(H * HD, D).T,
+        lambda m: m.T.reshape(H, HD, D),
+    ),
+    "dense": ((D, MLP), (1,), lambda k: k.T, lambda m: m.T),
+}
+
+
+def per_row_numpy(m, bits):
+    return np_quant(m, bits, (1,))
+
+
+def per_row_torch(m, bits):
+    """The authors' formula, in PyTorch, on a PyTorch-layout [out, in] weight."""
+    torch = pytest.importorskip("torch")
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    w = torch.from_numpy(np.ascontiguousarray(m))
+    abs_max = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
+    scale = abs_max / qmax
+    codes = (w / scale).round().clamp(qmin, qmax)
+    return codes.to(torch.int8).numpy(), scale.numpy(), (codes * scale).numpy()
+
+
+def check_layout(name, bits, per_row, ties):
+    shape, axes, to_torch, from_torch = LAYOUTS[name]
+    rng = np.random.default_rng(bits)
+    k = rng.normal(0, 0.05, shape).astype(np.float32)
+    if ties:  # near-ties built on the [out, in] matrix, where the scales are per row
+        k = from_torch(near_ties(rng, to_torch(k).shape, bits, (1,)))
+    m = to_torch(k)
+    c_ref, s_ref, v_ref = per_row(m, bits)
+    c, s = q.codes_and_scale(k, bits, "channel", axes)
+    v = q.fake_quant(k, bits, channel_axes=axes)
+    np.testing.assert_array_equal(to_torch(np.asarray(c)), c_ref)
+    np.testing.assert_array_max_ulp(np.asarray(s).reshape(-1), s_ref.reshape(-1), maxulp=1)
+    np.testing.assert_array_max_ulp(to_torch(np.asarray(v)), v_ref, maxulp=1)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("ties", [False, True])
+def test_layout_vs_numpy_per_row(name, bits, ties):
+    check_layout(name, bits, per_row_numpy, ties)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("ties", [False, True])
+def test_layout_vs_torch_per_row(name, bits, ties):
+    check_layout(name, bits, per_row_torch, ties)
+
+
+def test_vit_rule_axes_are_the_layouts():
+    for path, name in [
+        ("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel", "qkv"),
+        ("Transformer/encoderblock_11/MultiHeadDotProductAttention_1/value/kernel", "qkv"),
+        ("Transformer/encoderblock_3/MultiHeadDotProductAttention_1/out/kernel", "out"),
+        ("Transformer/encoderblock_3/MlpBlock_3/Dense_1/kernel", "dense"),
+    ]:
+        assert q.VIT_RULE.match(path) == LAYOUTS[name][1]
+
+
+# --- STE -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gran", ["channel", "tensor"])
+def test_ste_forward_exact_and_gradient_identity(dtype, gran):
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(6, 5, 4)), dtype)
+    f = lambda x: q.fake_quant(x, 3, granularity=gran, channel_axes=(1, 2), ste=True)
+    out, vjp = jax.vjp(f, w)
+    ref = q.fake_quant(w, 3, granularity=gran, channel_axes=(1, 2))
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    ct = jnp.asarray(rng.normal(size=w.shape), dtype)
+    (g,) = vjp(ct)
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(ct, np.float32))
+    # under jit and grad too
+    g2 = jax.jit(jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) * 3.0)))(w)
+    np.testing.assert_array_equal(np.asarray(g2, np.float32), 3.0)
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2.0, "3", True, None, np.float32(4)])
+def test_bits_type_error(bits):
+    w = jnp.ones((2, 2))
+    for f in (
+        lambda: q.fake_quant(w, bits),
+        lambda: q.codes_and_scale(w, bits),
+        lambda: q.ptq(vit_tree(0), bits),
+    ):
+        with pytest.raises(TypeError, match="bits"):
+            f()
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, -3, 16])
+def test_bits_value_error(bits):
+    with pytest.raises(ValueError, match="2..8"):
+        q.fake_quant(jnp.ones((2, 2)), bits)
+    with pytest.raises(ValueError, match="2..8"):
+        q.ptq(vit_tree(0), bits)
+
+
+def test_numpy_int_bits_accepted():
+    w = jnp.ones((2, 2))
+    np.testing.assert_array_equal(np.asarray(q.fake_quant(w, np.int64(3))), np.ones((2, 2)))
+
+
+def test_bad_granularity_and_axes():
+    w = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="granularity"):
+        q.fake_quant(w, 3, granularity="row")
+    with pytest.raises(ValueError, match="granularity"):
+        q.ptq(vit_tree(0), 3, granularity="group")
+    for axes in [(2,), (-3,), (0, 5)]:
+        with pytest.raises(ValueError, match="out of range"):
+            q.fake_quant(w, 3, channel_axes=axes)
+
+
+# --- ptq / fake_quant_tree ------------------------------------------------------------
+
+
+def test_vit_rule_selects_exactly_the_block_kernels(vit):
+    sel = q.VIT_RULE.select(vit)
+    assert sorted(sel) == sorted(VIT_KERNELS)
+    assert len(sel) == 6 * 2
+    assert q.VIT_RULE.unmatched(vit) == []
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gran", ["channel", "tensor"])
+def test_ptq_quantizes_selected_and_keeps_the_rest(dtype, gran):
+    tree = with_int_leaves(vit_tree(3, dtype=dtype))
+    out = q.ptq(tree, 3, granularity=gran)
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    fi, fo = q.flatten(tree), q.flatten(out)
+    for p, x in fi.items():
+        y = fo[p]
+        assert y.dtype == x.dtype and y.shape == x.shape, p
+        if p in VIT_KERNELS:
+            ref = q.fake_quant(x, 3, granularity=gran, channel_axes=q.VIT_RULE.match(p))
+            np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
+            assert not np.array_equal(np.asarray(y, np.float32), np.asarray(x, np.float32)), p
+        else:
+            assert np.array_equal(np.asarray(y), np.asarray(x)), p
+
+
+def test_ptq_3bit_uses_at_most_7_levels_per_channel(vit):
+    out = q.flatten(q.ptq(vit, 3))
+    k = np.asarray(out["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"])
+    for col in k.T:
+        assert len(np.unique(col)) <= 7
+
+
+def test_fake_quant_tree_under_jit_equals_ptq(vit):
+    a = jax.jit(lambda p: q.fake_quant_tree(p, 4, ste=True))(vit)
+    b = q.ptq(vit, 4)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_rule_unmatched_and_bad_rules(vit):
+    rule = q.Rule({r"Dense_0/kernel$": (1,), r"Dense_7/kernel$": (1,), r"^nope/": (0,)})
+    assert rule.unmatched(vit) == [r"Dense_7/kernel$", r"^nope/"]
+    out = q.flatten(q.ptq(vit, 3, rule=rule))
+    changed = [p for p, x in q.flatten(vit).items() if not np.array_equal(out[p], x)]
+    assert sorted(changed) == [
+        f"Transformer/encoderblock_{i}/MlpBlock_3/Dense_0/kernel" for i in (0, 1)
+    ]
+    with pytest.raises(ValueError, match="selects no leaf"):
+        q.ptq(vit, 3, rule=q.Rule({r"^nope/": (0,)}))
+    tree = with_int_leaves(vit)
+    with pytest.raises(ValueError, match="^step: .*non-float"):
+        q.ptq(tree, 3, rule=q.Rule({r"^step$": (), r"kernel$": (1,)}))
+
+
+def test_rule_first_match_wins():
+    r = q.Rule([(r"Dense_0", 1), (r"Dense_\d", 2)])
+    assert r.match("a/Dense_0/kernel") == 1 and r.match("a/Dense_1/kernel") == 2
+    assert r.match("a/b") is None
+    assert q.Rule([r"^head/"]).match("head/kernel") is True
