@@ -1,0 +1,254 @@
+"""The transfer grid on tiny random ViT checkpoints (no training): cells, resume,
+missing checkpoints, backbone checks and compile count."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import qvec_jax as q
+from qvec_jax import checkpoints, transfer
+from qvec_jax import report as rp
+from qvec_jax.models import vit
+
+TASKS = ("digits", "digits_rot90", "digits_a")
+NUM_CLASSES = {"digits": 10, "digits_rot90": 10, "digits_a": 5, "digits_b": 5}
+LAMBDAS = (0.5, 1.0)
+
+
+def make_runs(runs, tasks=TASKS, *, variant="test/4", seed=0, noise_seed=None, modes=("fp", "qat")):
+    """FP and QAT checkpoints laid out as ``qvec finetune`` writes them: a random backbone
+    (from ``seed``), a fresh head per task, FP = backbone + small noise, QAT = FP + noise."""
+    rng = np.random.default_rng(seed if noise_seed is None else noise_seed)
+    backbone = _backbone(variant, seed)
+    for t in tasks:
+        width = backbone["head"]["kernel"].shape[0]
+        head_rng = np.random.default_rng(len(t))
+        head = {
+            "kernel": 0.02 * head_rng.standard_normal((width, NUM_CLASSES[t]), np.float32),
+            "bias": np.zeros(NUM_CLASSES[t], np.float32),
+        }
+        params = {**backbone, "head": head}
+        bid = checkpoints.backbone_id(params)
+        fp = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(x.dtype), params)
+        qat = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), fp)
+        for mode, tree in (("fp", fp), ("qat", qat)):
+            if mode not in modes:
+                continue
+            meta = {
+                "variant": variant,
+                "num_classes": NUM_CLASSES[t],
+                "image_size": 28,
+                "task": t,
+                "mode": mode,
+                "bits": 2,
+                "granularity": "channel",
+                "backbone_id": bid,
+                "config": {"task": t, "mode": mode, "seed": 1},
+            }
+            checkpoints.save_params(transfer.checkpoint_path(runs, t, mode), tree, meta)
+    return runs
+
+
+@functools.cache
+def _init(variant):
+    model = vit.create_model(variant, num_classes=10, image_size=28)
+    return jax.tree.map(np.asarray, vit.init_params(model, 0))
+
+
+def _backbone(variant, seed):
+    """One init per variant (compiling an init is slow); other seeds add noise to it."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: x + (0.05 * rng.standard_normal(x.shape).astype(x.dtype) if seed else 0),
+        _init(variant),
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("runs"))
+
+
+def grid(runs, workdir, tasks=TASKS, lambdas=LAMBDAS, **kw):
+    kw = {"bits": 2, "lambdas": lambdas, "batch_size": 64, "progress": False, **kw}
+    return transfer.run_grid(list(tasks), runs, workdir, **kw)
+
+
+def n_expected(n_tasks, n_lams):
+    return n_tasks * 3 + n_tasks * n_tasks * n_lams
+
+
+def test_grid_cells_match_direct_evaluation(runs, tmp_path):
+    from qvec_jax import data
+    from qvec_jax.evaluate import accuracy
+
+    cells = grid(runs, tmp_path, tasks=TASKS[:2])
+    assert len(cells) == n_expected(2, 2)
+    by = {rp.cell_key(c): c for c in cells}
+    # an independent computation of two cells, with the eager public API
+    r, d = "digits_rot90", "digits"
+    fp, meta = checkpoints.restore_params(transfer.checkpoint_path(runs, r, "fp"))
+    fp_d, _ = checkpoints.restore_params(transfer.checkpoint_path(runs, d, "fp"))
+    qat_d, _ = checkpoints.restore_params(transfer.checkpoint_path(runs, d, "qat"))
+    model = checkpoints.model_from_meta(meta)
+    test = data.load_split(r, "test", image_size=28)
+    qv = q.quantization_vector(qat_d, fp_d)
+    assert "head" not in qv
+    patched = q.ptq(q.patch(fp, qv, 0.5), 2)
+    cell = by[("patch", d, r, rp.lam_key(0.5))]
+    assert cell["acc"]["test"] == pytest.approx(accuracy(model, patched, test), abs=1e-9)
+    assert cell["n"]["test"] == len(test)
+    base = by[("ptq_fp", "", r, "")]
+    assert base["acc"]["test"] == pytest.approx(accuracy(model, q.ptq(fp, 2), test), abs=1e-9)
+    assert by[("fp", "", r, "")]["acc"]["test"] == pytest.approx(accuracy(model, fp, test))
+    meta = rp.load_grid_meta(tmp_path)
+    assert meta["bits"] == 2 and meta["lambdas"] == [0.5, 1.0] and meta["missing"] == []
+
+
+def test_resume_computes_only_missing_cells(runs, tmp_path):
+    full = grid(runs, tmp_path / "full", tasks=TASKS[:2])
+    # a partially computed grid: keep the first 5 records, plus a torn last line
+    part = tmp_path / "part"
+    part.mkdir()
+    lines = (tmp_path / "full" / rp.CELLS_FILE).read_text().splitlines()
+    (part / rp.CELLS_FILE).write_text("\n".join(lines[:5]) + '\n{"kind": "pat')
+    before = {rp.cell_key(c): c for c in rp.load_cells(part)}
+    cells = grid(runs, part, tasks=TASKS[:2])
+    assert len(cells) == len(full)
+    records = [json.loads(x) for x in (part / rp.CELLS_FILE).read_text().splitlines()[:5]]
+    assert [rp.cell_key(c) for c in records] == list(before)
+    appended = (part / rp.CELLS_FILE).read_text().splitlines()[5:]  # torn line dropped
+    assert len(appended) == len(full) - 5  # only the missing cells were computed
+    assert not {rp.cell_key(json.loads(x)) for x in appended} & set(before)
+    ref = {rp.cell_key(c): c["acc"] for c in full}
+    assert all(ref[rp.cell_key(c)] == c["acc"] for c in cells)
+
+    # adding a task and a lambda computes only the new cells
+    cells = grid(runs, part, tasks=TASKS, lambdas=(0.5, 1.0, 1.5))
+    n_new = len((part / rp.CELLS_FILE).read_text().splitlines()) - len(lines)
+    assert len(cells) == n_expected(3, 3)
+    assert n_new == n_expected(3, 3) - n_expected(2, 2)
+
+    # a rerun with nothing new computes nothing
+    size = (part / rp.CELLS_FILE).stat().st_size
+    grid(runs, part, tasks=TASKS, lambdas=(0.5, 1.0, 1.5))
+    assert (part / rp.CELLS_FILE).stat().st_size == size
+
+
+def test_changed_checkpoint_recomputes_its_cells(tmp_path):
+    runs = make_runs(tmp_path / "runs", TASKS[:2])
+    grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
+    n0 = len((tmp_path / "g" / rp.CELLS_FILE).read_text().splitlines())
+    make_runs(runs, ("digits",), noise_seed=3, modes=("qat",))  # digits' QAT is fine-tuned again
+    grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
+    new = [json.loads(x) for x in (tmp_path / "g" / rp.CELLS_FILE).read_text().splitlines()[n0:]]
+    # cells that use QAT_digits: PTQ(QAT) of digits and the two patch cells with donor digits
+    assert sorted(rp.cell_key(c) for c in new) == sorted(
+        [
+            ("ptq_qat", "", "digits", ""),
+            ("patch", "digits", "digits", "1"),
+            ("patch", "digits", "digits_rot90", "1"),
+        ]
+    )
+
+
+def test_missing_checkpoints_are_listed_and_fail_unless_allowed(tmp_path):
+    runs = make_runs(tmp_path / "runs", TASKS[:2])
+    make_runs(runs, ("digits_a",), modes=("fp",))  # digits_a has no QAT: receiver only
+    tasks = [*TASKS, "digits_b"]  # digits_b: nothing at all
+    with pytest.raises(transfer.MissingCheckpoints) as e:
+        grid(runs, tmp_path / "g", tasks=tasks, lambdas=(1.0,))
+    msg = str(e.value)
+    assert "digits_a/qat" in msg and "digits_b/fp" in msg and "digits_b/qat" in msg
+    assert "--allow-missing" in msg
+    missing = {(m["task"], m["mode"]) for m in e.value.missing}
+    assert missing == {("digits_a", "qat"), ("digits_b", "fp"), ("digits_b", "qat")}
+    # the available cells were computed: 3 receivers x 2 donors, baselines, no PTQ(QAT_a)
+    keys = {rp.cell_key(c) for c in e.value.cells}
+    assert len(keys) == 3 * 2 + 2 + 3 * 2
+    assert ("ptq_fp", "", "digits_a", "") in keys and ("ptq_qat", "", "digits_a", "") not in keys
+    assert not any("digits_b" in k or k[1] == "digits_a" for k in keys)
+
+    cells = grid(runs, tmp_path / "g", tasks=tasks, lambdas=(1.0,), allow_missing=True)
+    assert {rp.cell_key(c) for c in cells} == keys
+    out = rp.write_report(tmp_path / "g")
+    assert "`digits_b` fp" in out["summary"] and "`digits_a` qat" in out["summary"]
+    assert "incomplete" in out["summary"]
+
+
+def test_mismatched_backbones_are_refused(tmp_path):
+    runs = make_runs(tmp_path / "runs", TASKS[:2])
+    make_runs(runs, ("digits_a",), seed=5)  # another random backbone
+    with pytest.raises(transfer.GridError, match="backbone_id=.*digits_a/fp"):
+        grid(runs, tmp_path / "g", tasks=TASKS)
+    assert not (tmp_path / "g" / rp.CELLS_FILE).exists()
+
+
+def test_same_id_different_tree_names_tasks_and_path(tmp_path):
+    runs = make_runs(tmp_path / "runs", ("digits", "digits_rot90"))
+    # digits_rot90: same meta (backbone_id included), but one backbone leaf has another shape
+    bad = "Transformer/encoderblock_1/MlpBlock_3/Dense_0"
+    for mode in ("fp", "qat"):
+        path = transfer.checkpoint_path(runs, "digits_rot90", mode)
+        params, meta = checkpoints.restore_params(path)
+        flat = q.flatten(params)
+        flat[bad + "/kernel"] = flat[bad + "/kernel"][:, :48]
+        flat[bad + "/bias"] = flat[bad + "/bias"][:48]
+        checkpoints.save_params(path, q.unflatten(flat), meta)
+    with pytest.raises(transfer.GridError, match=rf"digits_rot90/\w+ and digits/fp .* at {bad}/"):
+        grid(runs, tmp_path / "g", tasks=["digits", "digits_rot90"], lambdas=(1.0,))
+
+
+def test_fp_and_qat_recipes_must_match(tmp_path):
+    runs = make_runs(tmp_path / "runs", ("digits",))
+    p = transfer.checkpoint_path(runs, "digits", "qat") / "qvec_meta.json"
+    meta = json.loads(p.read_text())
+    meta["config"]["seed"] = 2
+    p.write_text(json.dumps(meta))
+    with pytest.raises(transfer.GridError, match="digits: FP .* differs in seed"):
+        grid(runs, tmp_path / "g", tasks=["digits"], lambdas=(1.0,))
+
+
+def test_other_bits_in_same_workdir_is_refused(runs, tmp_path):
+    grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,))
+    with pytest.raises(transfer.GridError, match="2-bit channel"):
+        grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,), bits=3)
+
+
+def test_grid_compiles_once_per_model_shape_not_per_cell(runs, tmp_path):
+    jitted = (transfer.patch_and_quantize, transfer.quantize, transfer.count_correct)
+    two = ["digits", "digits_rot90"]  # same model shape (10 classes)
+    jax.clear_caches()
+    small = _count_compiles(lambda: grid(runs, tmp_path / "a", tasks=two, lambdas=(1.0,)))
+    assert small > 0 and all(fn._cache_size() == 1 for fn in jitted)
+    lambdas = (0.3, 0.6, 1.0, 1.2, 1.5)
+    large = _count_compiles(lambda: grid(runs, tmp_path / "b", tasks=two, lambdas=lambdas))
+    assert len(rp.load_cells(tmp_path / "b")) == n_expected(2, 5) > 2 * n_expected(2, 1)
+    assert large == 0  # 2.5x the cells, new lambdas and donors: not one compilation more
+    assert all(fn._cache_size() == 1 for fn in jitted)
+    # a receiver with another head shape is another model shape: one more of each
+    grid(runs, tmp_path / "c", tasks=[*two, "digits_a"], lambdas=(1.0,))
+    assert [fn._cache_size() for fn in jitted] == [2, 2, 2]
+
+
+def _count_compiles(fn):
+    """The number of XLA compilations ``fn()`` triggers."""
+    from jax import monitoring
+
+    events = []
+
+    def listener(name, *_args, **_kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    return len(events)
