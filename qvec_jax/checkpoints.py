@@ -67,6 +67,14 @@ def _pickle_refusal(path: Path) -> CheckpointError:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:1] == b"\x80":
+        raise _pickle_refusal(path)
+    if magic != b"PK":
+        raise CheckpointError(
+            f"{path}: corrupt or truncated .npz (not a zip archive); download it again"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: np.asarray(z[k]) for k in z.files}

@@ -25,6 +25,7 @@ no RNG. Inputs are NHWC images in [-1, 1].
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -192,11 +193,16 @@ class ViT(nn.Module):
 
 
 def init_params(model: ViT, rng) -> dict:
-    """``model.init`` under jit, returning the plain ``params`` dict."""
+    """``model.init`` under jit (compiled once per model config), returning ``params``."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
+    return _jitted_init(model)(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: ViT):
     x = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-    return jax.jit(lambda r: model.init(r, x)["params"])(rng)
+    return jax.jit(lambda r: model.init(r, x)["params"])
 
 
 def create_model(
