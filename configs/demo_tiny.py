@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.variant = "demo/4"
     c.model.image_size = 28
 
-    # "random" trains from scratch; point kind="params" at a pretrained backbone written
-    # by checkpoints.save_params (the demo pretrains one) to fine-tune like the paper.
+    # "random" trains from scratch; kind="pretrained" with path= a backbone written by
+    # checkpoints.save_params (the demo pretrains one) fine-tunes like the paper.
     c.init = ml_collections.ConfigDict()
     c.init.kind = "random"
     c.init.path = ""

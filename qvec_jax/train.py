@@ -51,7 +51,7 @@ from qvec_jax import quant
 from qvec_jax.evaluate import make_mesh, put
 
 MODES = ("fp", "qat")
-INIT_KINDS = ("pretrained", "params", "random")
+INIT_KINDS = ("pretrained", "random")
 
 
 class TrainError(ValueError):
@@ -195,7 +195,7 @@ def make_train_step(
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(
         step,
@@ -208,53 +208,48 @@ def make_train_step(
 # --------------------------------------------------------------------------- init
 
 
+def create_state(params, tx, shardings) -> dict:
+    """The train state ``{"params", "opt_state", "step"}`` placed with ``shardings``.
+
+    Every leaf gets its final sharding before step 1, so the jitted step sees the same
+    input layouts on every call and compiles once.
+    """
+    params = put(params, shardings["params"])
+    init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
+    step = put(np.zeros((), np.int32), shardings["step"])
+    return {"params": params, "opt_state": init(params), "step": step}
+
+
 def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
-    """(model, host params) from ``cfg.init``; the head is always fresh, seeded by ``cfg.seed``."""
+    """(model, params) from ``cfg.init``; the head is always fresh, seeded by ``cfg.seed``.
+
+    ``init.kind="pretrained"``: ``checkpoints.load_pretrained(init.path)`` (Google .npz,
+    timm/HF safetensors, or a params dir written by this project), head replaced and
+    ``pre_logits`` dropped; ``"random"``: ``model.init`` (tests, from-scratch demos).
+    """
     from qvec_jax import checkpoints
     from qvec_jax.models import vit
 
     kind, path = cfg.init.kind, cfg.init.path
     if kind not in INIT_KINDS:
         raise TrainError(f"init.kind={kind!r} is not one of {INIT_KINDS}")
-    model = vit.create_model(
-        cfg.model.variant, num_classes=num_classes, image_size=cfg.model.image_size
-    )
-    if kind == "pretrained":
-        if not path or not os.path.exists(path):
-            raise TrainError(
-                f"init.path={path!r} does not exist: download the pretrained checkpoint "
-                "(e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) and pass init.path=FILE"
-            )
-        model, params = checkpoints.load_pretrained(
-            path,
-            variant=cfg.model.variant,
-            num_classes=num_classes,
-            image_size=cfg.model.image_size,
-            seed=cfg.seed,
-        )
-        return model, params
-    fresh = vit.init_params(model, jax.random.key(cfg.seed))
     if kind == "random":
-        return model, fresh
-    params, _ = checkpoints.restore_params(path)
-    params = dict(params)
-    if params.get("pre_logits") is not None and "pre_logits" not in fresh:
         model = vit.create_model(
-            cfg.model.variant,
-            num_classes=num_classes,
-            image_size=cfg.model.image_size,
-            representation_size=int(np.shape(params["pre_logits"]["bias"])[-1]),
+            cfg.model.variant, num_classes=num_classes, image_size=cfg.model.image_size
         )
-        fresh = vit.init_params(model, jax.random.key(cfg.seed))
-    params["head"] = fresh["head"]
-    want = jax.tree.map(np.shape, fresh)
-    got = jax.tree.map(np.shape, params)
-    if want != got:
+        return model, vit.init_params(model, jax.random.key(cfg.seed))
+    if not path or not os.path.exists(path):
         raise TrainError(
-            f"params at {path!r} do not fit {cfg.model.variant} at image_size "
-            f"{cfg.model.image_size}: set model.variant/model.image_size to the backbone's"
+            f"init.path={path!r} does not exist: download the pretrained checkpoint "
+            "(e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) and pass init.path=FILE"
         )
-    return model, params
+    return checkpoints.load_pretrained(
+        path,
+        variant=cfg.model.variant,
+        num_classes=num_classes,
+        image_size=cfg.model.image_size,
+        seed=cfg.seed,
+    )
 
 
 # --------------------------------------------------------------------------- workdir
@@ -352,7 +347,7 @@ def finetune(
     train_split = qdata.load_split(
         task, "train", image_size=cfg.model.image_size, data_dir=data_dir
     )
-    total = total_train_steps(cfg, len(train_split.labels), task.epochs)
+    total = total_train_steps(cfg, len(train_split), task.epochs)
     mesh = make_mesh() if mesh is None else mesh
     accum = accumulation_steps(cfg.batch_size, cfg.device_batch_size, mesh.devices.size)
     if (cfg.batch_size // accum) % mesh.devices.size:
@@ -399,14 +394,8 @@ def finetune(
         state, start, crc = restored.state, int(restored.progress["step"]), restored.progress["crc"]
         del host_params
     else:
-        params = put(host_params, shardings["params"])
+        state = create_state(host_params, tx, shardings)
         del host_params
-        init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
-        state = {
-            "params": params,
-            "opt_state": init(params),
-            "step": put(np.zeros((), np.int32), shardings["step"]),
-        }
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     _truncate_metrics(metrics_path, start)
 
@@ -438,20 +427,24 @@ def finetune(
             crc = _batch_crc(crc, images, labels)
             x, y = qdata.shard_batch((images, labels), mesh)
             state, m = train_step(state, x, y)
-            window.append(m)
-            n_log += 1
             bar.update(1)
+            if step == start:  # keep compilation out of the throughput numbers
+                jax.block_until_ready(m)
+                t_log = time.perf_counter()
+            else:
+                n_log += 1
+            window.append(m)
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
                 ms = jax.device_get(window)
-                dt = time.perf_counter() - t_log
+                dt = max(time.perf_counter() - t_log, 1e-9)
                 rec = {
                     "step": done,
                     "loss": float(np.mean([w["loss"] for w in ms])),
                     "lr": float(schedule(step)),
                     "grad_norm": float(ms[-1]["grad_norm"]),
-                    "steps_per_s": n_log / dt,
-                    "examples_per_s": n_log * cfg.batch_size / dt,
+                    "steps_per_s": n_log / dt if n_log else None,  # None: compile only
+                    "examples_per_s": n_log * cfg.batch_size / dt if n_log else None,
                     "data_crc": crc,
                 }
                 if is_main:
@@ -481,8 +474,6 @@ def finetune(
         "steps": total,
         "config": json.loads(qconfig.to_json(cfg)),
     }
-    if os.path.isdir(params_dir):
-        shutil.rmtree(params_dir)
     checkpoints.save_params(params_dir, jax.device_get(params), meta)
 
     results = {
@@ -516,7 +507,7 @@ def final_eval(cfg, model, params, task, *, mesh=None) -> dict:
             "ptq": accuracy(
                 model, params, split, bits=cfg.quant.bits, granularity=cfg.quant.granularity, **kw
             ),
-            "n": int(len(split.labels)),
+            "n": len(split),
         }
     return out
 

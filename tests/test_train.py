@@ -1,0 +1,297 @@
+"""Fine-tuning loop: the QAT step, accumulation, compile-once, resume, mesh, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+import qvec_jax.quant as quant
+from qvec_jax import config as qconfig
+from qvec_jax import train
+from qvec_jax.evaluate import make_mesh
+from qvec_jax.models import vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo_tiny.py")
+
+
+# The demo config shrunk to seconds: test/4 ViT, random init, digits, 8 steps.
+TINY = [
+    "model.variant=test/4",
+    "task=digits",
+    "batch_size=32",
+    "total_steps=8",
+    "checkpoint_every=3",
+    "log_every=2",
+    "optim.warmup_steps=2",
+    "eval_batch_size=256",
+]
+
+
+def _tiny_cfg(**over):
+    return qconfig.apply_overrides(qconfig.load_config(DEMO, TINY), list(over.items()))
+
+
+def _setup_step(mode, accum=1, bits=2, batch=16, eps=1e-8):
+    model = vit.create_model("test/4", num_classes=10, image_size=28)
+    params = model.init_params(jax.random.key(0))
+    # warmup 0: lr > 0 at step 0, so the first update is not a no-op.
+    optim = qconfig.load_config(DEMO, ["optim.warmup_steps=0", f"optim.eps={eps}"]).optim
+    tx, _ = train.make_optimizer(optim, total_steps=10)
+    mesh = make_mesh()
+    abstract = jax.eval_shape(
+        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
+    )
+    sh = train.state_shardings(abstract, mesh)
+    step = train.make_train_step(
+        model, tx, mesh, sh, mode=mode, bits=bits, granularity="channel", accum=accum
+    )
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (batch, 28, 28, 3)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    state = train.create_state(params, tx, sh)
+    return model, tx, step, state, x, y
+
+
+def _copy(tree):
+    return jax.tree.map(lambda a: np.array(a), tree)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_overrides_parse_literals_and_reject_typos():
+    cfg = qconfig.load_config(
+        DEMO, ["optim.lr=3e-4", "mode=qat", "quant.bits=3", "init.path=/x/y", "fsdp=True"]
+    )
+    assert cfg.optim.lr == 3e-4 and cfg.mode == "qat" and cfg.quant.bits == 3
+    assert cfg.init.path == "/x/y" and cfg.fsdp is True
+    with pytest.raises(ValueError, match="optim.lr"):
+        qconfig.load_config(DEMO, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="quant.bits"):
+        qconfig.load_config(DEMO, ["quant.bits=three"])
+    with pytest.raises(ValueError, match="key.sub=value"):
+        qconfig.load_config(DEMO, ["nonsense"])
+    with pytest.raises(FileNotFoundError, match="no_such.py"):
+        qconfig.load_config("no_such.py")
+    assert qconfig.diff(qconfig.load_config(DEMO), cfg) == [
+        "fsdp",
+        "init.path",
+        "mode",
+        "optim.lr",
+        "quant.bits",
+    ]
+
+
+def test_paper_config_is_the_method_recipe():
+    c = qconfig.load_config(os.path.join(ROOT, "configs", "paper_vit_b16.py"))
+    assert (c.model.variant, c.model.image_size, c.seed) == ("B/16", 224, 2038)
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_steps) == (1e-5, 0.1, 500)
+    assert (c.optim.clip_norm, c.batch_size, c.label_smoothing) == (1.0, 128, 0.0)
+    assert (c.quant.bits, c.quant.granularity, c.init.kind) == (3, "channel", "pretrained")
+    assert c.epochs < 0 and c.total_steps < 0  # epochs from the task table
+    assert train.accumulation_steps(128, c.device_batch_size, 1) == 4
+    assert train.accumulation_steps(128, c.device_batch_size, 8) == 1
+
+
+# ------------------------------------------------------------------ the step
+
+
+def test_qat_step_is_the_hand_computed_ste_update():
+    # eps 1e-4: the key bias has an exactly-zero true gradient (softmax is shift
+    # invariant), and Adam with eps 1e-8 would blow its float noise up to lr-sized steps.
+    model, tx, step, state, x, y = _setup_step("qat", eps=1e-4)
+    params0, opt0 = _copy(state["params"]), _copy(state["opt_state"])
+    new, metrics = step(state, x, y)
+
+    # By hand: the loss at the fake-quantized weights, differentiated w.r.t. those
+    # weights (STE: that IS the gradient w.r.t. the latent weights), then the same optax.
+    fq = quant.fake_quant_tree(params0, 2)
+    ce = lambda p: jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y)
+    )
+    loss, grads = jax.jit(jax.value_and_grad(ce))(fq)
+    apply = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
+    expect = apply(grads, opt0, params0)
+
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new["params"], expect
+    )
+    assert int(new["step"]) == 1
+    # ... and it is not the FP update (the test could fail).
+    fp_loss = jax.jit(ce)(params0)
+    assert abs(float(fp_loss) - float(loss)) > 1e-4
+
+
+def test_step_compiles_once_and_donates_state():
+    _, _, step, state, x, y = _setup_step("qat")
+    for _ in range(3):
+        old = state["params"]["head"]["kernel"]
+        state, m = step(state, x, y)
+        assert old.is_deleted()  # donated
+        x = x[::-1].copy()
+    assert step._cache_size() == 1
+    assert np.isfinite(float(m["loss"]))
+
+
+def test_accumulated_step_equals_full_batch_step():
+    _, _, full, s1, x, y = _setup_step("qat", accum=1, eps=1e-4)
+    _, _, acc, s4, _, _ = _setup_step("qat", accum=4, eps=1e-4)
+    a, ma = full(s1, x, y)
+    b, mb = acc(s4, x, y)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6),
+        a["params"],
+        b["params"],
+    )
+
+
+def test_schedule_warmup_cosine_and_accumulation_steps():
+    optim = ml_collections.ConfigDict(
+        dict(lr=1e-3, weight_decay=0.1, warmup_steps=10, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
+    )
+    _, sched = train.make_optimizer(optim, 100)
+    assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1e-3)
+    assert float(sched(55)) == pytest.approx(5e-4, rel=1e-3) and float(sched(100)) < 1e-9
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train.make_optimizer(optim, 10)
+    assert train.accumulation_steps(128, 32, 2) == 2
+    assert train.accumulation_steps(96, 40, 1) == 3
+    with pytest.raises(ValueError, match="divisible"):
+        train.accumulation_steps(100, 0, 8)
+
+
+# ------------------------------------------------------------------ whole runs
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _params(workdir):
+    from qvec_jax import checkpoints
+
+    return checkpoints.restore_params(os.path.join(workdir, "params"))
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    """One uninterrupted 8-step QAT run on digits, through the CLI."""
+    from qvec_jax.cli import main
+
+    d = str(tmp_path_factory.mktemp("qat_run"))
+    argv = ["finetune", "--config", DEMO, "--mode", "qat", "--workdir", d, "--no-progress"]
+    rc = main(argv + TINY)
+    assert rc == 0
+    return d
+
+
+def test_cli_run_writes_params_metrics_and_results(qat_run):
+    params, meta = _params(qat_run)
+    assert meta["mode"] == "qat" and meta["task"] == "digits" and meta["bits"] == 2
+    assert meta["variant"] == "test/4" and meta["num_classes"] == 10 and meta["steps"] == 8
+    assert meta["seed"] == 2038 and len(meta["backbone_id"]) == 12
+    assert meta["config"]["optim"]["warmup_steps"] == 2
+    rows = _metrics(qat_run)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert all({"loss", "lr", "grad_norm", "examples_per_s"} <= set(r) for r in rows)
+    with open(os.path.join(qat_run, "results.json")) as f:
+        res = json.load(f)
+    for split in ("val", "test"):
+        assert 0.0 <= res[split]["fp"] <= 1.0 and 0.0 <= res[split]["ptq"] <= 1.0
+    assert not os.path.exists(os.path.join(qat_run, "ckpt"))  # removed once finished
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(qat_run, tmp_path):
+    cfg = _tiny_cfg(mode="qat")
+    d = str(tmp_path / "resumed")
+    out = train.finetune(cfg, d, stop_after=5, progress=False)
+    assert out == {"stopped_at": 5, "total_steps": 8}
+    # Simulate a crash after step 5 but before its checkpoint: only step 3 survives, and
+    # metrics.jsonl holds records (steps 4, 5) that the resumed run must redo.
+    shutil.rmtree(os.path.join(d, "ckpt", "5"))
+    assert [r["step"] for r in _metrics(d)] == [2, 4, 5]
+    train.finetune(cfg, d, progress=False)
+    (a, _), (b, _) = _params(qat_run), _params(d)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    # The same stream and the same per-step numbers (loss is a window mean, and the
+    # resumed run's first window is shorter, so compare last-step quantities).
+    keys = ("step", "lr", "grad_norm", "data_crc")
+    pick = lambda rows: [[r[k] for k in keys] for r in rows]
+    assert pick(_metrics(d)) == pick(_metrics(qat_run))
+
+
+def test_fp_and_qat_start_equal_and_see_the_same_batches(qat_run, tmp_path):
+    fp_cfg = _tiny_cfg(mode="fp")
+    d = str(tmp_path / "fp")
+    train.finetune(fp_cfg, d, progress=False)
+    crc = lambda w: [r["data_crc"] for r in _metrics(w)]
+    assert crc(d) == crc(qat_run)
+    _, p_fp = train.build_model_and_params(fp_cfg, 10)
+    _, p_qat = train.build_model_and_params(_tiny_cfg(mode="qat"), 10)
+    jax.tree.map(np.testing.assert_array_equal, p_fp, p_qat)  # same init, head included
+    (a, ma), (b, mb) = _params(d), _params(qat_run)
+    assert ma["backbone_id"] == mb["backbone_id"]
+    assert not np.array_equal(a["head"]["kernel"], b["head"]["kernel"])  # QAT did differ
+
+
+def test_workdir_with_another_config_is_refused_unless_forced(qat_run, tmp_path):
+    d = str(tmp_path / "w")
+    shutil.copytree(qat_run, d)
+    res = train.finetune(_tiny_cfg(mode="qat"), d, progress=False)  # finished: not redone
+    assert res["steps"] == 8 and "val" in res
+    other = _tiny_cfg(mode="qat", **{"optim.lr": 3e-4})
+    with pytest.raises(train.TrainError, match=r"optim\.lr.*--force"):
+        train.finetune(other, d, progress=False)
+    out = train.finetune(other, d, force=True, stop_after=1, progress=False)
+    assert out["stopped_at"] == 1
+    assert not os.path.exists(os.path.join(d, "results.json"))
+    with open(os.path.join(d, "config.json")) as f:
+        assert json.load(f)["optim"]["lr"] == 3e-4
+
+
+_MESH_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_train import _tiny_cfg
+    from qvec_jax import train, checkpoints
+    assert jax.device_count() == 8, jax.devices()
+    for name, fsdp in (("dp", False), ("fsdp", True)):
+        d = {out!r} + "/" + name
+        train.finetune(_tiny_cfg(mode="qat", fsdp=fsdp), d, progress=False)
+    """
+)
+
+
+def test_eight_host_devices_match_one_device(qat_run, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    code = _MESH_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, _ = _params(qat_run)
+    for name in ("dp", "fsdp"):
+        b, _ = _params(str(tmp_path / name))
+        flat_a = dict(jax.tree_util.tree_flatten_with_path(a)[0])
+        for path, y in jax.tree_util.tree_flatten_with_path(b)[0]:
+            np.testing.assert_allclose(
+                flat_a[path], y, rtol=1e-3, atol=1e-4, err_msg=f"{name} {path}"
+            )
