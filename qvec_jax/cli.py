@@ -13,7 +13,12 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order `qvec --help` lists them.
-COMMANDS: list[str] = ["qvec_jax.checkpoints", "qvec_jax.data", "qvec_jax.train"]
+COMMANDS: list[str] = [
+    "qvec_jax.checkpoints",
+    "qvec_jax.data",
+    "qvec_jax.train",
+    "qvec_jax.commands",
+]
 
 
 class QvecError(Exception):

@@ -220,6 +220,130 @@ def test_other_bits_in_same_workdir_is_refused(runs, tmp_path):
         grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,), bits=3)
 
 
+# ----------------------------------------------------------------------------- CLI
+
+
+def qvec(*argv):
+    from qvec_jax import cli
+
+    return cli.main([str(a) for a in argv])
+
+
+def test_cli_extract_patch_ptq_eval_round_trip(runs, tmp_path, capsys):
+    fp, qat = (transfer.checkpoint_path(runs, "digits", m) for m in ("fp", "qat"))
+    rfp = transfer.checkpoint_path(runs, "digits_rot90", "fp")
+    assert qvec("extract", qat, fp, tmp_path / "qv") == 0
+    qv, meta = checkpoints.restore_params(tmp_path / "qv")
+    assert meta["kind"] == "qv" and meta["task"] == "digits" and "head" not in qv
+    ref = q.quantization_vector(
+        checkpoints.restore_params(qat)[0], checkpoints.restore_params(fp)[0]
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(qv), jax.tree.leaves(ref)))
+
+    assert qvec("patch", rfp, tmp_path / "qv", "--lam", "0.5", tmp_path / "patched") == 0
+    patched, pmeta = checkpoints.restore_params(tmp_path / "patched")
+    assert pmeta["patch"]["lam"] == 0.5 and pmeta["patch"]["donor"] == "digits"
+    assert pmeta["task"] == "digits_rot90"
+    expect = q.patch(checkpoints.restore_params(rfp)[0], qv, 0.5)
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(patched), jax.tree.leaves(expect))
+    )
+
+    assert qvec("ptq", tmp_path / "patched", "--bits", "2", tmp_path / "w2") == 0
+    w2, wmeta = checkpoints.restore_params(tmp_path / "w2")
+    assert wmeta["ptq"] == {"bits": 2, "granularity": "channel"}
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(w2), jax.tree.leaves(q.ptq(patched, 2)))
+    )
+
+    capsys.readouterr()
+    assert qvec("eval", tmp_path / "w2", "--splits", "test", "--batch-size", "64") == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the same number as the grid's cell for (D=digits, R=digits_rot90, lam=0.5)
+    cells = grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(0.5,))
+    cell = next(c for c in cells if rp.cell_key(c) == ("patch", "digits", "digits_rot90", "0.5"))
+    assert res["task"] == "digits_rot90" and res["test"] == pytest.approx(cell["acc"]["test"])
+
+
+def test_cli_refuses_to_overwrite_inputs(runs, tmp_path, capsys):
+    fp, qat = (transfer.checkpoint_path(runs, "digits", m) for m in ("fp", "qat"))
+    before = sorted(p.name for p in fp.iterdir())
+    assert qvec("ptq", fp, "--bits", "2", fp) == 1
+    assert qvec("ptq", fp, "--bits", "2", fp / "inside") == 1
+    assert qvec("extract", qat, fp, fp.parent) == 1  # OUT contains an input
+    err = capsys.readouterr().err
+    assert "would overwrite input" in err and str(fp) in err
+    assert sorted(p.name for p in fp.iterdir()) == before
+    (tmp_path / "exists").mkdir()
+    assert qvec("ptq", fp, "--bits", "2", tmp_path / "exists") == 1
+    assert "already exists" in capsys.readouterr().err
+    # wrong argument order and wrong kinds get a message, not a traceback
+    assert qvec("extract", fp, qat, tmp_path / "x") == 1
+    assert "order is QAT FP" in capsys.readouterr().err
+    assert qvec("patch", fp, qat, tmp_path / "y") == 1
+    assert "not a quantization vector" in capsys.readouterr().err
+    assert qvec("ptq", tmp_path / "nope", "--bits", "2", tmp_path / "z") == 1
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_cli_grid_and_report(tmp_path, capsys):
+    runs = make_runs(tmp_path / "runs", ("digits", "digits_rot90"))
+    work = tmp_path / "grid"
+    argv = [
+        "grid",
+        "--tasks",
+        "digits,digits_rot90,digits_a",
+        "--runs",
+        runs,
+        "--workdir",
+        work,
+        "--bits",
+        "2",
+        "--lambdas",
+        "0.5",
+        "--batch-size",
+        "64",
+        "--no-progress",
+    ]
+    assert qvec(*argv) == 1  # digits_a has no checkpoints
+    captured = capsys.readouterr()
+    assert "digits_a/fp" in captured.err and "--allow-missing" in captured.err
+    summary = (work / "summary.md").read_text()
+    assert "`digits_a` fp" in summary and "`digits_a` qat" in summary
+    assert rp.load_grid_meta(work)["lambdas"] == [0.5, 1.0]  # lambda=1 always added
+    assert qvec(*argv, "--allow-missing") == 0
+    out = capsys.readouterr().out
+    assert rp.ZERO_SHOT in out and "summary_md" in out
+
+    for f in work.glob("*.png"):
+        f.unlink()
+    (work / "grid.csv").unlink()
+    assert qvec("report", work) == 0
+    for name in (
+        "grid.csv",
+        "summary.md",
+        "summary.json",
+        "heatmap_delta_lambda1.png",
+        "heatmap_delta_lambda_best.png",
+        "heatmap_recovery.png",
+        "lambda_curves.png",
+    ):
+        assert (work / name).stat().st_size > 0, name
+    assert qvec("report", tmp_path / "runs") == 1
+    assert "qvec grid" in capsys.readouterr().err
+
+
+def test_every_subcommand_help_has_an_example(capsys):
+    for cmd in ("extract", "patch", "ptq", "eval", "grid", "report"):
+        with pytest.raises(SystemExit) as e:
+            qvec(cmd, "--help")
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "example:" in text and f"qvec {cmd} " in text, cmd
+
+
+@pytest.mark.slow  # clears the jit caches, so it recompiles everything it runs
 def test_grid_compiles_once_per_model_shape_not_per_cell(runs, tmp_path):
     jitted = (transfer.patch_and_quantize, transfer.quantize, transfer.count_correct)
     two = ["digits", "digits_rot90"]  # same model shape (10 classes)
