@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,8 @@ def quantize(
         axes = sel.get(path_str(kp))
         if axes is None:
             return x
-        q, s = codes_and_scale(x, bits, granularity, axes)
-        return QTensor(pack(q, bits), s, tuple(x.shape), jnp.dtype(x.dtype).name, bits)
+        packed, s = _quantize_leaf(x, bits, granularity, axes)
+        return QTensor(packed, s, tuple(x.shape), jnp.dtype(x.dtype).name, bits)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -67,10 +68,21 @@ def dequantize(qparams: PyTree) -> PyTree:
     def one(x):
         if not isinstance(x, QTensor):
             return x
-        q = unpack(x.packed, x.bits, math.prod(x.shape)).reshape(x.shape)
-        return (q.astype(jnp.float32) * x.scale).astype(x.dtype)
+        return _dequantize_leaf(x.packed, x.scale, x.shape, x.dtype, x.bits)
 
     return jax.tree.map(one, qparams, is_leaf=lambda x: isinstance(x, QTensor))
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_leaf(x, bits, granularity, axes):
+    q, s = codes_and_scale(x, bits, granularity, axes)
+    return pack(q, bits), s
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4))
+def _dequantize_leaf(packed, scale, shape, dtype, bits):
+    q = unpack(packed, bits, math.prod(shape)).reshape(shape)
+    return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
 def size_report(
