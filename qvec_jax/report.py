@@ -498,6 +498,19 @@ def _matrix(metrics: dict, value) -> list[list[float]]:
     return out
 
 
+def _matrix_notes(metrics: dict) -> list[list[str]]:
+    tasks, pairs = metrics["tasks"], metrics["pairs"]
+    return [
+        [
+            f"λ={pairs[(d, r)]['lambda_best']:g}"
+            if pairs.get((d, r)) and pairs[(d, r)]["lambda_best"] is not None
+            else ""
+            for r in tasks
+        ]
+        for d in tasks
+    ]
+
+
 def plot_heatmap(
     matrix: list[list[float]],
     tasks: list[str],
@@ -506,10 +519,15 @@ def plot_heatmap(
     title: str,
     fmt: str,
     cbar_label: str,
-    missing: set[str] = frozenset(),
+    missing: dict[str, str] | None = None,
     limit: float | None = None,
+    notes: list[list[str]] | None = None,
 ) -> Path:
-    """Donor (rows) x receiver (columns) heatmap, diverging colormap centred at 0."""
+    """Donor (rows) x receiver (columns) heatmap, diverging colormap centred at 0.
+
+    ``missing`` maps a task to a label suffix (e.g. "no QAT"); ``notes`` adds a small
+    second line to each cell (e.g. the chosen lambda).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -525,7 +543,8 @@ def plot_heatmap(
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     cmap = plt.get_cmap("RdBu").with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-lim, vmax=lim)
-    labels = [f"{t} (missing)" if t in missing else t for t in tasks]
+    missing = missing or {}
+    labels = [f"{t} ({missing[t]})" if t in missing else t for t in tasks]
     ax.set_xticks(range(n), labels, rotation=45, ha="right")
     ax.set_yticks(range(n), labels)
     ax.set_xlabel("receiver R")
@@ -535,11 +554,24 @@ def plot_heatmap(
         for j in range(n):
             v = m[i, j]
             if not np.isfinite(v):
-                text, color = ("n/a" if tasks[i] not in missing else ""), "#555555"
+                text, color = ("" if tasks[i] in missing and i != j else "n/a"), "#555555"
             else:
                 text = fmt.format(v)
+                if not text.lstrip("+-").strip("0."):  # "-0.0" / "+0.00": no sign on zero
+                    text = text.lstrip("+-")
+                if notes and notes[i][j]:
+                    text += "\n" + notes[i][j]
                 color = "white" if abs(v) > 0.6 * lim else "black"
-            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color=color,
+                linespacing=1.1,
+            )
         ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=2.0, ec="black"))
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cb.set_label(cbar_label)
@@ -551,85 +583,124 @@ def plot_heatmap(
 
 
 def plot_curves(metrics: dict, path: Path, *, title_suffix: str = "") -> Path:
-    """Per-receiver delta-vs-lambda curves (one line per donor) plus the cross-task mean."""
+    """Per-receiver delta-vs-lambda curves (one line per donor) plus the cross-task mean.
+
+    One shared legend: a colour per donor, the self pair dashed black, a star at each
+    pair's lambda_best (chosen on the receiver's val split).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     tasks = [t for t in metrics["tasks"] if any(p[1] == t for p in metrics["pairs"])]
     n = len(tasks) + 1
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
-    cmap = plt.get_cmap("tab10" if len(metrics["tasks"]) <= 10 else "tab20")
-    colors = {t: cmap(i % cmap.N) for i, t in enumerate(metrics["tasks"])}
-    for ax, r in zip(axes.flat, tasks):
-        for d in metrics["tasks"]:
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.9 * cols + 2.2, 3.0 * rows + 0.8), squeeze=False
+    )
+    donors = [d for d in metrics["tasks"] if any(p[0] == d for p in metrics["pairs"])]
+    cmap = plt.get_cmap("tab10" if len(donors) <= 10 else "tab20")
+    colors = {t: cmap(i % cmap.N) for i, t in enumerate(donors)}
+    for k, (ax, r) in enumerate(zip(axes.flat, tasks)):
+        for d in donors:
             p = metrics["pairs"].get((d, r))
             if not p:
                 continue
             lams = [lam for lam, v in p["curve"].items() if v["delta"] is not None]
             ys = [100 * p["curve"][lam]["delta"] for lam in lams]
-            style = (
-                dict(color="black", ls="--", lw=2.0, label=f"{d} (self)")
-                if p["self"]
-                else dict(color=colors[d], lw=1.4, label=d)
-            )
-            ax.plot(lams, ys, marker="o", ms=3, **style)
+            if p["self"]:
+                style = dict(color="black", ls="--", lw=2.0, zorder=3)
+            else:
+                style = dict(color=colors[d], lw=1.3, alpha=0.9)
+            ax.plot(lams, ys, marker="o", ms=2.5, **style)
             lb = p["lambda_best"]
             if lb is not None and p["curve"][lb]["delta"] is not None and not p["self"]:
                 ax.plot(
                     [lb],
                     [100 * p["curve"][lb]["delta"]],
                     marker="*",
-                    ms=11,
+                    ms=10,
+                    ls="none",
                     color=style["color"],
                     mec="black",
                     mew=0.5,
-                    ls="none",
+                    zorder=4,
                 )
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_title(f"receiver {r}", fontsize=10)
-        ax.set_xlabel("lambda")
-        ax.set_ylabel("delta vs PTQ(FP_R) (pts, test)")
-        ax.legend(fontsize=7, loc="best")
+        if k % cols == 0:
+            ax.set_ylabel("delta (pts, test)")
+        if k >= (rows - 1) * cols - (rows * cols - n):
+            ax.set_xlabel("lambda")
     ax = axes.flat[len(tasks)]
-    lams = list(metrics["modes"][CURVE])
-    mean = [metrics["modes"][CURVE][lam]["mean_delta"] for lam in lams]
-    win = [metrics["modes"][CURVE][lam]["win_rate"] for lam in lams]
-    ok = [i for i, v in enumerate(mean) if v is not None]
+    curve = metrics["modes"][CURVE]
+    lams = [lam for lam, s in curve.items() if s["mean_delta"] is not None]
     ax.plot(
-        [lams[i] for i in ok],
-        [100 * mean[i] for i in ok],
+        lams,
+        [100 * curve[lam]["mean_delta"] for lam in lams],
         marker="o",
         color="C0",
-        label="mean delta (pts)",
+        label="mean delta",
+    )
+    ax.plot(
+        lams,
+        [100 * curve[lam]["median_delta"] for lam in lams],
+        marker="o",
+        ls="--",
+        color="C0",
+        alpha=0.6,
+        label="median delta",
     )
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("lambda")
-    ax.set_ylabel("mean cross-task delta (pts, test)", color="C0")
+    ax.set_ylabel("cross-task delta (pts, test)", color="C0")
     ax2 = ax.twinx()
     ax2.plot(
-        [lams[i] for i in ok],
-        [100 * win[i] for i in ok],
+        lams,
+        [100 * curve[lam]["win_rate"] for lam in lams],
         marker="s",
         color="C3",
-        label="win rate (%)",
+        label="win rate",
     )
     ax2.set_ylim(0, 100)
     ax2.set_ylabel("win rate (%)", color="C3")
+    ax.legend(fontsize=7, loc="lower center")
     ax.set_title("all cross-task pairs", fontsize=10)
     for extra in list(axes.flat)[n:]:
         extra.axis("off")
+    handles = [Line2D([], [], color=colors[d], lw=1.5, label=d) for d in donors]
+    handles += [
+        Line2D([], [], color="black", ls="--", lw=2, label="self pair (QV_R on R)"),
+        Line2D(
+            [],
+            [],
+            color="grey",
+            marker="*",
+            ms=10,
+            mec="black",
+            ls="none",
+            label="lambda_best (receiver val)",
+        ),
+    ]
+    fig.legend(
+        handles=handles,
+        title="donor D",
+        loc="center right",
+        fontsize=8,
+        title_fontsize=9,
+        frameon=False,
+    )
     fig.suptitle(
-        "Delta vs lambda per receiver (lines: donors; dashed: self = ceiling at lambda=1; "
-        "star: lambda_best chosen on receiver val)" + title_suffix,
+        "delta of PTQ(FP_R + lambda * QV_D) vs PTQ(FP_R), per receiver; lambda=1 is "
+        "zero-shot, the star is chosen on receiver val" + title_suffix,
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 0.97))
     _save_fig(fig, path)
     plt.close(fig)
     return path
@@ -713,7 +784,10 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     meta = load_grid_meta(workdir)
     cells = load_cells(workdir)
     metrics = compute_metrics(cells, tasks=meta.get("tasks"), lambdas=meta.get("lambdas"))
-    missing_tasks = {m["task"] for m in meta.get("missing", [])}
+    missing_modes: dict[str, list[str]] = {}
+    for m in meta.get("missing", []):
+        missing_modes.setdefault(m["task"], []).append(m["mode"].upper())
+    missing_tasks = {t: "no " + " & ".join(ms) for t, ms in missing_modes.items()}
     paths = {
         "grid_csv": out / "grid.csv",
         "summary_md": out / "summary.md",
@@ -751,7 +825,8 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
         tasks,
         paths["heatmap_delta_lambda_best"],
         title=f"lambda_best chosen on receiver VAL (uses receiver data), {bits}\n"
-        "delta read on test; diagonal (boxed) = self pair",
+        "delta read on test; second line: the chosen lambda; diagonal (boxed) = self pair",
+        notes=_matrix_notes(metrics),
         **common,
     )
     rec = _matrix(metrics, lambda p: p["recovery_1"])
