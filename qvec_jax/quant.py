@@ -74,7 +74,7 @@ def true_div(a, b):
 
     XLA rewrites ``x / broadcast(y)`` into ``x * (1 / y)``, whose extra rounding moves
     codes next to ties; ``b + 0 * a`` has b's values but is no broadcast, so the
-    division stays. The 0 * a costs nothing measurable: the quantizer is memory-bound.
+    division stays (a little slower than the multiply; see bench/ptq.py).
     """
     return a / (b + 0 * a)
 
