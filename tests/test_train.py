@@ -217,6 +217,7 @@ def test_cli_run_writes_params_metrics_and_results(qat_run):
     assert not os.path.exists(os.path.join(qat_run, "ckpt"))  # removed once finished
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(qat_run, tmp_path):
     cfg = _tiny_cfg(mode="qat")
     d = str(tmp_path / "resumed")
@@ -282,6 +283,7 @@ _MESH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_eight_host_devices_match_one_device(qat_run, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     code = _MESH_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path))
@@ -292,6 +294,25 @@ def test_eight_host_devices_match_one_device(qat_run, tmp_path):
         b, _ = _params(str(tmp_path / name))
         flat_a = dict(jax.tree_util.tree_flatten_with_path(a)[0])
         for path, y in jax.tree_util.tree_flatten_with_path(b)[0]:
+            if jax.tree_util.keystr(path).endswith("['key']['bias']"):
+                # Its true gradient is exactly 0 (softmax is shift invariant): Adam turns
+                # the float noise, which depends on the reduction order, into lr-sized steps.
+                continue
             np.testing.assert_allclose(
                 flat_a[path], y, rtol=1e-3, atol=1e-4, err_msg=f"{name} {path}"
             )
+
+
+@pytest.mark.slow
+def test_basic_effect_qat_survives_2bit_ptq_and_fp_does_not(tmp_path):
+    """The embedded default (digits, tiny ViT, 2 bits): QAT's post-PTQ test accuracy beats
+    FP's by a clear margin (prints the numbers)."""
+    over = {"total_steps": 150, "batch_size": 32, "log_every": 50, "checkpoint_every": 150}
+    res = {}
+    for mode in ("fp", "qat"):
+        cfg = qconfig.apply_overrides(qconfig.load_config(DEMO), [("mode", mode), *over.items()])
+        res[mode] = train.finetune(cfg, str(tmp_path / mode), progress=False)
+    print({m: r["test"] for m, r in res.items()})
+    assert res["fp"]["test"]["fp"] > 0.8  # FP trained fine ...
+    assert res["fp"]["test"]["ptq"] < res["fp"]["test"]["fp"] - 0.2  # ... and 2-bit PTQ breaks it
+    assert res["qat"]["test"]["ptq"] > res["fp"]["test"]["ptq"] + 0.2  # QAT survives PTQ
