@@ -210,15 +210,13 @@ def _cmd_eval(args) -> int:
 
 
 def _print_headline(result: dict) -> None:
+    """The zero-shot and lambda_best tables of summary.md, then where every file is."""
     from qvec_jax import report as rp
 
-    print(
-        "\n".join(
-            ln
-            for ln in result["summary"].splitlines()
-            if ln.startswith(("| lambda mode", "|---", f"| {rp.ZERO_SHOT}", f"| {rp.LAMBDA_BEST}"))
-        )
-    )
+    lines = result["summary"].splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith((f"| {rp.ZERO_SHOT} |", f"| {rp.LAMBDA_BEST} |")):
+            print("\n".join(lines[i - 2 : i + 1]) + "\n")
     for name, p in result["paths"].items():
         print(f"  {name}: {p}")
 

@@ -159,9 +159,11 @@ def compute_metrics(
             raise ValueError(f"unknown cell kind {c['kind']!r} in {c}")
     seen = sorted({r for r in base} | {t for pair in patch for t in pair})
     tasks = list(tasks) if tasks else seen
+    asked_tasks, asked_lams = set(tasks), set(lambdas or [])
     tasks += [t for t in seen if t not in tasks]
     lam_seen = sorted({lam for curve in patch.values() for lam in curve})
     lambdas = sorted(set(lambdas or []) | set(lam_seen))
+    asked_lams = asked_lams or set(lambdas)
 
     def delta(receiver: str, acc: dict, split: str) -> float | None:
         b = base.get(receiver, {}).get("ptq_fp", {}).get(split)
@@ -244,6 +246,14 @@ def compute_metrics(
         "donors": group("donor"),
         "receivers": group("receiver"),
         "n_cells": len(cells),
+        "n_cells_in_grid": sum(
+            c["receiver"] in asked_tasks
+            and (
+                c["kind"] != "patch"
+                or (c["donor"] in asked_tasks and float(c["lam"]) in asked_lams)
+            )
+            for c in cells
+        ),
     }
 
 
@@ -357,8 +367,9 @@ def summary_markdown(metrics: dict, meta: dict | None = None) -> str:
     ]
     expected = meta.get("expected_cells")
     if expected:
-        state = "complete" if metrics["n_cells"] >= expected else "**incomplete**"
-        lines.append(f"Cells: {metrics['n_cells']} of {expected} ({state}).")
+        present = metrics["n_cells_in_grid"]
+        state = "complete" if present >= expected else "**incomplete**"
+        lines.append(f"Cells: {present} of {expected} ({state}).")
     missing = meta.get("missing") or []
     lines += ["", "## Missing checkpoints", ""]
     if missing:

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def find_checkpoints(
                 reason = "no qvec_meta.json: not a qvec checkpoint, or a partial write"
             else:
                 meta = json.loads(meta_file.read_text())
-                found[(t, mode)] = Ckpt(t, mode, path, meta, _fingerprint(path))
+                found[(t, mode)] = Ckpt(t, mode, path.resolve(), meta, _fingerprint(path))
                 continue
             missing.append({"task": t, "mode": mode, "path": str(path), "reason": reason})
     return found, missing
@@ -473,6 +474,7 @@ def _compute(
         by_receiver.setdefault(cell["receiver"], []).append(cell)
     bar = tqdm(
         total=len(todo),
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
         unit="cell",
         desc="grid",
         disable=not progress or not is_main,

@@ -179,3 +179,15 @@ def test_write_report_files_and_numbers_agree(tmp_path):
 def test_report_on_empty_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="qvec grid"):
         rp.write_report(tmp_path)
+
+
+def test_cells_outside_the_requested_grid_do_not_count_as_present():
+    cells = hand_grid()
+    m = rp.compute_metrics(cells, tasks=["a", "b"], lambdas=[1.0])
+    # a, b baselines (6) + patch cells among {a, b} at lambda=1 (a->a, b->b, a->b... b->a)
+    assert m["n_cells_in_grid"] == 6 + 4
+    assert m["n_cells"] == len(cells)
+    text = rp.summary_markdown(m, {"expected_cells": 2 * 3 + 4 * 1, "bits": 2})
+    assert "Cells: 10 of 10 (complete)" in text
+    text = rp.summary_markdown(m, {"expected_cells": 3 * 3 + 9 * 1, "bits": 2})
+    assert "Cells: 10 of 18 (**incomplete**)" in text
