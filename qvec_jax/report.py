@@ -550,7 +550,7 @@ def plot_heatmap(
     n = len(tasks)
     finite = np.abs(m[np.isfinite(m)])
     lim = limit or (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
-    size = max(4.5, 0.62 * n + 2.6)
+    size = max(5.8, 0.62 * n + 2.6)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     cmap = plt.get_cmap("RdBu").with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-lim, vmax=lim)
@@ -586,7 +586,7 @@ def plot_heatmap(
         ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=2.0, ec="black"))
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cb.set_label(cbar_label)
-    ax.set_title(title, fontsize=11)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
@@ -836,7 +836,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
         tasks,
         paths["heatmap_delta_lambda_best"],
         title=f"lambda_best chosen on receiver VAL (uses receiver data), {bits}\n"
-        "delta read on test; second line: the chosen lambda; diagonal (boxed) = self pair",
+        "delta read on test; 2nd line: the chosen lambda; boxed diagonal = self pair",
         notes=_matrix_notes(metrics),
         **common,
     )
