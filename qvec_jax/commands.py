@@ -177,6 +177,8 @@ def _cmd_eval(args) -> int:
     from qvec_jax.evaluate import accuracy
 
     params, meta = _restore(args.ckpt)
+    if meta.get("kind") == "qv":
+        raise QvecError(f"{args.ckpt} is a quantization vector, not a model; patch it first")
     task = args.task or meta.get("task")
     if not task:
         raise QvecError(f"{args.ckpt} names no task in its meta; pass --task")

@@ -459,14 +459,13 @@ def _compute(
         check_same_backbone(sig, ref["sig"], c.name, ref["name"])
         return params
 
-    def fp_params(task):
-        if task not in host:
-            host[task] = load(task, "fp")
-        return host[task]
+    def fp_params(task):  # cached only for the receiver being evaluated
+        return host[task] if task in host else load(task, "fp")
 
-    def qv_of(donor):
+    def qv_of(donor):  # host QVs are kept for the whole run (one per donor)
         if donor not in qvs:
-            qvs[donor] = trees.quantization_vector(load(donor, "qat"), fp_params(donor))
+            qv = trees.quantization_vector(load(donor, "qat"), fp_params(donor))
+            qvs[donor] = jax.tree.map(np.asarray, qv)
         return qvs[donor]
 
     by_receiver: dict[str, list[dict]] = {}
@@ -495,7 +494,8 @@ def _compute(
                 )
                 for s in rp.SPLITS
             }
-            fp_dev = put(fp_params(r), replicated)
+            host[r] = fp_params(r)
+            fp_dev = put(host[r], replicated)
             qv_dev, qv_donor = None, None
             for cell in cells:
                 kind, d = cell["kind"], cell["donor"]

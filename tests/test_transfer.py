@@ -376,3 +376,27 @@ def _count_compiles(fn):
     finally:
         monitoring.unregister_event_duration_listener(listener)
     return len(events)
+
+
+@pytest.mark.slow
+def test_grid_on_8_host_devices_matches_one_device(runs, tmp_path):
+    from conftest import run_multidevice
+
+    one = {rp.cell_key(c): c["acc"] for c in grid(runs, tmp_path / "one", tasks=TASKS[:2])}
+    out = run_multidevice(
+        f"""
+        import jax, json
+        from qvec_jax import transfer
+        assert jax.device_count() == 8
+        cells = transfer.run_grid({list(TASKS[:2])!r}, {str(runs)!r}, {str(tmp_path / "eight")!r},
+                                  bits=2, lambdas={list(LAMBDAS)!r}, batch_size=60,
+                                  progress=False)
+        print(json.dumps(len(cells)))
+        """
+    )
+    assert json.loads(out.strip().splitlines()[-1]) == len(one)
+    eight = {rp.cell_key(c): c for c in rp.load_cells(tmp_path / "eight")}
+    assert set(eight) == set(one)
+    for k, acc in one.items():  # batch 60 is rounded up to 64 = 8 x 8; every example once
+        assert eight[k]["acc"] == pytest.approx(acc, abs=1.5 / 359), k
+        assert eight[k]["n"] == {"val": 143, "test": 359}
