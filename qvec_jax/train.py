@@ -212,9 +212,11 @@ def create_state(params, tx, shardings) -> dict:
     """The train state ``{"params", "opt_state", "step"}`` placed with ``shardings``.
 
     Every leaf gets its final sharding before step 1, so the jitted step sees the same
-    input layouts on every call and compiles once.
+    input layouts on every call and compiles once. The state owns fresh buffers (the
+    step donates them), so ``params`` stays usable.
     """
-    params = put(params, shardings["params"])
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])
+    params = copy(put(params, shardings["params"]))
     init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
     step = put(np.zeros((), np.int32), shardings["step"])
     return {"params": params, "opt_state": init(params), "step": step}
