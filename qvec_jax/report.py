@@ -382,6 +382,8 @@ def summary_markdown(metrics: dict, meta: dict | None = None) -> str:
     else:
         lines.append("None: every requested task has its FP and QAT checkpoints.")
 
+    if meta.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in meta["warnings"]]
     lines += [
         "",
         f"## {ZERO_SHOT}",

@@ -158,12 +158,15 @@ def check_compatible(ckpts: dict[tuple[str, str], Ckpt]) -> list[str]:
                 "meaningful when the two runs differ in mode alone. Rerun one of them."
             )
     warnings = []
-    ref = next(iter(ckpts.values()))
+    per_task = {}  # one checkpoint per task (FP and QAT recipes were checked equal above)
     for c in ckpts.values():
+        per_task.setdefault(c.task, c)
+    ref, *others = per_task.values()
+    for c in others:
         diff = sorted(_diff(_recipe(ref.meta), _recipe(c.meta)))
-        if diff and c.task != ref.task:
+        if diff:
             warnings.append(
-                f"{c.name} was fine-tuned with another recipe than {ref.name} "
+                f"task {c.task} was fine-tuned with another recipe than task {ref.task} "
                 f"(config differs in {', '.join(diff)})"
             )
     return warnings

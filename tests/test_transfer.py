@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from qvec_jax import checkpoints, transfer
 from qvec_jax import report as rp
 from qvec_jax.models import vit
 
+ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("digits", "digits_rot90", "digits_a")
 NUM_CLASSES = {"digits": 10, "digits_rot90": 10, "digits_a": 5, "digits_b": 5}
 LAMBDAS = (0.5, 1.0)
@@ -214,6 +216,19 @@ def test_fp_and_qat_recipes_must_match(tmp_path):
         grid(runs, tmp_path / "g", tasks=["digits"], lambdas=(1.0,))
 
 
+def test_recipes_differing_between_tasks_are_a_listed_warning(tmp_path):
+    runs = make_runs(tmp_path / "runs", TASKS[:2])
+    for mode in ("fp", "qat"):
+        p = transfer.checkpoint_path(runs, "digits_rot90", mode) / "qvec_meta.json"
+        meta = json.loads(p.read_text())
+        meta["config"]["seed"] = 7  # both runs of the task agree, but not with digits
+        p.write_text(json.dumps(meta))
+    grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
+    (warning,) = rp.load_grid_meta(tmp_path / "g")["warnings"]
+    assert "task digits_rot90" in warning and "seed" in warning
+    assert warning in rp.write_report(tmp_path / "g")["summary"]
+
+
 def test_other_bits_in_same_workdir_is_refused(runs, tmp_path):
     grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,))
     with pytest.raises(transfer.GridError, match="2-bit channel"):
@@ -312,7 +327,9 @@ def test_cli_grid_and_report(tmp_path, capsys):
     summary = (work / "summary.md").read_text()
     assert "`digits_a` fp" in summary and "`digits_a` qat" in summary
     assert rp.load_grid_meta(work)["lambdas"] == [0.5, 1.0]  # lambda=1 always added
-    assert qvec(*argv, "--allow-missing") == 0
+    # the bit width and eval batch can come from a config file instead
+    argv = [a for a in argv if a not in ("--bits", "2")]
+    assert qvec(*argv, "--config", ROOT / "configs" / "demo_tiny.py", "--allow-missing") == 0
     out = capsys.readouterr().out
     assert rp.ZERO_SHOT in out and "summary_md" in out
 
