@@ -1,0 +1,53 @@
+"""evaluate.accuracy: exact counting, PTQ inside the jitted fn, one compile for many trees."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import qvec_jax.quant as quant
+from qvec_jax import data as qdata
+from qvec_jax import evaluate
+from qvec_jax.models import vit
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = vit.create_model("test/4", num_classes=10, image_size=28)
+    params = [model.init_params(jax.random.key(s)) for s in (0, 1)]
+    split = qdata.load_split("digits", "test", image_size=28)
+    return model, params, split
+
+
+def _by_hand(model, params, split):
+    logits = jax.jit(model.apply)({"params": params}, split.images)
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == split.labels))
+
+
+def test_accuracy_counts_every_example_once(setup):
+    model, (p0, _), split = setup
+    want = _by_hand(model, p0, split)
+    assert len(split) % 100  # the last batch is padded
+    for bs in (100, 512):
+        assert evaluate.accuracy(model, p0, split, batch_size=bs) == pytest.approx(want, abs=1e-12)
+
+
+def test_ptq_inside_equals_ptq_before_and_compiles_once_per_bits(setup):
+    model, (p0, p1), split = setup
+    before = evaluate._correct._cache_size()
+    for p in (p0, p1):
+        inside = evaluate.accuracy(model, p, split, batch_size=128, bits=2)
+        outside = evaluate.accuracy(model, quant.ptq(p, 2), split, batch_size=128)
+        assert inside == outside
+        assert inside == pytest.approx(_by_hand(model, quant.ptq(p, 2), split), abs=1e-12)
+    # one entry for bits=2, one for bits=None, whatever the number of trees
+    assert evaluate._correct._cache_size() - before <= 2
+    t = evaluate.accuracy(model, p0, split, batch_size=128, bits=2, granularity="tensor")
+    assert t == pytest.approx(_by_hand(model, quant.ptq(p0, 2, granularity="tensor"), split))
+
+
+def test_bad_bits_are_refused(setup):
+    model, (p0, _), split = setup
+    with pytest.raises(ValueError, match="bits"):
+        evaluate.accuracy(model, p0, split, batch_size=128, bits=1)
