@@ -278,16 +278,17 @@ def _prepare_workdir(cfg, workdir: str, force: bool) -> None:
                 f"workdir {workdir!r} holds a run with a different config (differs in: "
                 f"{', '.join(changed)}); use another --workdir, or --force to start over there"
             )
-        if changed:  # --force: drop the old run's files (ours only) and start over
+        if changed and jax.process_index() == 0:  # --force: drop the old run's files, ours only
             for name in ("ckpt", "params", "metrics.jsonl", "results.json"):
                 p = os.path.join(workdir, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
-    _atomic_write(cfg_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:  # multi-host: workdir is on a shared filesystem
+        _atomic_write(cfg_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def _truncate_metrics(path: str, step: int) -> None:
     """Drop records past ``step`` (written before a crash, about to be redone)."""
-    if not os.path.exists(path):
+    if not os.path.exists(path) or jax.process_index() != 0:
         return
     with open(path) as f:
         keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -298,6 +299,43 @@ def _batch_crc(crc: int, images, labels) -> int:
     """Running fingerprint of the data stream (labels + a strided image sample)."""
     crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
     return zlib.crc32(np.ascontiguousarray(np.asarray(images).reshape(-1)[::997]).tobytes(), crc)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """Items: ``state`` (params, opt_state, step; sharded arrays) and ``progress`` (JSON:
+    step and data fingerprint). The data position IS the step (train_batches is O(1))."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True)
+    return ocp.CheckpointManager(
+        os.path.join(workdir, "ckpt"), options=options, item_names=("state", "progress")
+    )
+
+
+def _save(mngr, step: int, state, crc: int) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave({"step": step, "crc": crc}),
+        ),
+        force=True,
+    )
+
+
+def _restore(mngr, abstract, shardings):
+    """(state, step, crc) of the latest checkpoint, each array restored with its sharding."""
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    r = mngr.restore(
+        mngr.latest_step(),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
+        ),
+    )
+    return r.state, int(r.progress["step"]), int(r.progress["crc"])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -336,6 +374,7 @@ def finetune(
     from qvec_jax import data as qdata
 
     validate(cfg)
+    task = qdata.get_task(cfg.task)
     workdir = os.path.abspath(workdir)
     _prepare_workdir(cfg, workdir, force)
     results_path = os.path.join(workdir, "results.json")
@@ -344,7 +383,6 @@ def finetune(
         with open(results_path) as f:
             return json.load(f)
 
-    task = qdata.get_task(cfg.task)
     data_dir = cfg.data.data_dir or None
     train_split = qdata.load_split(
         task, "train", image_size=cfg.model.image_size, data_dir=data_dir
@@ -375,41 +413,15 @@ def finetune(
         label_smoothing=cfg.label_smoothing,
     )
 
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(1, int(cfg.keep_checkpoints)), create=True
-    )
-    mngr = ocp.CheckpointManager(
-        os.path.join(workdir, "ckpt"), options=options, item_names=("state", "progress")
-    )
+    mngr = _checkpoint_manager(workdir, cfg.keep_checkpoints)
     start, crc = 0, 0
-    latest = mngr.latest_step()
-    if latest is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        restored = mngr.restore(
-            latest,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
-            ),
-        )
-        state, start, crc = restored.state, int(restored.progress["step"]), restored.progress["crc"]
-        del host_params
+    if mngr.latest_step() is not None:
+        state, start, crc = _restore(mngr, abstract, shardings)
     else:
         state = create_state(host_params, tx, shardings)
-        del host_params
+    del host_params
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     _truncate_metrics(metrics_path, start)
-
-    def save(step):
-        mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                progress=ocp.args.JsonSave({"step": step, "crc": crc}),
-            ),
-            force=True,
-        )
 
     end = total if stop_after is None else min(total, start + int(stop_after))
     batches = qdata.train_batches(train_split, cfg.batch_size, seed=cfg.seed, start_step=start)
@@ -455,7 +467,7 @@ def finetune(
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                 window, t_log, n_log = [], time.perf_counter(), 0
             if done % cfg.checkpoint_every == 0 or done == end:
-                save(done)
+                _save(mngr, done, state, crc)
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
@@ -467,28 +479,24 @@ def finetune(
         "variant": cfg.model.variant,
         "num_classes": task.num_classes,
         "image_size": cfg.model.image_size,
-        "task": cfg.task,
-        "mode": cfg.mode,
-        "bits": cfg.quant.bits,
-        "granularity": cfg.quant.granularity,
-        "seed": cfg.seed,
+        **{k: cfg[k] for k in ("task", "mode", "seed")},
+        **{k: cfg.quant[k] for k in ("bits", "granularity")},
         "backbone_id": backbone,
         "steps": total,
         "config": json.loads(qconfig.to_json(cfg)),
     }
-    checkpoints.save_params(params_dir, jax.device_get(params), meta)
+    # Gather (undoes FSDP) on every process; the write itself is checkpoints.save_params's
+    # (multi-host: untested here, it must not need the other processes to join).
+    gather = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))
+    host_params = jax.device_get(gather(params))
+    if is_main:
+        checkpoints.save_params(params_dir, host_params, meta)
 
-    results = {
-        "task": cfg.task,
-        "mode": cfg.mode,
-        "bits": cfg.quant.bits,
-        "granularity": cfg.quant.granularity,
-        "steps": total,
-    }
+    results = {k: meta[k] for k in ("task", "mode", "bits", "granularity", "steps")}
     results.update(final_eval(cfg, model, params, task, mesh=mesh))
     if is_main:
         _atomic_write(results_path, json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(os.path.join(workdir, "ckpt"), ignore_errors=True)
+        shutil.rmtree(os.path.join(workdir, "ckpt"), ignore_errors=True)
     return results
 
 

@@ -217,7 +217,6 @@ def test_cli_run_writes_params_metrics_and_results(qat_run):
     assert not os.path.exists(os.path.join(qat_run, "ckpt"))  # removed once finished
 
 
-@pytest.mark.slow
 def test_interrupted_and_resumed_run_is_bit_identical(qat_run, tmp_path):
     cfg = _tiny_cfg(mode="qat")
     d = str(tmp_path / "resumed")
