@@ -116,10 +116,12 @@ def total_train_steps(cfg: ml_collections.ConfigDict, num_train: int, task_epoch
     """``total_steps`` if > 0, else ceil(epochs * num_train / batch_size)."""
     if cfg.total_steps > 0:
         return int(cfg.total_steps)
+    from qvec_jax import data as qdata
+
     epochs = cfg.epochs if cfg.epochs > 0 else task_epochs
     if not epochs or epochs <= 0:
         raise TrainError("no epochs for this task: set epochs=... or total_steps=...")
-    return max(1, math.ceil(float(epochs) * num_train / cfg.batch_size))
+    return qdata.num_train_steps(int(num_train), int(cfg.batch_size), float(epochs))
 
 
 def state_shardings(abstract_state, mesh, fsdp: bool = False):

@@ -169,6 +169,10 @@ def test_schedule_warmup_cosine_and_accumulation_steps():
     assert float(sched(55)) == pytest.approx(5e-4, rel=1e-3) and float(sched(100)) < 1e-9
     with pytest.raises(ValueError, match="warmup_steps"):
         train.make_optimizer(optim, 10)
+    paper = qconfig.load_config(os.path.join(ROOT, "configs", "paper_vit_b16.py"))
+    assert train.total_train_steps(paper, 45000, 6) == 2110  # CIFAR-10: 6 epochs at 128
+    assert train.total_train_steps(qconfig.apply_overrides(paper, ["epochs=1.0"]), 45000, 6) == 352
+    assert train.total_train_steps(qconfig.apply_overrides(paper, ["total_steps=7"]), 1, 6) == 7
     assert train.accumulation_steps(128, 32, 2) == 2
     assert train.accumulation_steps(96, 40, 1) == 3
     with pytest.raises(ValueError, match="divisible"):
@@ -315,3 +319,12 @@ def test_basic_effect_qat_survives_2bit_ptq_and_fp_does_not(tmp_path):
     assert res["fp"]["test"]["fp"] > 0.8  # FP trained fine ...
     assert res["fp"]["test"]["ptq"] < res["fp"]["test"]["fp"] - 0.2  # ... and 2-bit PTQ breaks it
     assert res["qat"]["test"]["ptq"] > res["fp"]["test"]["ptq"] + 0.2  # QAT survives PTQ
+
+
+def test_paper_recipe_without_checkpoint_says_where_to_get_it(tmp_path):
+    cfg = qconfig.load_config(
+        os.path.join(ROOT, "configs", "paper_vit_b16.py"),
+        ["task=digits", "total_steps=1000", f"init.path={tmp_path / 'missing.npz'}"],
+    )
+    with pytest.raises(train.TrainError, match=r"init\.path=.*missing\.npz.*ViT-B_16\.npz"):
+        train.finetune(cfg, str(tmp_path / "w"), progress=False)
