@@ -20,7 +20,9 @@ from collections.abc import Iterable, Sequence
 import ml_collections
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
     """Load ``get_config()`` from the Python file ``path`` and apply ``overrides``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
