@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5
+    c.optim.head_lr_mult = 1.0  # the head learns at lr * head_lr_mult; the paper: 1
     c.optim.weight_decay = 0.1  # on all params, as the authors did
     c.optim.warmup_steps = 500
     c.optim.clip_norm = 1.0

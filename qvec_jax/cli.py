@@ -14,6 +14,7 @@ import sys
 
 # Modules that contribute subcommands, in the order `qvec --help` lists them.
 COMMANDS: list[str] = [
+    "qvec_jax.demo",
     "qvec_jax.checkpoints",
     "qvec_jax.data",
     "qvec_jax.train",

@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from qvec_jax import config as qconfig
 from qvec_jax import quant
 from qvec_jax.evaluate import make_mesh, put
+from qvec_jax.trees import HEAD_RULE, path_str
 
 MODES = ("fp", "qat")
 INIT_KINDS = ("pretrained", "random")
@@ -94,7 +95,22 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
             weight_decay=float(optim.weight_decay),
         ),
     )
+    mult = float(optim.get("head_lr_mult", 1.0))
+    if mult != 1.0:  # the head (trees.HEAD_RULE) learns at mult * lr; 1.0 = the paper
+        tx = optax.chain(tx, scale_head_updates(mult))
     return tx, schedule
+
+
+def scale_head_updates(mult: float) -> optax.GradientTransformation:
+    """Multiply the updates of the head leaves (``trees.HEAD_RULE``) by ``mult``."""
+
+    def scale(updates, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, u: u * mult if HEAD_RULE.match(path_str(kp)) else u, updates
+        )
+
+    return optax.stateless(scale)
 
 
 def accumulation_steps(batch_size: int, device_batch_size: int, n_devices: int) -> int:
