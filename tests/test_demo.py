@@ -1,0 +1,70 @@
+"""End to end: `qvec demo --quick` writes every report file, and summary.md agrees with grid.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from qvec_jax import cli, demo
+
+pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    rc = cli.main(["demo", "--quick", "--no-progress", "--workdir", str(workdir)])
+    assert rc == 0
+    return workdir
+
+
+def _rows(workdir):
+    with open(workdir / "grid" / "grid.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_stage_and_report_file_exists(quick_demo):
+    info = json.loads((quick_demo / "demo.json").read_text())
+    for t in info["tasks"]:
+        for mode in ("fp", "qat"):
+            assert (quick_demo / "runs" / t / mode / "params" / "qvec_meta.json").is_file()
+            assert (quick_demo / "runs" / t / mode / "results.json").is_file()
+    report = {k: Path(v) for k, v in info["report"].items()}
+    assert {"grid_csv", "summary_md", "heatmap_delta_lambda1", "heatmap_delta_lambda_best",
+            "heatmap_recovery", "lambda_curves"} <= set(report)
+    for name, path in report.items():
+        assert path.parent == quick_demo / "grid", name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert set(info["seconds"]) == {"pretext", "finetune", "grid", "report"}
+
+
+def test_summary_matches_grid_csv(quick_demo):
+    rows = [r for r in _rows(quick_demo) if r["split"] == "test"]
+    cross = [
+        r for r in rows
+        if r["kind"] == "patch" and r["donor"] != r["receiver"] and float(r["lam"]) == 1.0
+    ]
+    assert cross, "no cross-task cells at lambda=1"
+    wins = sum(float(r["delta"]) > 0 for r in cross)
+    summary = (quick_demo / "grid" / "summary.md").read_text()
+    zero_shot = next(line for line in summary.splitlines() if line.startswith("| lambda=1"))
+    assert f"{wins}/{len(cross)}" in zero_shot
+    mean_delta = sum(float(r["delta"]) for r in cross) / len(cross) * 100
+    assert f"{mean_delta:+.1f}".lstrip("+") in zero_shot.replace("+", "")
+
+    # per-receiver baselines: test accuracy in points, as in grid.csv
+    for r in rows:
+        if r["kind"] in ("fp", "ptq_fp", "ptq_qat"):
+            pts = f"{float(r['acc']) * 100:.1f}"
+            line = next(ln for ln in summary.splitlines() if ln.startswith(f"| `{r['receiver']}`"))
+            assert re.search(rf"\| {re.escape(pts)} \(", line), (r, line)
+
+
+def test_rerun_resumes_without_recomputing(quick_demo):
+    before = (quick_demo / "grid" / "cells.jsonl").read_text()
+    out = demo.run_demo(quick_demo, quick=True, progress=False)
+    assert (quick_demo / "grid" / "cells.jsonl").read_text() == before
+    assert out["seconds"]["grid"] < 30
