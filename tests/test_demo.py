@@ -13,6 +13,7 @@ from qvec_jax import cli, demo
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
@@ -33,8 +34,14 @@ def test_every_stage_and_report_file_exists(quick_demo):
             assert (quick_demo / "runs" / t / mode / "params" / "qvec_meta.json").is_file()
             assert (quick_demo / "runs" / t / mode / "results.json").is_file()
     report = {k: Path(v) for k, v in info["report"].items()}
-    assert {"grid_csv", "summary_md", "heatmap_delta_lambda1", "heatmap_delta_lambda_best",
-            "heatmap_recovery", "lambda_curves"} <= set(report)
+    assert {
+        "grid_csv",
+        "summary_md",
+        "heatmap_delta_lambda1",
+        "heatmap_delta_lambda_best",
+        "heatmap_recovery",
+        "lambda_curves",
+    } <= set(report)
     for name, path in report.items():
         assert path.parent == quick_demo / "grid", name
         assert path.is_file() and path.stat().st_size > 0, name
@@ -44,7 +51,8 @@ def test_every_stage_and_report_file_exists(quick_demo):
 def test_summary_matches_grid_csv(quick_demo):
     rows = [r for r in _rows(quick_demo) if r["split"] == "test"]
     cross = [
-        r for r in rows
+        r
+        for r in rows
         if r["kind"] == "patch" and r["donor"] != r["receiver"] and float(r["lam"]) == 1.0
     ]
     assert cross, "no cross-task cells at lambda=1"

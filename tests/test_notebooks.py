@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -33,11 +32,17 @@ def test_notebook_runs(name, env, nb_workdir, monkeypatch, tmp_path):
         monkeypatch.setenv(k, v)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert "colab.research.google.com" in nb.cells[0].source
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.output_type == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "error"
+    ]
     assert not errors
     if name == "02_transfer_grid.ipynb":
         assert (workdir / "grid_small" / "summary.md").is_file()

@@ -328,3 +328,39 @@ def test_paper_recipe_without_checkpoint_says_where_to_get_it(tmp_path):
     )
     with pytest.raises(train.TrainError, match=r"init\.path=.*missing\.npz.*ViT-B_16\.npz"):
         train.finetune(cfg, str(tmp_path / "w"), progress=False)
+
+
+def test_head_lr_mult_scales_only_the_head_update():
+    """optim.head_lr_mult multiplies the head's AdamW update (trees.HEAD_RULE) and nothing else."""
+    params = {
+        "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+        "Transformer": {"encoder_norm": {"scale": jnp.ones(3)}},
+    }
+    grads = jax.tree.map(lambda x: 0.5 * x, params)
+
+    def update(mult):
+        optim = ml_collections.ConfigDict(
+            dict(
+                lr=1e-3,
+                head_lr_mult=mult,
+                weight_decay=0.1,
+                warmup_steps=0,
+                clip_norm=1.0,
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+            )
+        )
+        tx, _ = train.make_optimizer(optim, total_steps=10)
+        state = tx.init(params)
+        for _ in range(2):  # past the zero-lr first step of the schedule
+            u, state = tx.update(grads, state, params)
+        return u
+
+    base, scaled = update(1.0), update(10.0)
+    np.testing.assert_allclose(scaled["head"]["kernel"], 10 * base["head"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(scaled["head"]["bias"], 10 * base["head"]["bias"], rtol=1e-6)
+    np.testing.assert_array_equal(
+        scaled["Transformer"]["encoder_norm"]["scale"], base["Transformer"]["encoder_norm"]["scale"]
+    )
+    assert np.all(np.asarray(base["head"]["kernel"]) != 0)
