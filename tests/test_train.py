@@ -311,6 +311,7 @@ def test_basic_effect_qat_survives_2bit_ptq_and_fp_does_not(tmp_path):
     """The embedded default (digits, tiny ViT, 2 bits): QAT's post-PTQ test accuracy beats
     FP's by a clear margin (prints the numbers)."""
     over = {"total_steps": 150, "batch_size": 32, "log_every": 50, "checkpoint_every": 150}
+    over.update({"optim.lr": 1e-3, "optim.head_lr_mult": 1.0})  # from scratch, not a fine-tune
     res = {}
     for mode in ("fp", "qat"):
         cfg = qconfig.apply_overrides(qconfig.load_config(DEMO), [("mode", mode), *over.items()])
