@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .paths import PyTree, Rule, flatten, path_str
 from .quant import VIT_RULE, check_bits, codes_and_scale, reduce_axes, select_quantized
-from .trees import PyTree, Rule, flatten, path_str
 
 
 @jax.tree_util.register_dataclass

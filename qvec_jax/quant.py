@@ -18,7 +18,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .trees import PyTree, Rule, flatten, is_float, path_str
+from .paths import PyTree, Rule, flatten, is_float, path_str
 
 _BLOCK = r"Transformer/encoderblock_\d+/"
 #: The linear kernels of the ViT encoder blocks (Google layout) and their OUTPUT axes.

@@ -1,0 +1,122 @@
+"""Leaf paths of a pytree, the ``Rule`` type over them, and input checks.
+
+A leaf is addressed by its "/"-joined key path, e.g.
+``Transformer/encoderblock_3/LayerNorm_0/scale``, for Flax Linen dicts, ``nnx.State``
+(the trailing ``.value`` is dropped) and plain nested containers alike. One ``Rule``
+type (ordered regexes over these paths) selects what QAT and PTQ quantize, what a QV
+leaves out, and what counts in the model size.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def path_str(keypath) -> str:
+    """ "/"-joined key path. The ``.value`` of an nnx Variable is dropped."""
+    parts = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        else:  # FlattenedIndexKey and custom keys
+            parts.append(str(getattr(k, "key", k)))
+    if parts and parts[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
+        parts.pop()
+    return "/".join(parts)
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """``{path: leaf}`` in tree order."""
+    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """Nested plain dict from ``{path: leaf}``."""
+    out: dict = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return out
+
+
+class Rule:
+    """Ordered regex rules over leaf paths; the first ``re.search`` match gives the value.
+
+    ``Rule([r"^head/", r"^pre_logits/"])`` selects (value ``True``);
+    ``Rule({r"Dense_\\d/kernel$": (1,)})`` attaches a value (here: channel axes).
+    """
+
+    def __init__(self, patterns: Mapping[str, Any] | Iterable[str | tuple[str, Any]]):
+        items = patterns.items() if isinstance(patterns, Mapping) else patterns
+        pairs = [(p, True) if isinstance(p, str) else tuple(p) for p in items]
+        self.patterns = tuple((re.compile(p), v) for p, v in pairs)
+
+    def match(self, path: str) -> Any:
+        for rx, value in self.patterns:
+            if rx.search(path):
+                return value
+        return None
+
+    def select(self, tree: PyTree) -> dict[str, Any]:
+        """``{path: value}`` for every leaf the rule selects."""
+        return {p: v for p in flatten(tree) if (v := self.match(p)) is not None}
+
+    def unmatched(self, tree: PyTree) -> list[str]:
+        """Patterns that select no leaf of ``tree`` (usually a typo or a layout mismatch)."""
+        paths = list(flatten(tree))
+        return [rx.pattern for rx, _ in self.patterns if not any(rx.search(p) for p in paths)]
+
+    def __repr__(self) -> str:
+        return f"Rule({[(rx.pattern, v) for rx, v in self.patterns]!r})"
+
+
+def is_float(x) -> bool:
+    return jnp.issubdtype(
+        jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.floating
+    )
+
+
+def check_same_structure(a: PyTree, b: PyTree, names=("a", "b"), *, paths=None) -> None:
+    """Raise ``ValueError`` naming the first path where ``a`` and ``b`` differ.
+
+    Compares the leaves at ``paths`` (default: every path of either tree): presence,
+    shape, and dtype kind (float vs integer).
+    """
+    fa, fb = flatten(a), flatten(b)
+    for p in paths if paths is not None else list(fa) + [p for p in fb if p not in fa]:
+        if p not in fa or p not in fb:
+            raise ValueError(f"{p}: missing in {names[0] if p not in fa else names[1]}")
+        x, y = fa[p], fb[p]
+        if np.shape(x) != np.shape(y):
+            raise ValueError(
+                f"{p}: shape {np.shape(x)} in {names[0]} vs {np.shape(y)} in {names[1]}"
+            )
+        if is_float(x) != is_float(y):
+            raise ValueError(f"{p}: dtype {x.dtype} in {names[0]} vs {y.dtype} in {names[1]}")
+
+
+def check_finite(tree: PyTree, name: str) -> None:
+    """Raise ``ValueError`` naming the first float leaf holding NaN or Inf.
+
+    Skipped for traced leaves (inside ``jit`` the values are not known).
+    """
+    for p, x in flatten(tree).items():
+        if isinstance(x, jax.core.Tracer) or not is_float(x):
+            continue
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"{p}: NaN or Inf in {name}")
