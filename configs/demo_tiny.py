@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.demo.tasks = "fmnist_a,fmnist_b,fmnist_rot90,digits,digits_rot90"
     # Without Fashion-MNIST files: everything from scikit-learn digits (said in the output).
     c.demo.fallback_pretext_task = "digits"
+    c.demo.fallback_pretext_epochs = 60.0  # digits is small: 60 epochs ~ 600 steps
     c.demo.fallback_tasks = "digits_rot90,digits_inv,digits_flip,digits_a"
     c.demo.lambdas = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.05, 1.2, 1.35, 1.5)  # the paper's
     c.demo.grid_batch_size = 1000

@@ -26,6 +26,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_tiny.py"
 QUICK = (
     "demo.pretext_task=digits",
     "demo.fallback_pretext_task=digits",
+    "demo.fallback_pretext_epochs=3.0",
     "demo.pretext_epochs=3.0",
     "demo.pretext_warmup_steps=5",
     "demo.tasks=digits_rot90,digits_inv,digits_flip",
@@ -41,16 +42,16 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def choose_tasks(cfg) -> tuple[str, list[str], str]:
-    """(pretext task, downstream tasks, note): the Fashion-MNIST set when its files are
-    present, else the digits-only fallback, said out loud."""
+def choose_tasks(cfg) -> tuple[str, float, list[str], str]:
+    """(pretext task, its epochs, downstream tasks, note): the Fashion-MNIST set when its
+    files are present, else the digits-only fallback, said out loud."""
     from qvec_jax import data as qdata
 
     data_dir = cfg.data.data_dir or None
     pretext, tasks = cfg.demo.pretext_task, _csv(cfg.demo.tasks)
     missing = [t for t in [pretext, *tasks] if not qdata.availability(t, data_dir)[0]]
     if not missing:
-        return pretext, tasks, ""
+        return pretext, float(cfg.demo.pretext_epochs), tasks, ""
     note = (
         f"{', '.join(missing)} not available on this machine, so the demo falls back to "
         f"digits-only tasks. For the Fashion-MNIST demo: `apt-get install "
@@ -61,10 +62,10 @@ def choose_tasks(cfg) -> tuple[str, list[str], str]:
         ok, _, why = qdata.availability(t, data_dir)
         if not ok:
             raise FileNotFoundError(f"demo task {t!r} is not available: {why}")
-    return pretext, tasks, note
+    return pretext, float(cfg.demo.fallback_pretext_epochs), tasks, note
 
 
-def pretext_config(cfg, task: str):
+def pretext_config(cfg, task: str, epochs: float):
     """The pretext run: same model, from random init, its own optimizer numbers."""
     from qvec_jax.config import apply_overrides
 
@@ -76,7 +77,7 @@ def pretext_config(cfg, task: str):
             ("mode", "fp"),
             ("init.kind", "random"),
             ("total_steps", -1),
-            ("epochs", float(d.pretext_epochs)),
+            ("epochs", float(epochs)),
             ("optim.lr", float(d.pretext_lr)),
             ("optim.head_lr_mult", 1.0),
             ("optim.weight_decay", float(d.pretext_weight_decay)),
@@ -95,7 +96,7 @@ def run_demo(
     cfg = load_config(CONFIG, [*(QUICK if quick else ()), *overrides])
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    pretext, tasks, note = choose_tasks(cfg)
+    pretext, pretext_epochs, tasks, note = choose_tasks(cfg)
     if note:
         print(f"note: {note}")
     t0, times = time.perf_counter(), {}
@@ -105,7 +106,9 @@ def run_demo(
         print(f"[demo] {name} done ({times[name]:.0f} s; total {sum(times.values()):.0f} s)")
 
     print(f"[demo] 1/4 pretext: {cfg.model.variant} from scratch on {pretext}")
-    pre = train.finetune(pretext_config(cfg, pretext), str(workdir / "pretext"), progress=progress)
+    pre = train.finetune(
+        pretext_config(cfg, pretext, pretext_epochs), str(workdir / "pretext"), progress=progress
+    )
     stage("pretext")
     print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
 

@@ -11,8 +11,6 @@ import pytest
 
 from qvec_jax import cli, demo
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
@@ -27,6 +25,7 @@ def _rows(workdir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_every_stage_and_report_file_exists(quick_demo):
     info = json.loads((quick_demo / "demo.json").read_text())
     for t in info["tasks"]:
@@ -48,6 +47,7 @@ def test_every_stage_and_report_file_exists(quick_demo):
     assert set(info["seconds"]) == {"pretext", "finetune", "grid", "report"}
 
 
+@pytest.mark.slow
 def test_summary_matches_grid_csv(quick_demo):
     rows = [r for r in _rows(quick_demo) if r["split"] == "test"]
     cross = [
@@ -71,8 +71,25 @@ def test_summary_matches_grid_csv(quick_demo):
             assert re.search(rf"\| {re.escape(pts)} \(", line), (r, line)
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_recomputing(quick_demo):
     before = (quick_demo / "grid" / "cells.jsonl").read_text()
     out = demo.run_demo(quick_demo, quick=True, progress=False)
     assert (quick_demo / "grid" / "cells.jsonl").read_text() == before
     assert out["seconds"]["grid"] < 30
+
+
+def test_unavailable_demo_tasks_fall_back_to_digits_and_say_so(tmp_path, monkeypatch):
+    from qvec_jax.config import load_config
+
+    monkeypatch.setenv("QVEC_DATA_DIR", str(tmp_path))  # no TFDS data here
+    cfg = load_config(demo.CONFIG, ["demo.tasks=cifar10,digits"])
+    pretext, epochs, tasks, note = demo.choose_tasks(cfg)
+    assert (pretext, epochs) == (cfg.demo.fallback_pretext_task, cfg.demo.fallback_pretext_epochs)
+    assert tasks == cfg.demo.fallback_tasks.split(",")
+    assert "cifar10" in note and "dataset-fashion-mnist" in note
+
+    cfg = load_config(demo.CONFIG, ["demo.fallback_tasks=cifar10"])
+    cfg.demo.tasks = "cifar10"
+    with pytest.raises(FileNotFoundError, match="cifar10"):
+        demo.choose_tasks(cfg)
