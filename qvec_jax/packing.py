@@ -48,7 +48,7 @@ def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
 def quantize(
     params: PyTree, bits: int, *, granularity: str = "channel", rule: Rule = VIT_RULE
 ) -> PyTree:
-    """Replace each selected leaf by a bit-packed ``QTensor``; other leaves stay as they are."""
+    """Replace each selected leaf by a bit-packed ``QTensor`` (METHOD.md quantizer codes)."""
     check_bits(bits)
     sel = select_quantized(params, rule)
 

@@ -59,6 +59,8 @@ class Rule:
 
     ``Rule([r"^head/", r"^pre_logits/"])`` selects (value ``True``);
     ``Rule({r"Dense_\\d/kernel$": (1,)})`` attaches a value (here: channel axes).
+    One rule decides what QAT and PTQ quantize and what counts in the size (``VIT_RULE``),
+    another what a QV leaves out (``HEAD_RULE``), as METHOD.md specifies.
     """
 
     def __init__(self, patterns: Mapping[str, Any] | Iterable[str | tuple[str, Any]]):

@@ -80,7 +80,7 @@ def true_div(a, b):
 
 
 def fake_quant(w, bits: int, *, granularity: str = "channel", channel_axes=None, ste: bool = False):
-    """``q * s`` in ``w``'s shape and dtype (computed in float32).
+    """``q * s`` (METHOD.md, "Quantizer") in ``w``'s shape and dtype, computed in float32.
 
     ``channel_axes`` get one scale each (default: the last axis, right for a Flax
     ``Dense`` kernel ``[in, out]``); ``granularity="tensor"`` uses one scale. With
@@ -137,7 +137,7 @@ def fake_quant_tree(
 def ptq(
     params: PyTree, bits: int, *, granularity: str = "channel", rule: Rule = VIT_RULE
 ) -> PyTree:
-    """Post-training quantization of a param tree: same structure, dtypes and shardings.
+    """PTQ of a param tree (METHOD.md): same structure, dtypes and shardings.
 
     Each selected leaf is quantized by its own jitted call, so peak memory stays at
     the input plus the output (no whole-tree intermediate).
