@@ -7,8 +7,8 @@ Works on any pytree: Flax Linen ``params`` dicts, ``nnx.State``, plain nested di
 with float and integer leaves mixed. Leaves are addressed by "/"-joined key paths,
 e.g. ``Transformer/encoderblock_3/LayerNorm_0/scale``; one small ``Rule`` type over
 those paths (``qvec_jax.paths``) selects what QAT and PTQ quantize, what a QV leaves
-out, and what counts in the model size. A QV is a plain nested dict holding only the leaves it covers, so
-it can be added to a receiver whose head has a different shape.
+out, and what counts in the model size. A QV is a plain nested dict holding only the
+leaves it covers, so it can be added to a receiver whose head has a different shape.
 """
 
 from __future__ import annotations
