@@ -14,6 +14,7 @@ from qvec_jax.data.pipeline import (
     clear_cache,
     eval_batches,
     load_split,
+    locate,
     num_train_steps,
     open_task,
     preprocess,
@@ -64,14 +65,10 @@ __all__ = [
 def availability(task: Task | str, data_dir=None) -> tuple[bool, str, str]:
     """``(available, source, where_or_why)`` for the first available source of ``task``."""
     task = get_task(task)
-    root = data_root(data_dir)
-    why = []
-    for src in task.sources:
-        ok, where = src.locate(root)
-        if ok:
-            return True, src.describe(), where
-        why.append(f"{src.describe()}: {where}")
-    return False, "|".join(s.describe() for s in task.sources), " | ".join(why)
+    src, _, reasons = locate(task, data_dir)
+    if src is not None:
+        return True, src.describe(), reasons[0]
+    return False, "|".join(s.describe() for s in task.sources), " | ".join(reasons)
 
 
 def _cmd_tasks(args) -> int:

@@ -191,24 +191,34 @@ def clear_cache() -> None:
     _SPLITS.clear()
 
 
-def open_task(task: Task | str, data_dir=None):
-    """``(source, reader)`` for the first available source of ``task`` (readers are cached)."""
+def locate(task: Task | str, data_dir=None) -> tuple:
+    """``(source, root, reasons)``: the first source of ``task`` whose data is present
+    (``source`` is None if none is; ``reasons`` then says, per source, what is missing)."""
     task = get_task(task)
     root = data_root(data_dir)
     reasons = []
     for src in task.sources:
         ok, where = src.locate(root)
         if ok:
-            key = (src, str(root))
-            if key not in _READERS:
-                _READERS[key] = src.open(root)
-            return src, _READERS[key]
-        reasons.append(f"  - {src.describe()}: {where}")
-    raise FileNotFoundError(
-        f"no source of task {task.name!r} is available under data root {root}:\n"
-        + "\n".join(reasons)
-        + "\nPass data_dir or set QVEC_DATA_DIR to the root that holds the data."
-    )
+            return src, root, [where]
+        reasons.append(f"{src.describe()}: {where}")
+    return None, root, reasons
+
+
+def open_task(task: Task | str, data_dir=None):
+    """``(source, reader)`` for the first available source of ``task`` (readers are cached)."""
+    task = get_task(task)
+    src, root, reasons = locate(task, data_dir)
+    if src is None:
+        raise FileNotFoundError(
+            f"no source of task {task.name!r} is available under data root {root}:\n"
+            + "\n".join(f"  - {r}" for r in reasons)
+            + "\nPass data_dir or set QVEC_DATA_DIR to the root that holds the data."
+        )
+    key = (src, str(root))
+    if key not in _READERS:
+        _READERS[key] = src.open(root)
+    return src, _READERS[key]
 
 
 def _part_indices(task: Task, reader, part: str) -> np.ndarray:
