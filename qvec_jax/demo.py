@@ -93,6 +93,11 @@ def run_demo(
     from qvec_jax import report, train, transfer
     from qvec_jax.config import apply_overrides, load_config
 
+    if not CONFIG.is_file():
+        raise FileNotFoundError(
+            f"{CONFIG} not found: the demo reads configs/ from the repository, so install "
+            "from a clone: git clone <repo> && pip install -e <repo>"
+        )
     cfg = load_config(CONFIG, [*(QUICK if quick else ()), *overrides])
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
