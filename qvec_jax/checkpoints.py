@@ -546,10 +546,17 @@ def _atomic_write(path: str | os.PathLike, meta: dict, write) -> Path:
     return path
 
 
+def _local_process(ocp):
+    """Orbax options for host arrays read or written by this process alone: no barrier with
+    the other processes of a multi-host run (train.py saves params from process 0 only)."""
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def _orbax_save(directory: Path, tree) -> None:
     import orbax.checkpoint as ocp
 
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=_local_process(ocp))
     ckptr.save(directory, tree)
     ckptr.wait_until_finished()
 
@@ -579,7 +586,11 @@ def restore_params(path: str | os.PathLike) -> tuple[dict, dict]:
     path = Path(path).absolute()
     meta = _read_meta(path)
     try:
-        ckptr = ocp.PyTreeCheckpointer()
+        local = _local_process(ocp)
+        ckptr = ocp.Checkpointer(
+            ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+            multiprocessing_options=local,
+        )
         tree = ckptr.metadata(path / "params").item_metadata.tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         params = ckptr.restore(path / "params", args=ocp.args.PyTreeRestore(restore_args=args))

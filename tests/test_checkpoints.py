@@ -440,3 +440,46 @@ def test_cli_convert(tmp_path, google_npz, ref, capsys):
     assert meta2["image_size"] == 28
     rc = cli_main(["convert", str(tmp_path / "missing.npz"), str(tmp_path / "o")])
     assert rc == 1 and "missing.npz" in capsys.readouterr().err
+
+
+_TWO_PROCESS_SCRIPT = """
+import sys, jax, numpy as np
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid)
+from qvec_jax import checkpoints
+assert jax.process_count() == 2
+if pid == 0:  # as train.py does: only process 0 writes the gathered params
+    checkpoints.save_params(out, {"w": np.arange(6.0).reshape(2, 3)}, {"task": "t"})
+    p, m = checkpoints.restore_params(out)
+    assert np.array_equal(p["w"], np.arange(6.0).reshape(2, 3)) and m["task"] == "t"
+print("ok", pid, flush=True)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_params_save_and_restore_from_one_process_of_a_multi_process_run(tmp_path):
+    """save_params/restore_params called by process 0 alone must not wait for the others."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free loopback port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    out = str(tmp_path / "ckpt")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), port, out],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    for i, (p, (so, se)) in enumerate(zip(procs, results)):
+        assert p.returncode == 0 and f"ok {i}" in so, se[-2000:]
