@@ -215,7 +215,7 @@ def patch_and_quantize(fp_params, qv, lam, *, bits: int, granularity: str):
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "granularity"))
-def quantize(params, *, bits: int, granularity: str):
+def ptq_jit(params, *, bits: int, granularity: str):
     """``PTQ(params)``: the same rule and numbers as ``quant.ptq``."""
     return quant.fake_quant_tree(params, bits, granularity=granularity)
 
@@ -507,9 +507,9 @@ def _compute(
                 if kind == "fp":
                     params = fp_dev
                 elif kind == "ptq_fp":
-                    params = quantize(fp_dev, bits=bits, granularity=granularity)
+                    params = ptq_jit(fp_dev, bits=bits, granularity=granularity)
                 elif kind == "ptq_qat":
-                    params = quantize(
+                    params = ptq_jit(
                         put(load(r, "qat"), replicated), bits=bits, granularity=granularity
                     )
                 else:
