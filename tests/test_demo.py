@@ -105,4 +105,8 @@ def test_readme_method_example_runs(quick_demo):
         .replace("/fmnist_a/", "/digits_rot90/")
         .replace("/digits/", "/digits_inv/")
     )
-    exec(compile(code, "README.md", "exec"), {})
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)  # the snippet asserts dequantize == ptq
+    q = ns["q"]
+    assert q.size_report(ns["patched"], bits=2)["compression"] > 4
+    assert set(q.flatten(ns["qv"])) < set(q.flatten(ns["fp_d"]))  # the head is left out
