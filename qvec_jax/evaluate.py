@@ -1,58 +1,94 @@
-"""Top-1 accuracy of a param tree on a data split, optionally after PTQ.
+"""Top-1 accuracy of a param tree on a data split, optionally after PTQ: the one evaluator.
 
-The jitted evaluation function takes ``params`` as an argument (never closes over
-them), so evaluating many trees of the same shape (the donor x receiver x lambda grid)
-compiles once per (model, bits, granularity). PTQ happens inside that function with
-``fake_quant_tree``: the same rule, axes and numbers as ``qvec_jax.ptq``.
+Training's final eval, ``qvec eval`` and the transfer grid all count through
+:func:`count_correct`, one jitted function that takes ``params`` as an argument (never
+closes over them): evaluating many trees of the same shape (the donor x receiver x
+lambda grid) compiles once per (model, bits, granularity). PTQ, when asked for, happens
+inside it with ``fake_quant_tree``: the same rule, axes and numbers as ``qvec_jax.ptq``.
+
+:class:`EvalSet` holds one split as sharded device batches (placed once and reused
+when they fit in ``cache_bytes``, streamed otherwise); :func:`accuracy` is the one-shot
+form. The last batch is zero-padded and masked, so every example counts exactly once.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from qvec_jax import data as qdata
 from qvec_jax import quant
+from qvec_jax.sharding import make_mesh, put, replicated, round_batch, shard_batch
+
+__all__ = ["EvalError", "EvalSet", "accuracy", "count_correct"]
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all, on every host)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), ("data",))
-
-
-def put(tree, sharding_or_tree):
-    """Place host/device arrays with the given sharding(s); works multi-host.
-
-    ``jax.make_array_from_callback`` lets every process supply just its addressable
-    shards from the (identical) host copy, for replicated and sharded layouts alike.
-    """
-
-    def one(x, s):
-        if isinstance(x, jax.Array) and x.sharding == s:
-            return x
-        if isinstance(x, jax.Array) and x.is_fully_addressable:
-            return jax.device_put(x, s)
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    if isinstance(sharding_or_tree, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: one(x, sharding_or_tree), tree)
-    return jax.tree.map(one, tree, sharding_or_tree)
+class EvalError(ValueError):
+    """A split that cannot be evaluated; the message names it."""
 
 
 @functools.partial(jax.jit, static_argnames=("model", "bits", "granularity"))
-def _correct(params, images, labels, mask, *, model, bits, granularity):
+def count_correct(params, images, labels, mask, *, model, bits, granularity):
+    """Correct predictions among the real (``mask``) rows; ``PTQ(params)`` if ``bits``."""
     if bits is not None:
         params = quant.fake_quant_tree(params, bits, granularity=granularity)
     logits = model.apply({"params": params}, images)
     hit = (jnp.argmax(logits, axis=-1) == labels) & mask
     return jnp.sum(hit.astype(jnp.int32))
+
+
+def _item_bytes(split) -> int:
+    """Bytes of one preprocessed float32 example of ``split``."""
+    return np.dtype(np.float32).itemsize * int(np.prod(split.get(np.arange(1))[0].shape))
+
+
+class EvalSet:
+    """One split as sharded device batches, evaluated as often as needed.
+
+    ``batch_size`` is rounded up to a multiple of ``mesh``'s device count (default mesh:
+    every device). The batches stay on device when the split fits in ``cache_bytes``
+    (0: always streamed from the split).
+    """
+
+    def __init__(self, split, batch_size: int = 256, mesh: Mesh | None = None, cache_bytes=0):
+        self.split = split
+        self.mesh = make_mesh() if mesh is None else mesh
+        self.batch_size = round_batch(batch_size, self.mesh)
+        self.n = len(split)
+        if self.n == 0:
+            name = f"{getattr(split, 'task', '?')}/{getattr(split, 'split', split)}"
+            raise EvalError(f"{name}: the split has no examples; evaluate another split")
+        self.cached = None
+        if _item_bytes(split) * self.n <= cache_bytes:
+            self.cached = list(self._stream())
+
+    def _stream(self) -> Iterator:
+        for images, labels, mask in qdata.eval_batches(self.split, self.batch_size):
+            yield shard_batch((images, labels, np.asarray(mask, bool)), self.mesh)
+
+    def batches(self) -> Iterator:
+        """Sharded ``(images, labels, mask)`` device batches, in split order."""
+        return iter(self.cached) if self.cached is not None else self._stream()
+
+    def accuracy(self, model, params, *, bits: int | None = None, granularity="channel"):
+        """Top-1 accuracy of ``model`` with ``params`` (``PTQ(params)`` if ``bits``).
+
+        ``params`` are replicated over the mesh (a no-op when they already are).
+        """
+        if bits is not None:
+            bits = quant.check_bits(bits)
+        params = put(params, replicated(self.mesh))
+        total = jnp.zeros((), jnp.int32)
+        for x, y, m in self.batches():
+            total = total + count_correct(
+                params, x, y, m, model=model, bits=bits, granularity=granularity
+            )
+        return int(total) / self.n
 
 
 def accuracy(
@@ -70,20 +106,7 @@ def accuracy(
     ``bits``: evaluate ``PTQ(params)`` at that width (round-to-nearest, ``granularity``
     "channel" or "tensor", ``quant.VIT_RULE``). The batch is sharded over ``mesh``'s
     ``"data"`` axis and params replicated; ``batch_size`` is rounded up to a multiple
-    of the device count.
+    of the device count. Streams the split (use :class:`EvalSet` to evaluate it often).
     """
-    if bits is not None:
-        bits = quant.check_bits(bits)
-    mesh = make_mesh() if mesh is None else mesh
-    n_dev = mesh.devices.size
-    batch_size = -(-int(batch_size) // n_dev) * n_dev
-    params = put(params, NamedSharding(mesh, P()))
-    total = jnp.zeros((), jnp.int32)
-    count = 0
-    for images, labels, mask in qdata.eval_batches(split, batch_size):
-        count += int(np.sum(mask))
-        x, y, m = qdata.shard_batch((images, labels, np.asarray(mask, bool)), mesh)
-        total = total + _correct(params, x, y, m, model=model, bits=bits, granularity=granularity)
-    if count == 0:
-        raise ValueError(f"split {getattr(split, 'split', split)!r} has no examples")
-    return int(total) / count
+    evals = EvalSet(split, batch_size, mesh)
+    return evals.accuracy(model, params, bits=bits, granularity=granularity)

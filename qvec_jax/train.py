@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from qvec_jax import config as qconfig
 from qvec_jax import quant
-from qvec_jax.evaluate import make_mesh, put
+from qvec_jax.sharding import make_mesh, put, state_shardings
 from qvec_jax.trees import HEAD_RULE, path_str
 
 MODES = ("fp", "qat")
@@ -138,23 +138,6 @@ def total_train_steps(cfg: ml_collections.ConfigDict, num_train: int, task_epoch
     if not epochs or epochs <= 0:
         raise TrainError("no epochs for this task: set epochs=... or total_steps=...")
     return qdata.num_train_steps(int(num_train), int(cfg.batch_size), float(epochs))
-
-
-def state_shardings(abstract_state, mesh, fsdp: bool = False):
-    """Replicated shardings, or FSDP: each leaf's largest dim divisible by the mesh size."""
-    n = mesh.devices.size
-
-    def spec(x):
-        if not fsdp or x.ndim == 0 or n == 1:
-            return NamedSharding(mesh, P())
-        dims = [d for d in np.argsort(x.shape)[::-1] if x.shape[d] % n == 0]
-        if not dims:
-            return NamedSharding(mesh, P())
-        axes = [None] * x.ndim
-        axes[int(dims[0])] = "data"
-        return NamedSharding(mesh, P(*axes))
-
-    return jax.tree.map(spec, abstract_state)
 
 
 # --------------------------------------------------------------------------- the step
@@ -538,61 +521,3 @@ def final_eval(cfg, model, params, task, *, mesh=None) -> dict:
             "n": len(split),
         }
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="FP or QAT fine-tune of a backbone on a task (resumable)",
-        description=(
-            "Fine-tune FP or QAT from a config file. Rerunning with the same --workdir "
-            "resumes from the latest checkpoint; a finished run is not redone."
-        ),
-    )
-    p.add_argument("--config", required=True, help="Python file with get_config()")
-    p.add_argument("--task", help="task name (overrides the config's task)")
-    p.add_argument("--mode", choices=MODES, help="fp or qat (overrides the config's mode)")
-    p.add_argument("--workdir", required=True, help="run directory (created; resumed if present)")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="start over in a workdir that holds a run with another config",
-    )
-    p.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="train at most N steps now, then checkpoint and exit",
-    )
-    p.add_argument(
-        "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    p.set_defaults(func=_cli_finetune)
-
-
-def _cli_finetune(args) -> int:
-    maybe_initialize_distributed(args.distributed)
-    extra = []
-    if args.task:
-        extra.append(("task", args.task))
-    if args.mode:
-        extra.append(("mode", args.mode))
-    cfg = qconfig.load_config(args.config, args.overrides)
-    cfg = qconfig.apply_overrides(cfg, extra)
-    res = finetune(
-        cfg,
-        args.workdir,
-        force=args.force,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-    )
-    if "stopped_at" in res:
-        print(f"stopped at step {res['stopped_at']}/{res['total_steps']}; rerun to resume")
-        return 0
-    print(json.dumps(res, indent=2))
-    return 0

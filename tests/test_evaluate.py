@@ -35,14 +35,14 @@ def test_accuracy_counts_every_example_once(setup):
 
 def test_ptq_inside_equals_ptq_before_and_compiles_once_per_bits(setup):
     model, (p0, p1), split = setup
-    before = evaluate._correct._cache_size()
+    before = evaluate.count_correct._cache_size()
     for p in (p0, p1):
         inside = evaluate.accuracy(model, p, split, batch_size=128, bits=2)
         outside = evaluate.accuracy(model, quant.ptq(p, 2), split, batch_size=128)
         assert inside == outside
         assert inside == pytest.approx(_by_hand(model, quant.ptq(p, 2), split), abs=1e-12)
     # one entry for bits=2, one for bits=None, whatever the number of trees
-    assert evaluate._correct._cache_size() - before <= 2
+    assert evaluate.count_correct._cache_size() - before <= 2
     t = evaluate.accuracy(model, p0, split, batch_size=128, bits=2, granularity="tensor")
     assert t == pytest.approx(_by_hand(model, quant.ptq(p0, 2, granularity="tensor"), split))
 
@@ -51,3 +51,17 @@ def test_bad_bits_are_refused(setup):
     model, (p0, _), split = setup
     with pytest.raises(ValueError, match="bits"):
         evaluate.accuracy(model, p0, split, batch_size=128, bits=1)
+
+
+def test_eval_set_cached_and_streamed_count_the_same(setup):
+    model, (p0, _), split = setup
+    cached = evaluate.EvalSet(split, 100, cache_bytes=1 << 30)
+    streamed = evaluate.EvalSet(split, 100)
+    assert cached.cached is not None and streamed.cached is None
+    assert cached.n == streamed.n == len(split)
+    want = _by_hand(model, p0, split)
+    for es in (cached, streamed):
+        assert es.accuracy(model, p0) == pytest.approx(want, abs=1e-12)
+        assert es.accuracy(model, p0, bits=2) == evaluate.accuracy(
+            model, p0, split, batch_size=100, bits=2
+        )

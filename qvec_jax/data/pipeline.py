@@ -1,7 +1,8 @@
 """Splits, preprocessing and batching: from a source to sharded device arrays.
 
 Path of one batch: ``reader.read(part, indices)`` (raw images) -> :func:`apply_view` ->
-:func:`preprocess` (resize, grey->RGB, [-1, 1]) -> numpy batch -> :func:`shard_batch`.
+:func:`preprocess` (resize, grey->RGB, [-1, 1]) -> numpy batch ->
+:func:`qvec_jax.sharding.shard_batch`.
 
 Splits (as in the paper): ``val`` = 10% of the task's official train (at most 5000),
 drawn with ``np.random.default_rng(SPLIT_SEED=0)`` independently of the run seed;
@@ -353,57 +354,6 @@ def eval_batches(
         yield images, labels, mask
 
 
-# ----------------------------------------------------------------------------- sharding
-
-
-def host_rows(global_batch: int, mesh, axis: str = "data") -> slice:
-    """Rows of a global batch that this process feeds (contiguous block of its devices)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(mesh, PartitionSpec(axis))
-    idx = sharding.addressable_devices_indices_map((global_batch,))
-    starts = sorted(
-        {(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop) for s in idx.values()}
-    )
-    lo, hi = starts[0][0], starts[-1][1]
-    covered = sum(b - a for a, b in starts)
-    if covered != hi - lo:
-        raise ValueError(
-            f"process {jax.process_index()} owns non-contiguous rows {starts} of the batch; "
-            f"order the mesh devices by process so each host owns one block of axis {axis!r}"
-        )
-    return slice(lo, hi)
-
-
-def shard_batch(batch, mesh, axis: str = "data"):
-    """Global jax arrays, sharded on the leading (batch) axis over ``mesh`` axis ``axis``.
-
-    ``batch`` is any pytree of numpy arrays holding the GLOBAL batch (every host computes
-    the same one deterministically); each process passes only its rows to
-    ``jax.make_array_from_process_local_data``.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    if axis not in mesh.shape:
-        raise ValueError(f"mesh has axes {tuple(mesh.shape)}; no axis named {axis!r}")
-    n_dev = mesh.shape[axis]
-
-    def one(x):
-        x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % n_dev:
-            raise ValueError(
-                f"batch leaf of shape {x.shape} cannot be split over {n_dev} devices of mesh axis "
-                f"{axis!r}; use a batch size divisible by {n_dev} (eval_batches pads to it)"
-            )
-        rows = host_rows(x.shape[0], mesh, axis)
-        sharding = NamedSharding(mesh, PartitionSpec(axis, *([None] * (x.ndim - 1))))
-        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
-
-    return jax.tree.map(one, batch)
-
-
 __all__ = [
     "SPLITS",
     "Split",
@@ -411,12 +361,10 @@ __all__ = [
     "clear_cache",
     "epoch_permutation",
     "eval_batches",
-    "host_rows",
     "load_split",
     "num_train_steps",
     "open_task",
     "preprocess",
-    "shard_batch",
     "split_positions",
     "train_batches",
     "train_positions",
