@@ -5,7 +5,7 @@ The method is two short modules: ``qvec_jax.quant`` (the quantizer, METHOD.md) a
 """
 
 from .packing import QTensor, dequantize, quantize, size_report
-from .quant import VIT_RULE, codes_and_scale, fake_quant, fake_quant_tree, ptq
+from .quant import VIT_RULE, QuantSpec, codes_and_scale, fake_quant, fake_quant_tree, ptq
 from .trees import (
     HEAD_RULE,
     Rule,
@@ -29,6 +29,7 @@ __all__ = [
     "HEAD_RULE",
     "VIT_RULE",
     "QTensor",
+    "QuantSpec",
     "Rule",
     "add",
     "check_same_structure",

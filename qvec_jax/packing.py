@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .paths import PyTree, Rule, flatten, path_str
-from .quant import VIT_RULE, check_bits, codes_and_scale, reduce_axes, select_quantized
+from .quant import QuantSpec, as_spec, codes_and_scale, reduce_axes, select_quantized
 
 
 @jax.tree_util.register_dataclass
@@ -46,18 +46,26 @@ def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
 
 
 def quantize(
-    params: PyTree, bits: int, *, granularity: str = "channel", rule: Rule = VIT_RULE
+    params: PyTree,
+    spec: QuantSpec | int | None = None,
+    *,
+    bits: int | None = None,
+    granularity: str | None = None,
+    rule: Rule | None = None,
 ) -> PyTree:
-    """Replace each selected leaf by a bit-packed ``QTensor`` (METHOD.md quantizer codes)."""
-    check_bits(bits)
-    sel = select_quantized(params, rule)
+    """Replace each selected leaf by a bit-packed ``QTensor`` (METHOD.md quantizer codes).
+
+    ``spec``: a ``QuantSpec``, or the bit width with the keywords (as ``quant.ptq``).
+    """
+    spec = as_spec(spec, bits=bits, granularity=granularity, rule=rule)
+    sel = select_quantized(params, spec.rule)
 
     def one(kp, x):
         axes = sel.get(path_str(kp))
         if axes is None:
             return x
-        packed, s = _quantize_leaf(x, bits, granularity, axes)
-        return QTensor(packed, s, tuple(x.shape), jnp.dtype(x.dtype).name, bits)
+        packed, s = _quantize_leaf(x, spec.bits, spec.granularity, axes)
+        return QTensor(packed, s, tuple(x.shape), jnp.dtype(x.dtype).name, spec.bits)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -86,14 +94,20 @@ def _dequantize_leaf(packed, scale, shape, dtype, bits):
 
 
 def size_report(
-    params: PyTree, bits: int, *, granularity: str = "channel", rule: Rule = VIT_RULE
+    params: PyTree,
+    spec: QuantSpec | int | None = None,
+    *,
+    bits: int | None = None,
+    granularity: str | None = None,
+    rule: Rule | None = None,
 ) -> dict:
     """Bytes of the quantized model (packed codes + fp32 scales + unquantized leaves) vs fp32.
 
-    Accepts arrays or ``jax.ShapeDtypeStruct`` leaves (e.g. from ``jax.eval_shape``).
+    ``spec`` as in ``quantize``. Accepts arrays or ``jax.ShapeDtypeStruct`` leaves (e.g.
+    from ``jax.eval_shape``).
     """
-    check_bits(bits)
-    sel = rule.select(params)
+    spec = as_spec(spec, bits=bits, granularity=granularity, rule=rule)
+    bits, granularity, sel = spec.bits, spec.granularity, spec.rule.select(params)
     rep = dict(
         bits=bits,
         granularity=granularity,

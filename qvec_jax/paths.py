@@ -58,7 +58,9 @@ class Rule:
     """Ordered regex rules over leaf paths; the first ``re.search`` match gives the value.
 
     ``Rule([r"^head/", r"^pre_logits/"])`` selects (value ``True``);
-    ``Rule({r"Dense_\\d/kernel$": (1,)})`` attaches a value (here: channel axes).
+    ``Rule({r"Dense_\\d/kernel$": (1,)})`` attaches a value (here: channel axes; a list
+    value is stored as a tuple). Rules with the same patterns and values are equal and
+    hash alike, so a rule can be part of a static ``jit`` argument.
     One rule decides what QAT and PTQ quantize and what counts in the size (``VIT_RULE``),
     another what a QV leaves out (``HEAD_RULE``), as METHOD.md specifies.
     """
@@ -66,7 +68,9 @@ class Rule:
     def __init__(self, patterns: Mapping[str, Any] | Iterable[str | tuple[str, Any]]):
         items = patterns.items() if isinstance(patterns, Mapping) else patterns
         pairs = [(p, True) if isinstance(p, str) else tuple(p) for p in items]
+        pairs = [(p, tuple(v) if isinstance(v, list) else v) for p, v in pairs]
         self.patterns = tuple((re.compile(p), v) for p, v in pairs)
+        self._key = tuple((rx.pattern, rx.flags, v) for rx, v in self.patterns)
 
     def match(self, path: str) -> Any:
         for rx, value in self.patterns:
@@ -82,6 +86,12 @@ class Rule:
         """Patterns that select no leaf of ``tree`` (usually a typo or a layout mismatch)."""
         paths = list(flatten(tree))
         return [rx.pattern for rx, _ in self.patterns if not any(rx.search(p) for p in paths)]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Rule) and self._key == other._key
+
+    def __hash__(self) -> int:  # equal rules hash alike: a QuantSpec is a static jit argument
+        return hash(self._key)
 
     def __repr__(self) -> str:
         return f"Rule({[(rx.pattern, v) for rx, v in self.patterns]!r})"

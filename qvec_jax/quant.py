@@ -6,12 +6,15 @@
     fq   = q * s
 
 QAT and PTQ are one function applied to the params before ``model.apply``:
-``fake_quant_tree(params, bits, ste=True)`` inside the loss for QAT, ``ptq(params, bits)``
-after training. ``VIT_RULE`` names which leaves are quantized and their channel axes.
+``fake_quant_tree(params, spec, ste=True)`` inside the loss for QAT, ``ptq(params, spec)``
+after training. ``QuantSpec(bits, granularity, rule)`` holds the settings, validated once;
+``VIT_RULE`` names which leaves are quantized and their channel axes. The tree functions
+also take the loose keywords: ``ptq(params, 3)``, ``ptq(params, bits=2, granularity="tensor")``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from functools import partial
 
@@ -41,6 +44,49 @@ def check_bits(bits) -> int:
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
     return int(bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """The quantizer's settings: bit width, one scale per channel or per tensor, and the
+    rule naming the quantized leaves and their channel axes.
+
+    Validated once here (``bits``: an int in 2..8, NumPy ints accepted; ``granularity``:
+    one of ``GRANULARITIES``); frozen and hashable, so it passes as one static ``jit``
+    argument. ``dataclasses.replace(spec, bits=2)`` gives a validated variant.
+    """
+
+    bits: int
+    granularity: str = "channel"
+    rule: Rule = VIT_RULE
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", check_bits(self.bits))
+        if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        if not isinstance(self.rule, Rule):
+            raise TypeError(f"rule must be a qvec_jax.Rule, got {type(self.rule).__name__}")
+
+
+def as_spec(spec=None, *, bits=None, granularity=None, rule=None) -> QuantSpec:
+    """A ``QuantSpec`` from either a spec or the loose keywords (the user-facing forms).
+
+    ``spec`` may also be the bit width (``ptq(params, 3)``). Giving a spec and keywords
+    together is refused: which one wins would be a guess.
+    """
+    if isinstance(spec, QuantSpec):
+        if (bits, granularity, rule) != (None, None, None):
+            raise TypeError("pass a QuantSpec or bits=/granularity=/rule=, not both")
+        return spec
+    if spec is not None and bits is not None:
+        raise TypeError(f"bits given twice: {spec!r} and bits={bits!r}")
+    return QuantSpec(
+        spec if bits is None else bits,
+        "channel" if granularity is None else granularity,
+        VIT_RULE if rule is None else rule,
+    )
 
 
 def reduce_axes(ndim: int, granularity: str, channel_axes) -> tuple[int, ...]:
@@ -87,7 +133,10 @@ def fake_quant(w, bits: int, *, granularity: str = "channel", channel_axes=None,
     ``ste=True`` the gradient is the identity (straight-through estimator, no clipping
     mask); written as ``sg(fq) + (w - sg(w))`` so the forward value is exactly ``fq``.
     """
-    bits = check_bits(bits)
+    return _leaf(w, check_bits(bits), granularity, channel_axes, ste)
+
+
+def _leaf(w, bits: int, granularity: str, channel_axes, ste) -> jax.Array:
     reduce_axes(jnp.ndim(w), granularity, channel_axes)  # validate before tracing
     axes = None if channel_axes is None else tuple(int(a) for a in channel_axes)
     return _fake_quant(w, bits, granularity, axes, bool(ste))
@@ -113,34 +162,43 @@ def select_quantized(params: PyTree, rule: Rule) -> dict[str, tuple]:
 
 def fake_quant_tree(
     params: PyTree,
-    bits: int,
+    spec: QuantSpec | int | None = None,
     *,
-    granularity: str = "channel",
-    rule: Rule = VIT_RULE,
+    bits: int | None = None,
+    granularity: str | None = None,
+    rule: Rule | None = None,
     ste: bool = False,
 ) -> PyTree:
-    """Fake-quantize the leaves ``rule`` selects, with the channel axes it gives.
+    """Fake-quantize the leaves ``spec.rule`` selects, with the channel axes it gives.
 
-    Pure and traceable: call it inside a jitted loss for QAT (``ste=True``).
+    ``spec``: a ``QuantSpec``, or the bit width with ``granularity``/``rule`` keywords
+    (defaults ``"channel"``, ``VIT_RULE``). Pure and traceable: call it inside a jitted
+    loss for QAT (``ste=True``).
     """
-    sel = select_quantized(params, rule)
+    spec = as_spec(spec, bits=bits, granularity=granularity, rule=rule)
+    sel = select_quantized(params, spec.rule)
     return jax.tree_util.tree_map_with_path(
         lambda kp, x: (
             x
             if (ax := sel.get(path_str(kp))) is None
-            else fake_quant(x, bits, granularity=granularity, channel_axes=ax, ste=ste)
+            else _leaf(x, spec.bits, spec.granularity, ax, ste)
         ),
         params,
     )
 
 
 def ptq(
-    params: PyTree, bits: int, *, granularity: str = "channel", rule: Rule = VIT_RULE
+    params: PyTree,
+    spec: QuantSpec | int | None = None,
+    *,
+    bits: int | None = None,
+    granularity: str | None = None,
+    rule: Rule | None = None,
 ) -> PyTree:
     """PTQ of a param tree (METHOD.md): same structure, dtypes and shardings.
 
-    Each selected leaf is quantized by its own jitted call, so peak memory stays at
-    the input plus the output (no whole-tree intermediate).
+    ``spec`` as in ``fake_quant_tree``. Each selected leaf is quantized by its own
+    jitted call, so peak memory stays at the input plus the output (no whole-tree
+    intermediate).
     """
-    check_bits(bits)
-    return fake_quant_tree(params, bits, granularity=granularity, rule=rule)
+    return fake_quant_tree(params, as_spec(spec, bits=bits, granularity=granularity, rule=rule))

@@ -121,3 +121,23 @@ def test_size_report_vit_b16():
         f"{r['total_bytes'] / 1e6:.2f} MB ({r['total_bytes'] / 2**20:.2f} MiB) "
         f"vs fp32 {r['fp32_bytes'] / 1e6:.2f} MB: {r['compression']:.2f}x smaller"
     )
+
+
+@pytest.mark.parametrize("bits,gran", [(3, "channel"), (5, "tensor")])
+def test_quantize_and_size_report_take_a_quantspec(bits, gran):
+    tree = with_int_leaves(vit_tree(6, width=12, heads=3, mlp=20))
+    rule = q.Rule({r"MlpBlock_3/Dense_[01]/kernel$": (1,)})
+    for r, kw in ((q.VIT_RULE, {}), (rule, {"rule": rule})):
+        spec = q.QuantSpec(bits, gran, r)
+        a, b = q.quantize(tree, spec), q.quantize(tree, bits=bits, granularity=gran, **kw)
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(q.dequantize(a)), jax.tree.leaves(q.ptq(tree, spec))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        rep = q.size_report(tree, spec)
+        assert rep == q.size_report(tree, bits, granularity=gran, **kw)
+        assert (rep["bits"], rep["granularity"]) == (bits, gran)
+        assert rep["quantized_leaves"] == (12 if r is q.VIT_RULE else 4)
+    with pytest.raises(TypeError, match="not both"):
+        q.size_report(tree, q.QuantSpec(3), granularity="tensor")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,3 +354,96 @@ def test_rule_first_match_wins():
     assert r.match("a/Dense_0/kernel") == 1 and r.match("a/Dense_1/kernel") == 2
     assert r.match("a/b") is None
     assert q.Rule([r"^head/"]).match("head/kernel") is True
+
+
+# --- QuantSpec ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2.0, "3", True, None, np.float32(4)])
+def test_quantspec_bits_type_error(bits):
+    with pytest.raises(TypeError, match="bits"):
+        q.QuantSpec(bits)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, -3])
+def test_quantspec_bits_value_error(bits):
+    with pytest.raises(ValueError, match="2..8"):
+        q.QuantSpec(bits)
+
+
+def test_quantspec_validates_granularity_and_rule_once():
+    for g in ("row", None, ["channel"]):
+        with pytest.raises(ValueError, match="granularity must be one of"):
+            q.QuantSpec(3, g)
+    with pytest.raises(TypeError, match="rule must be a qvec_jax.Rule"):
+        q.QuantSpec(3, "channel", {r"kernel$": (1,)})
+    s = q.QuantSpec(np.int64(3))
+    assert type(s.bits) is int and s.bits == 3
+    assert (s.granularity, s.rule) == ("channel", q.VIT_RULE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.bits = 4
+    with pytest.raises(ValueError, match="2..8"):
+        dataclasses.replace(s, bits=9)  # a replaced spec is validated again
+
+
+def test_quantspec_equality_and_hash():
+    twin_rule = q.Rule({rx.pattern: list(v) for rx, v in q.VIT_RULE.patterns})  # lists -> tuples
+    assert twin_rule == q.VIT_RULE and hash(twin_rule) == hash(q.VIT_RULE)
+    a, b = q.QuantSpec(3), q.QuantSpec(3, "channel", twin_rule)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != q.QuantSpec(2) and a != q.QuantSpec(3, "tensor")
+    assert a != q.QuantSpec(3, rule=q.Rule({r"kernel$": (1,)}))
+    assert q.Rule([r"^a"]) != q.Rule([r"^b"]) and q.Rule([r"^a"]) != r"^a"
+
+
+def test_quantspec_is_one_static_jit_argument(vit):
+    traces = []
+
+    @partial(jax.jit, static_argnums=1)
+    def f(p, spec):
+        traces.append(spec)
+        return q.fake_quant_tree(p, spec)
+
+    f(vit, q.QuantSpec(3))
+    f(vit, q.QuantSpec(3, rule=q.Rule({rx.pattern: v for rx, v in q.VIT_RULE.patterns})))
+    assert len(traces) == 1  # an equal spec built apart hits the cache
+    out = f(vit, q.QuantSpec(2))
+    assert len(traces) == 2
+    for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(q.ptq(vit, 2))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("bits,gran", [(2, "channel"), (3, "tensor"), (8, "channel")])
+def test_quantspec_and_keywords_give_identical_results(bits, gran):
+    tree = with_int_leaves(vit_tree(4))
+    rule = q.Rule({r"MlpBlock_3/Dense_0/kernel$": (1,), r"query/kernel$": (1, 2)})
+    for r, kw in ((q.VIT_RULE, {}), (rule, {"rule": rule})):
+        spec = q.QuantSpec(bits, gran, r)
+        pairs = [
+            (q.ptq(tree, spec), q.ptq(tree, bits, granularity=gran, **kw)),
+            (q.ptq(tree, spec=spec), q.ptq(tree, bits=bits, granularity=gran, **kw)),
+            (
+                q.fake_quant_tree(tree, spec, ste=True),
+                q.fake_quant_tree(tree, bits, granularity=gran, ste=True, **kw),
+            ),
+        ]
+        for a, b in pairs:
+            assert jax.tree.structure(a) == jax.tree.structure(b)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+                assert x.dtype == y.dtype
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(  # the spec's settings are the ones used
+        q.flatten(q.ptq(tree, q.QuantSpec(bits, gran)))[VIT_KERNELS[0]],
+        q.flatten(tree)[VIT_KERNELS[0]],
+    )
+
+
+def test_spec_and_keywords_together_are_refused(vit):
+    spec = q.QuantSpec(3)
+    for kw in ({"granularity": "tensor"}, {"bits": 3}, {"rule": q.VIT_RULE}):
+        with pytest.raises(TypeError, match="not both"):
+            q.ptq(vit, spec, **kw)
+    with pytest.raises(TypeError, match="bits given twice"):
+        q.ptq(vit, 3, bits=3)
+    with pytest.raises(TypeError, match="bits"):
+        q.ptq(vit)  # no bit width at all
