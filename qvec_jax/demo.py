@@ -167,35 +167,3 @@ def run_demo(
     print(f"[demo] report: {workdir / 'grid'}  (summary.md, grid.csv, *.png)")
     print(f"[demo] total {sum(times.values()):.0f} s")
     return {**out, **info}
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="the whole pipeline offline on the embedded default (tiny ViT)",
-        description=(
-            "Pretrain a tiny ViT, fine-tune FP and QAT on 4 downstream tasks, run the "
-            "donor x receiver x lambda transfer grid at 2 bits, and write the report. "
-            "Resumes when rerun with the same --workdir."
-        ),
-        epilog="example: qvec demo --workdir runs/demo\n"
-        "         qvec demo --quick --workdir /tmp/demo   # about a minute",
-    )
-    p.add_argument("--workdir", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="digits only, a few steps: checks the pipeline, not the method",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
-        help=f"overrides of {CONFIG.name}, e.g. demo.tasks=digits,fmnist_a",
-    )
-    p.set_defaults(
-        func=lambda a: (
-            run_demo(a.workdir, a.overrides, quick=a.quick, progress=not a.no_progress) and 0
-        )
-    )

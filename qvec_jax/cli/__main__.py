@@ -1,0 +1,7 @@
+"""``python -m qvec_jax.cli``: the same as the ``qvec`` command."""
+
+import sys
+
+from qvec_jax.cli import main
+
+sys.exit(main())

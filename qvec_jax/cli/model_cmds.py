@@ -1,0 +1,271 @@
+"""``qvec convert | extract | patch | ptq | eval``: one command per step of the method.
+
+Each reads checkpoint directories and writes a new one (or prints accuracies); the
+method itself is in :mod:`qvec_jax.trees` and :mod:`qvec_jax.quant`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import qvec_jax as q
+from qvec_jax import checkpoints, data
+from qvec_jax.cli.common import QvecError, add_parser, check_output, restore, same_backbone, save
+from qvec_jax.evaluate import accuracy
+from qvec_jax.files import atomic_write_text
+from qvec_jax.models.vit import WIDTHS, ViT
+
+# ----------------------------------------------------------------------------- convert
+
+
+def add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a pretrained ViT (.npz / .safetensors) into a qvec orbax checkpoint",
+        description=(
+            "Convert a Google .npz (original or big_vision layout), timm or Hugging Face "
+            ".safetensors ViT into a qvec params checkpoint with qvec_meta.json."
+        ),
+    )
+    p.add_argument("input", help="checkpoint file (or Hugging Face model directory)")
+    p.add_argument("output", help="output checkpoint directory")
+    p.add_argument("--variant", help="e.g. B/16 (default: detected from the shapes)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="replace the head by a fresh one with N classes (default: keep the checkpoint's)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resample position embeddings for this resolution (default: the checkpoint's)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of a fresh head")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _width_class(model: ViT) -> str:
+    for name, cfg in WIDTHS.items():
+        if all(getattr(model, k) == v for k, v in cfg.items()):
+            return name
+    raise checkpoints.CheckpointError(f"model width {model.width} matches no named variant")
+
+
+def _cmd_convert(args) -> int:
+    model, params = checkpoints.load_pretrained(
+        args.input,
+        variant=args.variant,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
+    variant = f"{_width_class(model)}/{model.patch_size}"
+    meta = dict(
+        variant=variant,
+        num_classes=model.num_classes,
+        image_size=model.image_size,
+        representation_size=model.representation_size,
+        backbone_id=checkpoints.backbone_id(params),
+        source=str(Path(args.input).absolute()),
+    )
+    out = checkpoints.save_params(args.output, params, meta)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    print(
+        f"wrote {out}: ViT {variant} @ {model.image_size}px, {n:,} params, "
+        f"head {model.num_classes}, backbone_id {meta['backbone_id']}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def add_extract(sub) -> None:
+    p = add_parser(
+        sub,
+        "extract",
+        "extract a quantization vector QV = QAT - FP (head excluded)",
+        "qvec extract runs/digits/qat/params runs/digits/fp/params qvs/digits",
+    )
+    p.add_argument("qat", help="QAT fine-tune checkpoint (params dir)")
+    p.add_argument("fp", help="FP fine-tune checkpoint of the same task and backbone")
+    p.add_argument("out", help="output checkpoint dir for the QV")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args) -> int:
+    out = check_output(args.out, [args.qat, args.fp], args.overwrite)
+    qat, qmeta = restore(args.qat)
+    fp, fmeta = restore(args.fp)
+    if qmeta.get("mode") == "fp" and fmeta.get("mode") == "qat":
+        raise QvecError(f"{args.qat} is an FP run and {args.fp} a QAT run: the order is QAT FP")
+    if qmeta.get("task") != fmeta.get("task"):
+        raise QvecError(
+            f"{args.qat} is task {qmeta.get('task')!r} but {args.fp} is task "
+            f"{fmeta.get('task')!r}; QV_D = QAT_D - FP_D needs both fine-tunes of one task"
+        )
+    same_backbone(qmeta, fmeta, args.qat, args.fp)
+    try:
+        qv = q.quantization_vector(qat, fp)
+    except ValueError as e:
+        raise QvecError(f"{args.qat} vs {args.fp}: {e}") from None
+    meta = {
+        "kind": "qv",
+        "task": fmeta.get("task"),
+        "backbone_id": fmeta.get("backbone_id"),
+        "variant": fmeta.get("variant"),
+        "image_size": fmeta.get("image_size"),
+        "bits": qmeta.get("bits"),
+        "granularity": qmeta.get("granularity"),
+        "qat": str(Path(args.qat).resolve()),
+        "fp": str(Path(args.fp).resolve()),
+        "global_norm": q.global_norm(qv),
+    }
+    save(out, qv, meta)
+    print(
+        f"QV of task {meta['task']}: {len(q.flatten(qv))} leaves (head excluded), "
+        f"global L2 norm {meta['global_norm']:.4g}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- patch
+
+
+def add_patch(sub) -> None:
+    p = add_parser(
+        sub,
+        "patch",
+        "patch a receiver: FP_R + lam * QV_D",
+        "qvec patch runs/fashion/fp/params qvs/digits --lam 1.0 patched/fashion_digits",
+        "Add lam times a quantization vector to a receiver's FP params. lam=1 is zero-shot "
+        "(no receiver data); PTQ the result with `qvec ptq`.",
+    )
+    p.add_argument("fp", help="receiver FP checkpoint")
+    p.add_argument("qv", help="QV checkpoint from `qvec extract`")
+    p.add_argument("out", help="output checkpoint dir")
+    p.add_argument("--lam", type=float, default=1.0, help="scale of the QV (default 1.0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_patch)
+
+
+def _cmd_patch(args) -> int:
+    out = check_output(args.out, [args.fp, args.qv], args.overwrite)
+    fp, fmeta = restore(args.fp)
+    qv, vmeta = restore(args.qv)
+    if vmeta.get("kind") != "qv":
+        raise QvecError(
+            f"{args.qv} is not a quantization vector (kind={vmeta.get('kind')!r}); make one "
+            "with `qvec extract QAT FP OUT`"
+        )
+    same_backbone(fmeta, vmeta, args.fp, args.qv)
+    try:
+        patched = q.patch(fp, qv, args.lam)
+    except ValueError as e:
+        raise QvecError(f"{args.fp} + {args.qv}: {e}") from None
+    meta = {
+        **fmeta,
+        "mode": "patched",
+        "patch": {
+            "qv": str(Path(args.qv).resolve()),
+            "donor": vmeta.get("task"),
+            "lam": args.lam,
+            "zero_shot": args.lam == 1.0,
+        },
+    }
+    save(out, patched, meta)
+    return 0
+
+
+# ----------------------------------------------------------------------------- ptq
+
+
+def add_ptq(sub) -> None:
+    p = add_parser(
+        sub,
+        "ptq",
+        "post-training quantize (round-to-nearest, weights only)",
+        "qvec ptq patched/fashion_digits --bits 2 patched/fashion_digits_w2",
+        "Fake-quantize the encoder-block kernels (METHOD.md quantizer) and write the "
+        "dequantized params, ready for `qvec eval`; prints the packed model size.",
+    )
+    p.add_argument("inp", metavar="IN", help="input checkpoint")
+    p.add_argument("out", help="output checkpoint dir")
+    p.add_argument("--bits", type=int, required=True, help="bit width, 2..8")
+    p.add_argument("--granularity", default="channel", choices=("channel", "tensor"))
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_ptq)
+
+
+def _cmd_ptq(args) -> int:
+    out = check_output(args.out, [args.inp], args.overwrite)
+    params, meta = restore(args.inp)
+    if meta.get("kind") == "qv":
+        raise QvecError(f"{args.inp} is a quantization vector; PTQ applies to model params")
+    qparams = q.ptq(params, args.bits, granularity=args.granularity)
+    size = q.size_report(params, args.bits, granularity=args.granularity)
+    meta = {**meta, "ptq": {"bits": args.bits, "granularity": args.granularity}}
+    save(out, qparams, meta)
+    print(json.dumps(size))
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def add_eval(sub) -> None:
+    p = add_parser(
+        sub,
+        "eval",
+        "top-1 accuracy of a checkpoint on a task's splits",
+        "qvec eval patched/fashion_digits --task digits --bits 2",
+    )
+    p.add_argument("ckpt", help="checkpoint dir")
+    p.add_argument("--task", default=None, help="task (default: the one in the checkpoint meta)")
+    p.add_argument("--bits", type=int, default=None, help="evaluate PTQ(params) at this width")
+    p.add_argument("--granularity", default="channel", choices=("channel", "tensor"))
+    p.add_argument("--splits", default="val,test", help="comma-separated (default val,test)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    params, meta = restore(args.ckpt)
+    if meta.get("kind") == "qv":
+        raise QvecError(f"{args.ckpt} is a quantization vector, not a model; patch it first")
+    task = args.task or meta.get("task")
+    if not task:
+        raise QvecError(f"{args.ckpt} names no task in its meta; pass --task")
+    model = checkpoints.model_from_meta(meta)
+    out = {
+        "checkpoint": str(args.ckpt),
+        "task": task,
+        "bits": args.bits,
+        "granularity": args.granularity if args.bits else None,
+    }
+    for split in args.splits.split(","):
+        s = data.load_split(
+            task, split, image_size=int(meta["image_size"]), data_dir=args.data_dir or None
+        )
+        out[split] = accuracy(
+            model,
+            params,
+            s,
+            batch_size=args.batch_size,
+            bits=args.bits,
+            granularity=args.granularity,
+        )
+        out[f"n_{split}"] = len(s)
+    print(json.dumps(out))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+    return 0

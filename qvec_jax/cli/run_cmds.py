@@ -1,0 +1,263 @@
+"""``qvec tasks | finetune | grid | report | demo``: the commands that run experiments."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from qvec_jax import config as qconfig
+from qvec_jax import data, demo, report, train, transfer
+from qvec_jax.cli.common import QvecError, add_parser
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def add_tasks(sub) -> None:
+    p = sub.add_parser(
+        "tasks",
+        help="list registered tasks, their sources, and whether they are available here",
+        description="List every registered task with its source, classes, epochs (METHOD.md) "
+        "and whether its data is available on this machine.",
+    )
+    p.add_argument("name", nargs="*", help="only these tasks")
+    p.add_argument(
+        "--data-dir", default=None, help="data root (default $QVEC_DATA_DIR, ~/tensorflow_datasets)"
+    )
+    p.add_argument("--paper", action="store_true", help="only the paper's 22 tasks")
+    p.add_argument("-v", "--verbose", action="store_true", help="say what each missing task needs")
+    p.set_defaults(func=_cmd_tasks)
+
+
+def _cmd_tasks(args) -> int:
+    names = data.list_tasks(paper_only=args.paper)
+    if args.name:
+        names = [data.get_task(n).name for n in args.name]
+    root = data.data_root(args.data_dir)
+    print(f"data root: {root}  (--data-dir or $QVEC_DATA_DIR)")
+    header = f"{'task':<15} {'source':<40} {'classes':>7} {'epochs':>6}  available"
+    print(header)
+    print("-" * len(header))
+    n_ok = 0
+    for name in names:
+        t = data.get_task(name)
+        ok, src, where = data.availability(t, root)
+        n_ok += ok
+        view = f" [{t.view.describe()}]" if not t.view.is_identity else ""
+        epochs = "-" if t.epochs is None else str(t.epochs)
+        status = f"yes  {where}" if ok else "no"
+        print(f"{name:<15} {(src + view):<40} {t.num_classes:>7} {epochs:>6}  {status}")
+        if not ok and args.verbose:
+            print(f"{'':<15} why: {where}")
+    print(f"{n_ok} of {len(names)} tasks available on this machine")
+    if not args.verbose and n_ok < len(names):
+        print("run `qvec tasks -v` to see what each missing task needs")
+    return 0
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="FP or QAT fine-tune of a backbone on a task (resumable)",
+        description=(
+            "Fine-tune FP or QAT from a config file. Rerunning with the same --workdir "
+            "resumes from the latest checkpoint; a finished run is not redone."
+        ),
+    )
+    p.add_argument("--config", required=True, help="Python file with get_config()")
+    p.add_argument("--task", help="task name (overrides the config's task)")
+    p.add_argument("--mode", choices=train.MODES, help="fp or qat (overrides the config's mode)")
+    p.add_argument("--workdir", required=True, help="run directory (created; resumed if present)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a workdir that holds a run with another config",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="train at most N steps now, then checkpoint and exit",
+    )
+    p.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    train.maybe_initialize_distributed(args.distributed)
+    extra = []
+    if args.task:
+        extra.append(("task", args.task))
+    if args.mode:
+        extra.append(("mode", args.mode))
+    cfg = qconfig.load_config(args.config, args.overrides)
+    cfg = qconfig.apply_overrides(cfg, extra)
+    res = train.finetune(
+        cfg,
+        args.workdir,
+        force=args.force,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
+    if "stopped_at" in res:
+        print(f"stopped at step {res['stopped_at']}/{res['total_steps']}; rerun to resume")
+        return 0
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- grid/report
+
+
+def print_headline(result: dict) -> None:
+    """The zero-shot and lambda_best tables of summary.md, then where every file is."""
+    lines = result["summary"].splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith((f"| {report.ZERO_SHOT} |", f"| {report.LAMBDA_BEST} |")):
+            print("\n".join(lines[i - 2 : i + 1]) + "\n")
+    for name, p in result["paths"].items():
+        print(f"  {name}: {p}")
+
+
+def add_grid(sub) -> None:
+    p = add_parser(
+        sub,
+        "grid",
+        "the donor x receiver x lambda transfer grid, then the report",
+        "qvec grid --config configs/demo_tiny.py --tasks digits,digits_rot90,digits_inv "
+        "--workdir runs",
+        "Evaluate PTQ(FP_R + lam * QV_D) for every donor D, receiver R and lam, plus FP_R, "
+        "PTQ(FP_R) and PTQ(QAT_R), on each receiver's val and test splits. Fine-tunes are "
+        "read from RUNS/<task>/{fp,qat}/params (`qvec finetune --workdir RUNS/<task>/<mode>`). "
+        "Cells are appended to WORKDIR/cells.jsonl: a rerun resumes, and adding tasks or "
+        "lambdas computes only the new cells. Missing checkpoints are listed in the report "
+        "and make the command exit 1 unless --allow-missing.",
+    )
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--workdir", required=True, help="grid output dir (cells, report)")
+    p.add_argument("--runs", default=None, help="fine-tune runs dir (default: --workdir)")
+    p.add_argument("--config", default=None, help="config file (bits, eval batch, data dir)")
+    p.add_argument("--bits", type=int, default=None, help="bit width (default: the config's)")
+    p.add_argument("--granularity", default=None, choices=("channel", "tensor"))
+    p.add_argument(
+        "--lambdas",
+        default=None,
+        help="comma-separated (default: the paper's 0.15,...,1.5); 1 is always added",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="eval batch size")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="exit 0 even if some checkpoints are missing (still listed)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_cmd_grid)
+
+
+def _grid_settings(args) -> tuple:
+    """``(bits, granularity, batch_size, data_dir)``: the flags, else the config's values."""
+    bits, gran, batch, data_dir = args.bits, args.granularity, args.batch_size, args.data_dir
+    if args.config:
+        cfg = qconfig.load_config(args.config, args.overrides)
+        bits = bits or cfg.quant.bits
+        gran = gran or cfg.quant.granularity
+        batch = batch or cfg.eval_batch_size
+        data_dir = data_dir or cfg.data.data_dir or None
+    elif args.overrides:
+        raise QvecError("key=value overrides need --config")
+    if bits is None:
+        raise QvecError("no bit width: pass --bits B or --config C")
+    return bits, gran, batch, data_dir
+
+
+def _cmd_grid(args) -> int:
+    bits, gran, batch, data_dir = _grid_settings(args)
+    tasks = [t for t in args.tasks.split(",") if t]
+    lambdas = (
+        [float(x) for x in args.lambdas.split(",")] if args.lambdas else transfer.DEFAULT_LAMBDAS
+    )
+    workdir = Path(args.workdir)
+    missing = None
+    try:
+        transfer.run_grid(
+            tasks,
+            args.runs or workdir,
+            workdir,
+            bits=bits,
+            granularity=gran or "channel",
+            lambdas=lambdas,
+            batch_size=batch or 256,
+            allow_missing=args.allow_missing,
+            data_dir=data_dir,
+            progress=not args.no_progress,
+        )
+    except transfer.MissingCheckpoints as e:
+        missing = e
+    except transfer.GridError as e:
+        raise QvecError(str(e)) from None
+    print_headline(report.write_report(workdir))
+    if missing is not None:
+        print(f"qvec grid: error: {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_report(sub) -> None:
+    p = add_parser(
+        sub,
+        "report",
+        "regenerate grid.csv, summary.md and the plots of a grid",
+        "qvec report runs",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="grid workdir holding cells.jsonl")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    print_headline(report.write_report(args.run_dir))
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline on the embedded default (tiny ViT)",
+        description=(
+            "Pretrain a tiny ViT, fine-tune FP and QAT on 4 downstream tasks, run the "
+            "donor x receiver x lambda transfer grid at 2 bits, and write the report. "
+            "Resumes when rerun with the same --workdir."
+        ),
+        epilog="example: qvec demo --workdir runs/demo\n"
+        "         qvec demo --quick --workdir /tmp/demo   # about a minute",
+    )
+    p.add_argument("--workdir", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="digits only, a few steps: checks the pipeline, not the method",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help=f"overrides of {demo.CONFIG.name}, e.g. demo.tasks=digits,fmnist_a",
+    )
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    demo.run_demo(args.workdir, args.overrides, quick=args.quick, progress=not args.no_progress)
+    return 0
