@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import qvec_jax as q
-from qvec_jax import checkpoints, transfer
+from qvec_jax import checkpoints, evaluate, transfer
 from qvec_jax import report as rp
 from qvec_jax.models import vit
 
@@ -362,7 +362,7 @@ def test_every_subcommand_help_has_an_example(capsys):
 
 @pytest.mark.slow  # clears the jit caches, so it recompiles everything it runs
 def test_grid_compiles_once_per_model_shape_not_per_cell(runs, tmp_path):
-    jitted = (transfer.patch_and_quantize, transfer.ptq_jit, transfer.count_correct)
+    jitted = (transfer.patch_and_quantize, transfer.ptq_jit, evaluate.count_correct)
     two = ["digits", "digits_rot90"]  # same model shape (10 classes)
     jax.clear_caches()
     small = _count_compiles(lambda: grid(runs, tmp_path / "a", tasks=two, lambdas=(1.0,)))

@@ -1,0 +1,174 @@
+"""The one owner of a transfer-grid workdir: its cell records and its ``grid.json``.
+
+A grid workdir holds ``cells.jsonl`` (one JSON cell record per line, appended as cells
+finish) and ``grid.json`` (what the grid was asked for: tasks, lambdas, quantizer,
+checkpoints, missing ones). :mod:`qvec_jax.transfer` writes through a
+:class:`GridStore`, :mod:`qvec_jax.report` reads through one; nothing else touches the
+files. A cell record::
+
+    {"kind": "fp" | "ptq_fp" | "ptq_qat" | "patch", "receiver": R,
+     "donor": D or None, "lam": float or None, "acc": {"val": a, "test": b},
+     "n": {"val": n, "test": m}, "sources": {...}, "bits": B, "granularity": G, ...}
+
+A cell is identified by :func:`cell_key`; a later record with the same key replaces an
+earlier one. Appends are flushed and fsynced per record, so a killed run loses at most
+the cell being written: its torn last line is ignored on read and dropped by
+:meth:`GridStore.repair_tail` before the next append.
+
+Reading goes through :meth:`GridStore.cell_files`, the list of record files merged in
+order; today that is ``cells.jsonl`` alone, and a per-process or per-shard file
+(``cells.<shard>.jsonl``) only needs to be listed there and written by its own writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from qvec_jax.files import atomic_write_text
+
+CELLS_FILE = "cells.jsonl"
+GRID_META_FILE = "grid.json"
+#: The splits every cell is evaluated on.
+SPLITS = ("val", "test")
+
+__all__ = [
+    "CELLS_FILE",
+    "GRID_META_FILE",
+    "SPLITS",
+    "CellWriter",
+    "GridStore",
+    "GridStoreError",
+    "cell_key",
+    "lam_key",
+]
+
+
+class GridStoreError(ValueError):
+    """A grid workdir whose files cannot be read; the message names the file and line."""
+
+
+def lam_key(lam: float | None) -> str:
+    """Canonical string for a lambda value (stable across float round trips)."""
+    return "" if lam is None else f"{float(lam):.6g}"
+
+
+def cell_key(cell: dict) -> tuple[str, str, str, str]:
+    """Identity of a cell: (kind, donor, receiver, lambda)."""
+    return (cell["kind"], cell.get("donor") or "", cell["receiver"], lam_key(cell.get("lam")))
+
+
+class CellWriter:
+    """Appends cell records to one file, each flushed and fsynced before the next."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CellWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GridStore:
+    """The files of one grid workdir (which need not exist yet)."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = Path(workdir)
+
+    @property
+    def cells_path(self) -> Path:
+        return self.workdir / CELLS_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.workdir / GRID_META_FILE
+
+    def exists(self) -> bool:
+        """Whether the workdir holds a grid (cell records or a ``grid.json``)."""
+        return self.meta_path.exists() or any(p.exists() for p in self.cell_files())
+
+    # ------------------------------------------------------------------ grid.json
+
+    def meta(self) -> dict:
+        """The grid's ``grid.json`` (``{}`` when there is none yet)."""
+        path = self.meta_path
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise GridStoreError(f"{path}: not JSON ({e}); delete it and rerun qvec grid") from e
+
+    def write_meta(self, meta: dict) -> Path:
+        """Replace ``grid.json`` atomically (readers see the old or the new one)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(self.meta_path, json.dumps(meta, indent=1, default=str) + "\n")
+
+    # ------------------------------------------------------------------ cells
+
+    def cell_files(self) -> list[Path]:
+        """The record files merged by :meth:`cells`, in order (later records win)."""
+        return [self.cells_path]
+
+    def cells(self) -> list[dict]:
+        """Every stored cell, one per :func:`cell_key`; a later record replaces an earlier.
+
+        A truncated last line (a run killed mid-write) is ignored; any other bad line is
+        an error naming the file and line.
+        """
+        cells: dict[tuple, dict] = {}
+        for path in self.cell_files():
+            for cell in _read_records(path):
+                cells[cell_key(cell)] = cell
+        return list(cells.values())
+
+    def repair_tail(self) -> None:
+        """Drop a torn last line (a run killed mid-append) so new records start on a
+        fresh line. Call it before appending, from the one process that writes."""
+        for path in self.cell_files():
+            if not path.exists():
+                continue
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode())
+
+    def writer(self) -> CellWriter:
+        """An appending :class:`CellWriter` on ``cells.jsonl`` (use it as a context manager)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return CellWriter(self.cells_path)
+
+    def append(self, record: dict) -> None:
+        """Append one record (opens the file for it; use :meth:`writer` for many)."""
+        with self.writer() as w:
+            w.append(record)
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):  # interrupted append: the cell will simply be recomputed
+                continue
+            raise GridStoreError(
+                f"{path}:{i}: not a JSON cell record ({e}); fix or delete it"
+            ) from e
+    return out

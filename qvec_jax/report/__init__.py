@@ -1,0 +1,136 @@
+"""Metrics, tables and plots over the stored cells of a transfer grid.
+
+Split by job: :mod:`~qvec_jax.report.metrics` (pure functions of the cell records that
+:mod:`qvec_jax.transfer` stores through :class:`qvec_jax.grid_store.GridStore`),
+:mod:`~qvec_jax.report.markdown` (``summary.md`` and the printed headline) and
+:mod:`~qvec_jax.report.plots` (heatmaps and curves). :func:`write_report` writes them
+all. Accuracies and deltas are fractions in ``grid.csv``/``summary.json`` and
+percentage points in ``summary.md`` and the plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from qvec_jax.files import atomic_write_text
+from qvec_jax.grid_store import CELLS_FILE, GRID_META_FILE, SPLITS, GridStore, cell_key, lam_key
+from qvec_jax.report.markdown import headline, report_status, summary_markdown
+from qvec_jax.report.metrics import (
+    BASELINE_KINDS,
+    CURVE,
+    LAMBDA_BEST,
+    ZERO_SHOT,
+    choose_lambda_best,
+    compute_metrics,
+    jsonable,
+    recovery,
+    tidy_rows,
+)
+from qvec_jax.report.plots import FIGURES, plot_curves, plot_heatmap, write_figures
+
+__all__ = [
+    "BASELINE_KINDS",
+    "CELLS_FILE",
+    "CSV_COLUMNS",
+    "CURVE",
+    "GRID_META_FILE",
+    "LAMBDA_BEST",
+    "SPLITS",
+    "ZERO_SHOT",
+    "cell_key",
+    "choose_lambda_best",
+    "compute_metrics",
+    "headline",
+    "lam_key",
+    "load_cells",
+    "load_grid_meta",
+    "plot_curves",
+    "plot_heatmap",
+    "recovery",
+    "report_status",
+    "summary_markdown",
+    "tidy_rows",
+    "write_report",
+]
+
+CSV_COLUMNS = [
+    "kind",
+    "donor",
+    "receiver",
+    "lam",
+    "self",
+    "split",
+    "acc",
+    "n",
+    "base_acc",
+    "delta",
+    "ceiling",
+    "recovery",
+    "is_lambda_best",
+    "bits",
+    "granularity",
+]
+
+
+def load_cells(workdir: str | os.PathLike) -> list[dict]:
+    """The stored cells of a grid workdir (see :meth:`GridStore.cells`)."""
+    return GridStore(workdir).cells()
+
+
+def load_grid_meta(workdir: str | os.PathLike) -> dict:
+    """The ``grid.json`` of a grid workdir (``{}`` if none; see :meth:`GridStore.meta`)."""
+    return GridStore(workdir).meta()
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_report(
+    workdir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    cells: list[dict] | None = None,
+) -> dict:
+    """Regenerate every report file of a grid workdir from its stored cells.
+
+    Writes (atomically) ``grid.csv``, ``summary.md``, ``summary.json``,
+    ``heatmap_delta_lambda1.png``, ``heatmap_delta_lambda_best.png``,
+    ``heatmap_recovery.png`` and ``lambda_curves.png`` into ``out_dir`` (default: the
+    workdir). ``cells``: the grid's cells when the caller already holds them (as
+    :func:`qvec_jax.transfer.run_grid` returns them); read from the workdir otherwise.
+    Returns ``{"paths": {name: Path}, "summary": markdown text, "metrics": ...}``;
+    :func:`headline` of the metrics is what to print after a run.
+    """
+    store = GridStore(workdir)
+    if not store.exists():
+        raise FileNotFoundError(
+            f"{store.workdir} holds no {CELLS_FILE} or {GRID_META_FILE}; pass the grid workdir "
+            "written by `qvec grid` (or run `qvec grid` first)"
+        )
+    out = Path(out_dir) if out_dir else store.workdir
+    out.mkdir(parents=True, exist_ok=True)
+    meta = store.meta()
+    cells = store.cells() if cells is None else cells
+    metrics = compute_metrics(cells, tasks=meta.get("tasks"), lambdas=meta.get("lambdas"))
+    paths = {
+        "grid_csv": out / "grid.csv",
+        "summary_md": out / "summary.md",
+        "summary_json": out / "summary.json",
+        **{name: out / f"{name}.png" for name in FIGURES},
+    }
+    atomic_write_text(paths["grid_csv"], _csv_text(tidy_rows(cells, metrics, meta)))
+    summary = summary_markdown(metrics, meta)
+    atomic_write_text(paths["summary_md"], summary)
+    js = json.dumps(jsonable(metrics, meta), indent=1, default=str) + "\n"
+    atomic_write_text(paths["summary_json"], js)
+    write_figures(metrics, meta, paths)
+    return {"paths": paths, "summary": summary, "metrics": metrics}
