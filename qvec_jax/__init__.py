@@ -4,6 +4,7 @@ The method is two short modules: ``qvec_jax.quant`` (the quantizer, METHOD.md) a
 ``qvec_jax.trees`` (QV = QAT - FP, patched = FP + lam * QV). Everything else is plumbing.
 """
 
+from .merge import MergeSpec, merge_qvs
 from .packing import QTensor, dequantize, quantize, size_report
 from .quant import VIT_RULE, QuantSpec, codes_and_scale, fake_quant, fake_quant_tree, ptq
 from .trees import (
@@ -27,6 +28,7 @@ from .trees import (
 __version__ = "0.1.0"
 __all__ = [
     "HEAD_RULE",
+    "MergeSpec",
     "VIT_RULE",
     "QTensor",
     "QuantSpec",
@@ -41,6 +43,7 @@ __all__ = [
     "flatten",
     "global_norm",
     "leaf_norms",
+    "merge_qvs",
     "patch",
     "path_str",
     "ptq",

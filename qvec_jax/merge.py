@@ -1,0 +1,427 @@
+"""Merge several quantization vectors into one: mean, sum, TIES, DARE, Model Stock.
+
+Notation: ``v_1..v_k`` are the QVs (any same-structure pytrees), ``w_i`` the weights
+(default: uniform), ``d`` the number of merged entries. The merge of QVs is a QV, to be
+patched with ``trees.patch(receiver, merged, lam)`` as a single donor's would be.
+
+    mean          sum_i w_i v_i / sum_i w_i
+    sum           sum_i w_i v_i           (task arithmetic, Ilharco et al. 2023, arXiv:2212.04089)
+    ties          trim, elect, disjoint mean (Yadav et al. 2023, arXiv:2306.01708), below
+    dare          drop with prob. p, rescale by 1/(1-p), then mean / sum / ties
+                  (Yu et al. 2023, arXiv:2311.03099)
+    model_stock   t * mean, t = k c / (1 + (k-1) c)  (Jang et al. 2024, arXiv:2403.19522)
+
+Leaves: every float leaf not matched by ``exclude`` (``trees.HEAD_RULE`` by default, as
+``trees.quantization_vector``) is merged; integer leaves (step counters, RNG keys) and
+excluded leaves are never merged and are left out of the result, which is a plain nested
+dict of the merged leaves (at least float32), like a QV. The inputs must agree on the
+merged leaves (presence, shape, float kind); the error names the first leaf that does not.
+
+Eager only (the kernels are NumPy on the host: nothing compiles per leaf shape).
+Memory: the merge streams leaf by leaf. It holds the inputs, the output built so far and
+the ``k`` copies of ONE leaf being merged; never ``k`` stacked trees. Global statistics
+(TIES's global trim threshold, Model Stock's global cosine) take one extra streamed pass.
+
+``MergeSpec`` is the recipe (method + parameters), frozen and JSON-serializable, so a
+merged checkpoint can record how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .paths import PyTree, Rule, check_same_structure, flatten, is_float, unflatten
+from .trees import HEAD_RULE
+
+METHODS = ("mean", "sum", "ties", "dare", "model_stock")
+COMBINES = ("mean", "sum", "ties")  # how DARE combines the sparsified vectors
+SCOPES = ("global", "leaf")  # TIES trim threshold / Model Stock cosine: whole vector or per leaf
+#: The parameters each method reads, with the default of each (the papers' defaults where
+#: they give one: TIES trims globally, Model Stock measures its angle per layer).
+_PARAMS = {
+    "mean": {},
+    "sum": {},
+    "ties": {"density": 0.2, "scope": "global"},
+    "dare": {"p": 0.5, "seed": 0, "combine": "mean"},
+    "model_stock": {"scope": "leaf"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """A merge recipe: ``method`` and the parameters it reads, validated once.
+
+    ``weights``: one finite float per QV, or ``None`` (uniform); ``density`` (ties): the
+    fraction of entries each vector keeps, in (0, 1]; ``p`` (dare): the drop rate, in
+    [0, 1); ``seed`` (dare): int; ``combine`` (dare): ``"mean"``, ``"sum"`` or ``"ties"``
+    (sign election and disjoint mean, no trim: DARE-TIES); ``scope`` (ties, model_stock):
+    ``"global"`` or ``"leaf"``. A parameter the method does not read must stay ``None``
+    (a typo'd recipe fails here, not silently); unset ones get the method's default.
+    ``to_dict()`` / ``from_dict()`` round-trip through JSON.
+    """
+
+    method: str = "mean"
+    weights: tuple[float, ...] | None = None
+    density: float | None = None
+    p: float | None = None
+    seed: int | None = None
+    combine: str | None = None
+    scope: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        used = _PARAMS[self.method]
+        for name in ("density", "p", "seed", "combine", "scope"):
+            value = getattr(self, name)
+            if name not in used and value is not None:
+                raise ValueError(
+                    f"{name}: not a parameter of method {self.method!r} (leave it unset)"
+                )
+            if name in used and value is None:
+                object.__setattr__(self, name, used[name])
+        if self.weights is not None:
+            object.__setattr__(self, "weights", _check_weights(self.weights))
+        if self.density is not None and not 0 < self.density <= 1:
+            raise ValueError(f"density: must be in (0, 1], got {self.density}")
+        if self.p is not None and not 0 <= self.p < 1:
+            raise ValueError(f"p: the drop rate must be in [0, 1), got {self.p}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+        ):
+            raise ValueError(f"seed: must be an int, got {type(self.seed).__name__} {self.seed!r}")
+        for name, allowed in (("combine", COMBINES), ("scope", SCOPES)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+
+    def to_dict(self) -> dict:
+        """The method and the parameters it reads (JSON-ready; weights as a list or None)."""
+        d = {"method": self.method, "weights": None if self.weights is None else list(self.weights)}
+        return d | {k: getattr(self, k) for k in _PARAMS[self.method]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MergeSpec:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: not a MergeSpec field")
+        return cls(**d)
+
+
+def _check_weights(weights) -> tuple[float, ...]:
+    out = tuple(float(w) for w in weights)
+    for i, w in enumerate(out):
+        if not math.isfinite(w):
+            raise ValueError(f"weights[{i}]: {w} is not finite")
+    if not out:
+        raise ValueError("weights: empty; give one weight per QV or None")
+    return out
+
+
+# --- the entry points ---------------------------------------------------------------
+
+
+def merge_qvs(
+    qvs: list[PyTree],
+    method: str | MergeSpec = "mean",
+    *,
+    weights=None,
+    density=None,
+    p=None,
+    seed=None,
+    combine=None,
+    scope=None,
+    exclude: Rule = HEAD_RULE,
+) -> dict:
+    """Merge ``qvs`` by ``method`` (a name or a ``MergeSpec``); see the module docstring.
+
+    ``merge_qvs(qvs, "ties", density=0.2)`` is ``merge_qvs(qvs, MergeSpec("ties",
+    density=0.2))``. Returns a nested dict of the merged leaves (float, not ``exclude``d).
+    """
+    kw = dict(weights=weights, density=density, p=p, seed=seed, combine=combine, scope=scope)
+    if isinstance(method, MergeSpec):
+        given = [k for k, v in kw.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]}: give it in the MergeSpec, not beside it")
+        spec = method
+    else:
+        spec = MergeSpec(method, **kw)
+    flats, paths = _prepare(qvs, exclude)
+    w = _resolve_weights(spec, len(qvs))
+    merged = _METHODS[spec.method](spec, flats, paths, w)
+    return unflatten(merged)
+
+
+def mean_merge(qvs, weights=None, *, exclude: Rule = HEAD_RULE) -> dict:
+    """``sum_i w_i v_i / sum_i w_i``; weights >= 0 with a positive sum (default uniform)."""
+    return merge_qvs(qvs, MergeSpec("mean", weights), exclude=exclude)
+
+
+def sum_merge(qvs, weights=None, *, exclude: Rule = HEAD_RULE) -> dict:
+    """Task arithmetic ``sum_i w_i v_i`` (Ilharco et al. 2023); weights any finite (default 1)."""
+    return merge_qvs(qvs, MergeSpec("sum", weights), exclude=exclude)
+
+
+def ties_merge(qvs, density=0.2, weights=None, *, scope="global", exclude=HEAD_RULE) -> dict:
+    """TIES-Merging (Yadav et al. 2023, arXiv:2306.01708, Sec. 3), per vector ``v_i``:
+
+    1. trim: keep the ``m = max(1, round(density * n))`` entries of largest ``|v_i|``
+       (entries tied with the m-th largest are kept too, as in the reference code's
+       ``|v| >= kthvalue``), zero the rest. ``scope="global"`` (default, the paper's
+       reference implementation): ``n = d``, one threshold per vector over all merged
+       leaves; ``scope="leaf"`` (mergekit): ``n`` = the leaf's size, one per leaf.
+       The global threshold is exact: the m-th largest ``|v_i|`` found by a radix select
+       over the IEEE-754 bit patterns of ``|v_i|`` (ordered like the values for x >= 0),
+       16 bits per pass, each pass a leaf-streamed histogram (2 passes for float32).
+    2. elect: ``g = sign(sum_i w_i trim(v_i))`` per coordinate (the paper: ``sign`` of
+       the summed trimmed values, its "mass" election; weights default uniform).
+    3. disjoint mean: ``sum_{i in A} w_i trim(v_i) / sum_{i in A} w_i`` over
+       ``A = {i : sign(trim(v_i)) = g}``; 0 where ``A`` is empty or ``g = 0`` (the
+       reference code breaks the rare exact ``g = 0`` by a majority sign instead).
+    The paper's final scale ``lambda`` is the ``lam`` of ``trees.patch``.
+    """
+    spec = MergeSpec("ties", weights, density=density, scope=scope)
+    return merge_qvs(qvs, spec, exclude=exclude)
+
+
+def dare_merge(qvs, p=0.5, seed=0, weights=None, *, combine="mean", exclude=HEAD_RULE) -> dict:
+    """DARE (Yu et al. 2023, arXiv:2311.03099, Sec. 4.1): ``v_i <- m_i * v_i / (1 - p)``
+    with ``m_i ~ Bernoulli(1 - p)`` per entry, then ``combine``: ``"mean"``, ``"sum"``
+    (their task arithmetic) or ``"ties"`` (election and disjoint mean without the trim).
+
+    The mask of QV ``i`` at leaf ``P`` is drawn from the threefry key
+    ``fold_in(fold_in(key(seed), crc32(P)), i)``: it depends only on (seed, P, i), not on
+    the other leaves, the rule or the backend's default PRNG. ``p = 0`` is the identity.
+    """
+    spec = MergeSpec("dare", weights, p=p, seed=seed, combine=combine)
+    return merge_qvs(qvs, spec, exclude=exclude)
+
+
+def model_stock_merge(qvs, weights=None, *, scope="leaf", exclude=HEAD_RULE) -> dict:
+    """Model Stock (Jang et al. 2024, arXiv:2403.19522, Eq. 4):
+    ``w_H = t w_avg + (1 - t) w_0`` with ``t = k c / (1 + (k - 1) c)``.
+
+    For QVs the anchor ``w_0`` is the FP model, i.e. the zero vector, so the result is
+    ``t * mean(v)``. ``c`` is the mean pairwise cosine ``<v_i, v_j> / (|v_i| |v_j|)``
+    over ``i < j`` (the angle of the paper for k = 2; mergekit's estimate for k > 2),
+    with 0 for a pair holding a zero vector, clipped to [0, 1] (the derivation assumes
+    ``c >= 0``; below it ``t`` would be negative). ``scope="leaf"`` (default, the paper
+    works per layer): ``c`` and ``t`` per leaf; ``"global"``: over the flattened vectors.
+    Laws: identical vectors give ``c = 1, t = 1``: the vector; pairwise orthogonal ones
+    give ``c = 0, t = 0``: zero; one vector (no pair) is returned as is (``t = 1``).
+    ``weights`` weight ``w_avg`` only; ``c`` is unweighted.
+    """
+    spec = MergeSpec("model_stock", weights, scope=scope)
+    return merge_qvs(qvs, spec, exclude=exclude)
+
+
+# --- input checks -------------------------------------------------------------------
+
+
+def _prepare(qvs, exclude: Rule) -> tuple[list[dict], list[str]]:
+    """Flattened QVs and the merged paths (float, not excluded), checked leaf by leaf."""
+    if isinstance(qvs, dict) or not isinstance(qvs, (list, tuple)):
+        raise ValueError(f"qvs: expected a list of QV pytrees, got {type(qvs).__name__}")
+    if not qvs:
+        raise ValueError("qvs: empty; give at least one QV to merge")
+    flats = [flatten(t) for t in qvs]
+    paths = list(
+        dict.fromkeys(
+            p for f in flats for p, x in f.items() if exclude.match(p) is None and is_float(x)
+        )
+    )
+    if not paths:
+        raise ValueError("qvs: no float leaf to merge (are all leaves matched by `exclude`?)")
+    for i, t in enumerate(qvs[1:], 1):
+        check_same_structure(qvs[0], t, ("qvs[0]", f"qvs[{i}]"), paths=paths)
+    for i, f in enumerate(flats):
+        for p in paths:  # NumPy, not paths.check_finite: no device dispatch per leaf
+            if not np.isfinite(np.asarray(f[p])).all():
+                raise ValueError(f"{p}: NaN or Inf in qvs[{i}]")
+    return flats, paths
+
+
+def _resolve_weights(spec: MergeSpec, k: int) -> np.ndarray:
+    """Weights as float64; ``mean``-like methods need them >= 0 with a positive sum."""
+    w = np.ones(k) if spec.weights is None else np.asarray(spec.weights, np.float64)
+    if len(w) != k:
+        raise ValueError(f"weights: {k} QVs but {len(w)} weights")
+    signed = spec.method == "sum" or spec.combine == "sum"
+    if not signed and (np.any(w < 0) or w.sum() <= 0):
+        raise ValueError(
+            f"weights: method {spec.method!r} needs weights >= 0 with a positive sum, got "
+            f"{list(spec.weights)}"
+        )
+    return w
+
+
+# --- the per-leaf kernels: NumPy on the host, on the k copies of one leaf -----------
+# NumPy, not jit: nothing to compile per leaf shape, so a cold merge of small QVs takes
+# milliseconds; a merge is memory-bound, and NumPy streams at memory speed.
+
+
+def _stack(flats, path) -> np.ndarray:
+    """The k copies of one leaf as a (k, n) host array, at least float32."""
+    xs = [f[path] for f in flats]
+    dt = np.dtype(jnp.promote_types(jnp.result_type(*xs), jnp.float32))
+    return np.stack([np.asarray(x, dt).ravel() for x in xs])
+
+
+def _weighted_sum(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.tensordot(w.astype(x.dtype), x, axes=1)
+
+
+def _disjoint_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """TIES steps 2-3 on a stack ``x`` (k, n): elect ``sign(sum w x)``, average agreeing."""
+    wc = w.astype(x.dtype)[:, None]
+    wx = wc * x
+    g = np.sign(wx.sum(axis=0))
+    agree = (np.sign(x) == g) & (x != 0)
+    num = np.where(agree, wx, 0).sum(axis=0)
+    den = np.where(agree, wc, 0).sum(axis=0)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+_CHUNKS = (1 << 12, 1 << 16)  # DARE's random bits come in chunks of two shapes: 2 compiles
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _chunk_bits(path_key, j, k: int, size: int):
+    """(k, size) uniform uint32: row ``i`` from ``fold_in(fold_in(path_key, i), j)``."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(path_key, i), j))(jnp.arange(k))
+    return jax.vmap(lambda key: jax.random.bits(key, (size,), jnp.uint32))(keys)
+
+
+def _dare_drop(x: np.ndarray, path_key, p: float) -> np.ndarray:
+    """Keep each entry with probability ``1 - p`` (uniform uint32 bits >= ``p * 2**32``),
+    scale the kept ones by ``1 / (1 - p)``."""
+    k, n = x.shape
+    size = _CHUNKS[0] if n <= 16 * _CHUNKS[0] else _CHUNKS[1]
+    bits = [np.asarray(_chunk_bits(path_key, j, k, size)) for j in range(-(-n // size))]
+    keep = np.concatenate(bits, axis=1)[:, :n] >= min(round(p * 2**32), 2**32 - 1)
+    return np.where(keep, x / x.dtype.type(1 - p), 0)
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    return (x @ x.T).astype(np.float64)
+
+
+# --- the methods: {path: merged leaf} from flats, paths, weights --------------------
+
+
+def _out(flats, path, merged: np.ndarray) -> jax.Array:
+    return jax.device_put(merged.reshape(np.shape(flats[0][path])))  # zero-copy on CPU
+
+
+def _mean(spec, flats, paths, w):
+    return {p: _out(flats, p, _weighted_sum(_stack(flats, p), w / w.sum())) for p in paths}
+
+
+def _sum(spec, flats, paths, w):
+    return {p: _out(flats, p, _weighted_sum(_stack(flats, p), w)) for p in paths}
+
+
+def _ties(spec, flats, paths, w):
+    if spec.scope == "global":
+        d = sum(math.prod(np.shape(flats[0][p])) for p in paths)
+        m = max(1, round(spec.density * d))
+        thr = np.stack([_kth_largest_abs([f[p] for p in paths], m) for f in flats])
+    out = {}
+    for p in paths:
+        x = _stack(flats, p)
+        if spec.scope == "leaf":
+            m = max(1, round(spec.density * x.shape[1]))
+            thr = np.stack([_kth_largest_abs([row], m) for row in x])
+        trimmed = np.where(np.abs(x) >= thr.astype(x.dtype)[:, None], x, 0)
+        out[p] = _out(flats, p, _disjoint_mean(trimmed, w))
+    return out
+
+
+def _dare(spec, flats, paths, w):
+    base = jax.random.key(spec.seed, impl="threefry2x32")
+    out = {}
+    for p in paths:
+        x = _dare_drop(_stack(flats, p), jax.random.fold_in(base, zlib.crc32(p.encode())), spec.p)
+        if spec.combine == "ties":
+            out[p] = _out(flats, p, _disjoint_mean(x, w))
+        else:
+            out[p] = _out(flats, p, _weighted_sum(x, w / w.sum() if spec.combine == "mean" else w))
+    return out
+
+
+def _model_stock(spec, flats, paths, w):
+    if spec.scope == "global":
+        t = _stock_t(sum(_gram(_stack(flats, p)) for p in paths))
+    out = {}
+    for p in paths:
+        x = _stack(flats, p)
+        if spec.scope == "leaf":
+            t = _stock_t(_gram(x))
+        out[p] = _out(flats, p, _weighted_sum(x, t * w / w.sum()))
+    return out
+
+
+_METHODS = {"mean": _mean, "sum": _sum, "ties": _ties, "dare": _dare, "model_stock": _model_stock}
+
+
+# --- statistics ---------------------------------------------------------------------
+
+
+def _stock_t(gram: np.ndarray) -> float:
+    """Model Stock's ``t = k c / (1 + (k-1) c)`` from the Gram matrix of the k vectors."""
+    k = len(gram)
+    if k == 1:
+        return 1.0
+    norms = np.sqrt(np.maximum(np.diag(gram), 0))
+    den = np.outer(norms, norms)
+    cos = np.divide(gram, den, out=np.zeros_like(gram), where=den > 0)
+    c = float(np.clip(cos[np.triu_indices(k, 1)].mean(), 0.0, 1.0))
+    return k * c / (1 + (k - 1) * c)
+
+
+def _kth_largest_abs(arrays: list, m: int):
+    """The exact m-th largest ``|x|`` over the entries of ``arrays`` (1 <= m <= total).
+
+    Radix select, 16 bits per pass, most significant first: for non-negative IEEE-754
+    floats the unsigned bit pattern orders like the value, so each pass histograms the
+    next 16 bits of the entries whose higher bits equal the prefix found so far, and
+    picks the bucket holding the m-th largest. Streams the arrays (on the host, small
+    ones batched); extra memory: a 65536-bin histogram and about 2**20 bit patterns.
+    """
+    dt = np.dtype(jnp.promote_types(jnp.result_type(*arrays), jnp.float32))
+    nbits = dt.itemsize * 8
+    udt = np.dtype(f"uint{nbits}")
+    prefix = 0
+    for shift in range(nbits - 16, -1, -16):
+        hist = np.zeros(1 << 16, np.int64)
+        for key in _abs_bits(arrays, dt, udt):
+            if shift + 16 < nbits:
+                key = key[(key >> (shift + 16)) == prefix]
+            hist += np.bincount(((key >> shift) & 0xFFFF).astype(np.intp), minlength=1 << 16)
+        above = np.cumsum(hist[::-1])  # above[j]: entries whose digit is >= 0xFFFF - j
+        j = int(np.searchsorted(above, m))
+        m -= int(above[j - 1]) if j else 0
+        prefix = (prefix << 16) | (0xFFFF - j)
+    return np.asarray(prefix, udt).view(dt)
+
+
+def _abs_bits(arrays, dt, udt, batch: int = 1 << 20):
+    """The bit patterns of ``|x|``, array by array, small arrays joined up to ``batch``."""
+    pending, size = [], 0
+    for a in arrays:
+        pending.append(np.abs(np.asarray(a, dt)).view(udt).ravel())
+        size += pending[-1].size
+        if size >= batch:
+            yield np.concatenate(pending)
+            pending, size = [], 0
+    if pending:
+        yield np.concatenate(pending)
