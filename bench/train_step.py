@@ -31,6 +31,7 @@ def _jax_steps(variant, batch, image_size, bits):
     import numpy as np
 
     from qvec_jax import train
+    from qvec_jax.quant import QuantSpec
     from qvec_jax.config import load_config
     from qvec_jax.evaluate import make_mesh
     from qvec_jax.models import vit
@@ -50,9 +51,7 @@ def _jax_steps(variant, batch, image_size, bits):
     y = rng.integers(0, 100, batch).astype(np.int32)
     steps, states = {}, {}
     for mode in ("fp", "qat"):
-        steps[mode] = train.make_train_step(
-            model, tx, mesh, sh, mode=mode, bits=bits, granularity="channel"
-        )
+        steps[mode] = train.make_train_step(model, tx, mesh, sh, mode=mode, spec=QuantSpec(bits))
         states[mode] = train.create_state(params, tx, sh)
     return steps, states, x, y
 

@@ -2,7 +2,7 @@
 
 QAT differs from FP in one line of the loss (``QAT is PTQ's sibling``)::
 
-    p = quant.fake_quant_tree(params, bits, granularity=g, ste=True) if qat else params
+    p = quant.fake_quant_tree(params, spec, ste=True) if qat else params
     logits = model.apply({"params": p}, images)
 
 With the same config and seed, FP and QAT start from the same params (same fresh head)
@@ -143,10 +143,11 @@ def total_train_steps(cfg: ml_collections.ConfigDict, num_train: int, task_epoch
 # --------------------------------------------------------------------------- the step
 
 
-def loss_fn(params, model, images, labels, *, mode, bits, granularity, label_smoothing=0.0):
-    """Mean softmax cross-entropy; QAT evaluates the model at the STE fake-quantized params."""
-    if mode == "qat":
-        params = quant.fake_quant_tree(params, bits, granularity=granularity, ste=True)
+def loss_fn(params, model, images, labels, *, spec=None, label_smoothing=0.0):
+    """Mean softmax cross-entropy. With a ``quant.QuantSpec`` (QAT) the model runs at the
+    STE fake-quantized params; with ``spec=None`` (FP) at the params themselves."""
+    if spec is not None:
+        params = quant.fake_quant_tree(params, spec, ste=True)
     logits = model.apply({"params": params}, images)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if label_smoothing:
@@ -155,18 +156,21 @@ def loss_fn(params, model, images, labels, *, mode, bits, granularity, label_smo
 
 
 def make_train_step(
-    model, tx, mesh, state_sharding, *, mode, bits, granularity, accum=1, label_smoothing=0.0
+    model, tx, mesh, state_sharding, *, mode, spec=None, accum=1, label_smoothing=0.0
 ):
     """Jitted ``(state, images, labels) -> (state, metrics)``; ``state`` is donated.
 
-    ``state = {"params", "opt_state", "step"}``. With ``accum > 1`` the global batch is
-    split into ``accum`` equal micro-batches (each spread over all devices) whose mean
-    gradient feeds one optimizer update: the same update, a fraction of the activations.
+    ``state = {"params", "opt_state", "step"}``; ``spec``: the ``quant.QuantSpec`` QAT
+    trains for (unused by FP). With ``accum > 1`` the global batch is split into
+    ``accum`` equal micro-batches (each spread over all devices) whose mean gradient
+    feeds one optimizer update: the same update, a fraction of the activations.
     """
     if mode not in MODES:
         raise TrainError(f"mode {mode!r} is not one of {MODES}")
+    if mode == "qat" and not isinstance(spec, quant.QuantSpec):
+        raise TrainError(f"mode 'qat' needs spec=quant.QuantSpec(bits, ...), got {spec!r}")
     grad_fn = jax.value_and_grad(loss_fn)
-    kw = dict(mode=mode, bits=bits, granularity=granularity, label_smoothing=label_smoothing)
+    kw = dict(spec=spec if mode == "qat" else None, label_smoothing=label_smoothing)
     batch_sh = NamedSharding(mesh, P("data"))
 
     def step(state, images, labels):
@@ -226,11 +230,11 @@ def create_state(params, tx, shardings) -> dict:
 def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
     """(model, params) from ``cfg.init``; the head is always fresh, seeded by ``cfg.seed``.
 
-    ``init.kind="pretrained"``: ``checkpoints.load_pretrained(init.path)`` (Google .npz,
+    ``init.kind="pretrained"``: ``pretrained.load_pretrained(init.path)`` (Google .npz,
     timm/HF safetensors, or a params dir written by this project), head replaced and
     ``pre_logits`` dropped; ``"random"``: ``model.init`` (tests, from-scratch demos).
     """
-    from qvec_jax import checkpoints
+    from qvec_jax import pretrained
     from qvec_jax.models import vit
 
     kind, path = cfg.init.kind, cfg.init.path
@@ -246,7 +250,7 @@ def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
             f"init.path={path!r} does not exist: download the pretrained checkpoint "
             "(e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) and pass init.path=FILE"
         )
-    return checkpoints.load_pretrained(
+    return pretrained.load_pretrained(
         path,
         variant=cfg.model.variant,
         num_classes=num_classes,
@@ -342,16 +346,19 @@ def _restore(mngr, abstract, shardings):
 # --------------------------------------------------------------------------- the loop
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
+def validate(cfg: ml_collections.ConfigDict) -> quant.QuantSpec:
+    """Check ``cfg`` once; return its quantizer settings (QAT's, and the final PTQ eval's)."""
     if cfg.mode not in MODES:
         raise TrainError(f"mode={cfg.mode!r}: use --mode fp or --mode qat")
     if not cfg.task:
         raise TrainError("no task: pass --task NAME (see `qvec tasks` / data.list_tasks())")
-    quant.check_bits(cfg.quant.bits)
-    if cfg.quant.granularity not in quant.GRANULARITIES:
+    try:
+        return quant.QuantSpec(cfg.quant.bits, cfg.quant.granularity)
+    except (TypeError, ValueError) as e:
         raise TrainError(
-            f"quant.granularity={cfg.quant.granularity!r} is not one of {quant.GRANULARITIES}"
-        )
+            f"quant.bits={cfg.quant.bits!r}, quant.granularity="
+            f"{cfg.quant.granularity!r}: {e}; fix the config or override"
+        ) from None
 
 
 def finetune(
@@ -374,7 +381,7 @@ def finetune(
     from qvec_jax import checkpoints
     from qvec_jax import data as qdata
 
-    validate(cfg)
+    spec = validate(cfg)
     task = qdata.get_task(cfg.task)
     workdir = os.path.abspath(workdir)
     _prepare_workdir(cfg, workdir, force)
@@ -408,8 +415,7 @@ def finetune(
         mesh,
         shardings,
         mode=cfg.mode,
-        bits=cfg.quant.bits,
-        granularity=cfg.quant.granularity,
+        spec=spec,
         accum=accum,
         label_smoothing=cfg.label_smoothing,
     )
@@ -494,16 +500,16 @@ def finetune(
         checkpoints.save_params(params_dir, host_params, meta)
 
     results = {k: meta[k] for k in ("task", "mode", "bits", "granularity", "steps")}
-    results.update(final_eval(cfg, model, params, task, mesh=mesh))
+    results.update(final_eval(cfg, model, params, task, spec, mesh=mesh))
     if is_main:
         _atomic_write(results_path, json.dumps(results, indent=2) + "\n")
         shutil.rmtree(os.path.join(workdir, "ckpt"), ignore_errors=True)
     return results
 
 
-def final_eval(cfg, model, params, task, *, mesh=None) -> dict:
-    """Val and test accuracy, FP and after PTQ at ``cfg.quant.bits`` (reported, never used
-    to choose anything)."""
+def final_eval(cfg, model, params, task, spec: quant.QuantSpec, *, mesh=None) -> dict:
+    """Val and test accuracy, FP and after PTQ with ``spec`` (reported, never used to
+    choose anything)."""
     from qvec_jax import data as qdata
     from qvec_jax.evaluate import accuracy
 
@@ -516,7 +522,7 @@ def final_eval(cfg, model, params, task, *, mesh=None) -> dict:
         out[name] = {
             "fp": accuracy(model, params, split, **kw),
             "ptq": accuracy(
-                model, params, split, bits=cfg.quant.bits, granularity=cfg.quant.granularity, **kw
+                model, params, split, bits=spec.bits, granularity=spec.granularity, **kw
             ),
             "n": len(split),
         }

@@ -19,8 +19,8 @@ import pytest
 import qvec_jax.quant as quant
 from qvec_jax import config as qconfig
 from qvec_jax import train
-from qvec_jax.evaluate import make_mesh
 from qvec_jax.models import vit
+from qvec_jax.sharding import make_mesh, state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_tiny.py")
@@ -53,9 +53,9 @@ def _setup_step(mode, accum=1, bits=2, batch=16, eps=1e-8):
     abstract = jax.eval_shape(
         lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
     )
-    sh = train.state_shardings(abstract, mesh)
+    sh = state_shardings(abstract, mesh)
     step = train.make_train_step(
-        model, tx, mesh, sh, mode=mode, bits=bits, granularity="channel", accum=accum
+        model, tx, mesh, sh, mode=mode, spec=quant.QuantSpec(bits), accum=accum
     )
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (batch, 28, 28, 3)).astype(np.float32)
@@ -105,6 +105,17 @@ def test_paper_config_is_the_method_recipe():
     assert train.accumulation_steps(128, c.device_batch_size, 8) == 1
 
 
+def test_validate_returns_the_quantspec_and_names_bad_fields():
+    assert train.validate(_tiny_cfg(mode="qat")) == quant.QuantSpec(2, "channel")
+    assert train.validate(_tiny_cfg(**{"quant.granularity": "tensor"})).granularity == "tensor"
+    with pytest.raises(train.TrainError, match=r"quant\.granularity='row'.*one of"):
+        train.validate(_tiny_cfg(**{"quant.granularity": "row"}))
+    with pytest.raises(train.TrainError, match=r"quant\.bits=9.*2\.\.8"):
+        train.validate(_tiny_cfg(**{"quant.bits": 9}))
+    with pytest.raises(train.TrainError, match="mode=.*--mode"):
+        train.validate(_tiny_cfg(mode="int8"))
+
+
 # ------------------------------------------------------------------ the step
 
 
@@ -134,6 +145,14 @@ def test_qat_step_is_the_hand_computed_ste_update():
     # ... and it is not the FP update (the test could fail).
     fp_loss = jax.jit(ce)(params0)
     assert abs(float(fp_loss) - float(loss)) > 1e-4
+
+
+def test_qat_step_needs_a_quantspec():
+    model = vit.create_model("test/4", num_classes=10, image_size=28)
+    with pytest.raises(train.TrainError, match="QuantSpec"):
+        train.make_train_step(model, optax.sgd(0.1), make_mesh(), None, mode="qat", spec=2)
+    with pytest.raises(train.TrainError, match="not one of"):
+        train.make_train_step(model, optax.sgd(0.1), make_mesh(), None, mode="int8")
 
 
 def test_step_compiles_once_and_donates_state():
