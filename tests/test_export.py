@@ -1,0 +1,94 @@
+"""Packed safetensors export: bit-identical round trip, exact size, refusal of foreign files."""
+
+from __future__ import annotations
+
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import qvec_jax as q
+from qvec_jax import export as E
+from qvec_jax import gptq as G
+from qvec_jax.models import create_model
+from qvec_jax.paths import flatten
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model = create_model("demo/4", num_classes=10, image_size=16)
+    return model, model.init_params(0)
+
+
+def assert_same_tree(a, b):
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys()
+    for p in fa:
+        assert fa[p].dtype == fb[p].dtype and fa[p].shape == fb[p].shape, p
+        np.testing.assert_array_equal(np.asarray(fa[p]), np.asarray(fb[p]), err_msg=p)
+
+
+@pytest.mark.parametrize("bits,granularity", [(2, "channel"), (3, "channel"), (4, "tensor")])
+def test_round_trip_is_ptq(demo, tmp_path, bits, granularity):
+    _, params = demo
+    spec = q.QuantSpec(bits, granularity)
+    f = tmp_path / "m.safetensors"
+    meta = {"variant": "demo/4", "num_classes": 10}
+    size = E.export_packed(params, f, spec, meta=meta)
+    loaded, header = E.load_packed(f)
+    assert_same_tree(loaded, q.ptq(params, spec))
+    assert header["meta"] == meta
+    assert (header["bits"], header["granularity"], header["version"]) == (bits, granularity, 1)
+    assert header["rule"][0] == [spec.rule.patterns[0][0].pattern, [1, 2]]
+    # tensor bytes = size_report exactly; the rest is the safetensors JSON header
+    assert size == f.stat().st_size == E.packed_size(params, spec, meta=meta)
+    (n_header,) = struct.unpack("<Q", f.read_bytes()[:8])
+    assert size - 8 - n_header == q.size_report(params, spec)["total_bytes"]
+
+
+def test_gptq_tree_round_trip(demo, tmp_path):
+    model, params = demo
+    images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3), minval=-1, maxval=1)
+    qt = G.gptq_quantize(params, model, images, 3, sequential=False)
+    f = tmp_path / "g.safetensors"
+    E.export_packed(qt, f, 3)
+    assert_same_tree(E.load_packed(f)[0], q.dequantize(qt))
+    with pytest.raises(E.ExportError, match="3-bit QTensor"):
+        E.export_packed(qt, tmp_path / "x.safetensors", 2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_vit_b16_size_within_2pct_of_size_report(bits):
+    abstract = create_model("B/16", num_classes=1000).abstract_params()
+    total = q.size_report(abstract, bits)["total_bytes"]
+    assert 0 <= E.packed_size(abstract, bits) - total <= 0.02 * total
+
+
+def test_refuses_foreign_files(tmp_path, demo):
+    _, params = demo
+    other = tmp_path / "other.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(E.ExportError, match="other.safetensors: not a qvec_jax.packed file"):
+        E.load_packed(other)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(E.ExportError, match="junk.bin: not a readable") as e:
+        E.load_packed(junk)
+    assert "\n" not in str(e.value)
+    with pytest.raises(E.ExportError, match="missing.safetensors"):
+        E.load_packed(tmp_path / "missing.safetensors")
+
+
+def test_bad_export_leaves_target_untouched(demo, tmp_path):
+    _, params = demo
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"old")
+    with pytest.raises(E.ExportError, match="meta"):
+        E.export_packed(params, f, 2, meta={"x": object()})
+    bad = dict(params, extra=jnp.zeros(2, jnp.complex64))
+    with pytest.raises(E.ExportError, match="extra: cannot store dtype complex64"):
+        E.export_packed(bad, f, 2)
+    assert f.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
