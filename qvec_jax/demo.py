@@ -140,7 +140,7 @@ def run_demo(
         f"[demo] 3/4 grid: {len(tasks)} donors x {len(tasks)} receivers x "
         f"{len(lambdas)} lambdas at {cfg.quant.bits} bits"
     )
-    transfer.run_grid(
+    cells = transfer.run_grid(
         tasks,
         runs,
         workdir / "grid",
@@ -153,7 +153,7 @@ def run_demo(
     )
     stage("grid")
 
-    out = report.write_report(workdir / "grid")
+    out = report.write_report(workdir / "grid", cells=cells)
     stage("report")
     info = {
         "pretext": pretext,

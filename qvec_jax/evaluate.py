@@ -3,8 +3,9 @@
 Training's final eval, ``qvec eval`` and the transfer grid all count through
 :func:`count_correct`, one jitted function that takes ``params`` as an argument (never
 closes over them): evaluating many trees of the same shape (the donor x receiver x
-lambda grid) compiles once per (model, bits, granularity). PTQ, when asked for, happens
-inside it with ``fake_quant_tree``: the same rule, axes and numbers as ``qvec_jax.ptq``.
+lambda grid) compiles once per (model, quantizer). PTQ, when asked for (a ``quant.QuantSpec``),
+happens inside it with ``fake_quant_tree``: the same rule, axes and numbers as
+``qvec_jax.ptq``.
 
 :class:`EvalSet` holds one split as sharded device batches (placed once and reused
 when they fit in ``cache_bytes``, streamed otherwise); :func:`accuracy` is the one-shot
@@ -32,11 +33,12 @@ class EvalError(ValueError):
     """A split that cannot be evaluated; the message names it."""
 
 
-@functools.partial(jax.jit, static_argnames=("model", "bits", "granularity"))
-def count_correct(params, images, labels, mask, *, model, bits, granularity):
-    """Correct predictions among the real (``mask``) rows; ``PTQ(params)`` if ``bits``."""
-    if bits is not None:
-        params = quant.fake_quant_tree(params, bits, granularity=granularity)
+@functools.partial(jax.jit, static_argnames=("model", "spec"))
+def count_correct(params, images, labels, mask, *, model, spec: quant.QuantSpec | None):
+    """Correct predictions among the real (``mask``) rows; ``PTQ(params)`` under ``spec``
+    (a ``quant.QuantSpec``, or None for the params as they are)."""
+    if spec is not None:
+        params = quant.fake_quant_tree(params, spec)
     logits = model.apply({"params": params}, images)
     hit = (jnp.argmax(logits, axis=-1) == labels) & mask
     return jnp.sum(hit.astype(jnp.int32))
@@ -75,19 +77,17 @@ class EvalSet:
         """Sharded ``(images, labels, mask)`` device batches, in split order."""
         return iter(self.cached) if self.cached is not None else self._stream()
 
-    def accuracy(self, model, params, *, bits: int | None = None, granularity="channel"):
-        """Top-1 accuracy of ``model`` with ``params`` (``PTQ(params)`` if ``bits``).
+    def accuracy(self, model, params, spec: quant.QuantSpec | None = None) -> float:
+        """Top-1 accuracy of ``model`` with ``params``, or with ``PTQ(params)`` under ``spec``.
 
         ``params`` are replicated over the mesh (a no-op when they already are).
         """
-        if bits is not None:
-            bits = quant.check_bits(bits)
+        if spec is not None and not isinstance(spec, quant.QuantSpec):
+            raise TypeError(f"spec must be a quant.QuantSpec or None, got {spec!r}")
         params = put(params, replicated(self.mesh))
         total = jnp.zeros((), jnp.int32)
         for x, y, m in self.batches():
-            total = total + count_correct(
-                params, x, y, m, model=model, bits=bits, granularity=granularity
-            )
+            total = total + count_correct(params, x, y, m, model=model, spec=spec)
         return int(total) / self.n
 
 
@@ -95,18 +95,22 @@ def accuracy(
     model,
     params,
     split,
+    spec: quant.QuantSpec | None = None,
     *,
     batch_size: int = 256,
     bits: int | None = None,
-    granularity: str = "channel",
+    granularity: str | None = None,
     mesh: Mesh | None = None,
 ) -> float:
     """Top-1 accuracy of ``model`` with ``params`` on ``split`` (a ``data.Split``).
 
-    ``bits``: evaluate ``PTQ(params)`` at that width (round-to-nearest, ``granularity``
-    "channel" or "tensor", ``quant.VIT_RULE``). The batch is sharded over ``mesh``'s
-    ``"data"`` axis and params replicated; ``batch_size`` is rounded up to a multiple
-    of the device count. Streams the split (use :class:`EvalSet` to evaluate it often).
+    ``spec`` (a ``quant.QuantSpec``), or ``bits`` with ``granularity`` ("channel" by
+    default, or "tensor"): evaluate ``PTQ(params)`` (round-to-nearest, the spec's rule,
+    ``quant.VIT_RULE`` by default); neither: the params as they are. The batch is
+    sharded over ``mesh``'s ``"data"`` axis and params replicated; ``batch_size`` is
+    rounded up to a multiple of the device count. Streams the split (use
+    :class:`EvalSet` to evaluate one split often).
     """
-    evals = EvalSet(split, batch_size, mesh)
-    return evals.accuracy(model, params, bits=bits, granularity=granularity)
+    if spec is not None or bits is not None:
+        spec = quant.as_spec(spec, bits=bits, granularity=granularity)
+    return EvalSet(split, batch_size, mesh).accuracy(model, params, spec)

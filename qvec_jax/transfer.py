@@ -12,9 +12,10 @@ splits:
                self pair at lam=1 is the ceiling) and every lam, ``QV_D = QAT_D - FP_D``
                over the backbone (head excluded).
 
-Each finished cell is appended to ``WORKDIR/cells.jsonl`` (flushed per cell). A rerun
-skips cells already there (and recomputes any whose checkpoints changed since), so an
-interrupted grid resumes and adding a task or a lambda computes only the new cells.
+Each finished cell is appended to ``WORKDIR/cells.jsonl`` (fsynced per cell, through
+:class:`qvec_jax.grid_store.GridStore`). A rerun skips cells already there (and
+recomputes any whose checkpoints changed since), so an interrupted grid resumes and
+adding a task or a lambda computes only the new cells.
 Missing checkpoints are listed in ``grid.json`` and never skipped silently:
 :class:`MissingCheckpoints` is raised after the available cells are done, unless
 ``allow_missing``.
@@ -81,16 +82,16 @@ DEFAULT_LAMBDAS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1
 # ----------------------------------------------------------------------------- jitted parts
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "granularity"))
-def patch_and_quantize(fp_params, qv, lam, *, bits: int, granularity: str):
+@functools.partial(jax.jit, static_argnames=("spec",))
+def patch_and_quantize(fp_params, qv, lam, *, spec: quant.QuantSpec):
     """``PTQ(FP_R + lam * QV_D)``; params, QV and lam are arguments (one compile per shape)."""
-    return quant.fake_quant_tree(trees.patch(fp_params, qv, lam), bits, granularity=granularity)
+    return quant.fake_quant_tree(trees.patch(fp_params, qv, lam), spec)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "granularity"))
-def ptq_jit(params, *, bits: int, granularity: str):
+@functools.partial(jax.jit, static_argnames=("spec",))
+def ptq_jit(params, *, spec: quant.QuantSpec):
     """``PTQ(params)``: the same rule and numbers as ``quant.ptq``."""
-    return quant.fake_quant_tree(params, bits, granularity=granularity)
+    return quant.fake_quant_tree(params, spec)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -133,12 +134,19 @@ def plan_cells(tasks, lambdas, ckpts, done: dict[tuple, dict]) -> _Plan:
     return plan
 
 
-def _check_quantizer(store: GridStore, meta: dict, bits: int, granularity: str) -> None:
+def _rule_note(spec: quant.QuantSpec) -> str | None:
+    """How ``grid.json`` names a non-default quantization rule (None for ``VIT_RULE``)."""
+    return None if spec.rule == quant.VIT_RULE else repr(spec.rule)
+
+
+def _check_quantizer(store: GridStore, meta: dict, spec: quant.QuantSpec) -> None:
     """Refuse a workdir that holds a grid at another quantizer setting."""
-    if meta and (meta.get("bits"), meta.get("granularity")) != (bits, granularity):
+    old = (meta.get("bits"), meta.get("granularity"), meta.get("rule"))
+    if meta and old != (spec.bits, spec.granularity, _rule_note(spec)):
+        rule = "" if old[2] is None else f" (rule {old[2]})"
         raise GridError(
-            f"{store.workdir} holds a grid at {meta.get('bits')}-bit {meta.get('granularity')}, "
-            f"not {bits}-bit {granularity}; use another --workdir for another quantizer setting"
+            f"{store.workdir} holds a grid at {old[0]}-bit {old[1]}{rule}, not {spec.bits}-bit "
+            f"{spec.granularity}; use another --workdir for another quantizer setting"
         )
 
 
@@ -151,14 +159,16 @@ def _check_backbone(store: GridStore, meta: dict, backbone: str | None) -> None:
         )
 
 
-def _grid_meta(tasks, lambdas, bits, granularity, runs_dir, ckpts, missing, warnings) -> dict:
+def _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings) -> dict:
     """What ``grid.json`` records about a grid request."""
+    rule = {} if _rule_note(spec) is None else {"rule": _rule_note(spec)}
     return {
         "version": 1,
         "tasks": tasks,
         "lambdas": lambdas,
-        "bits": bits,
-        "granularity": granularity,
+        "bits": spec.bits,
+        "granularity": spec.granularity,
+        **rule,
         "runs_dir": str(Path(runs_dir).resolve()),
         "backbone_id": next((c.meta.get("backbone_id") for c in ckpts.values()), None),
         "variant": next((c.meta.get("variant") for c in ckpts.values()), None),
@@ -176,8 +186,9 @@ def run_grid(
     runs_dir: str | os.PathLike,
     workdir: str | os.PathLike,
     *,
-    bits: int,
-    granularity: str = "channel",
+    bits: int | None = None,
+    granularity: str | None = None,
+    spec: quant.QuantSpec | None = None,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     batch_size: int = 256,
     allow_missing: bool = False,
@@ -187,10 +198,12 @@ def run_grid(
 ) -> list[dict]:
     """Compute every missing cell of the grid over ``tasks``; return all stored cells.
 
-    ``runs_dir`` holds the fine-tunes (``RUNS/<task>/{fp,qat}/params``); results go to
-    ``workdir`` (``cells.jsonl``, ``grid.json``, through a :class:`GridStore`);
-    ``qvec_jax.report.write_report(workdir)`` turns them into tables and plots.
-    ``lambdas`` always gets 1.0 added (the zero-shot column and the ceiling need it).
+    The quantizer is ``spec`` (a ``quant.QuantSpec``), or ``bits`` with ``granularity``
+    ("channel" by default). ``runs_dir`` holds the fine-tunes
+    (``RUNS/<task>/{fp,qat}/params``); results go to ``workdir`` (``cells.jsonl``,
+    ``grid.json``, through a :class:`GridStore`); ``qvec_jax.report.write_report(workdir,
+    cells=...)`` turns them into tables and plots. ``lambdas`` always gets 1.0 added
+    (the zero-shot column and the ceiling need it).
     Raises :class:`MissingCheckpoints` after computing the available cells if a
     checkpoint is missing and not ``allow_missing``; :class:`GridError` if the
     checkpoints do not share one backbone.
@@ -198,17 +211,18 @@ def run_grid(
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise GridError("no tasks given; pass at least one task name")
-    bits = quant.check_bits(bits)
-    quant.reduce_axes(1, granularity, None)  # validates granularity
+    if spec is None and bits is None:
+        raise GridError("no quantizer: pass bits= (and granularity=) or spec=QuantSpec(...)")
+    spec = quant.as_spec(spec, bits=bits, granularity=granularity)
     lambdas = sorted({round(float(lam), 6) for lam in lambdas} | {1.0})
     store = GridStore(workdir)
     store.workdir.mkdir(parents=True, exist_ok=True)
     old_meta = store.meta()
-    _check_quantizer(store, old_meta, bits, granularity)
+    _check_quantizer(store, old_meta, spec)
 
     ckpts, missing = find_checkpoints(tasks, runs_dir)
     warnings = check_compatible(ckpts)
-    meta = _grid_meta(tasks, lambdas, bits, granularity, runs_dir, ckpts, missing, warnings)
+    meta = _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings)
     _check_backbone(store, old_meta, meta["backbone_id"])
     plan = plan_cells(tasks, lambdas, ckpts, {cell_key(c): c for c in store.cells()})
     is_main = jax.process_index() == 0
@@ -220,7 +234,7 @@ def run_grid(
     if plan.todo:
         if is_main:
             store.repair_tail()
-        run = _GridRun(ckpts, bits=bits, granularity=granularity, data_dir=data_dir)
+        run = _GridRun(ckpts, spec, data_dir=data_dir)
         run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, is_main)
     cells = store.cells()
     if missing and not allow_missing:
@@ -232,8 +246,8 @@ class _GridRun:
     """The cells of one grid call: checkpoints loaded (and checked) on demand, one
     receiver's FP params and one donor's QV on device at a time."""
 
-    def __init__(self, ckpts: dict, *, bits: int, granularity: str, data_dir):
-        self.ckpts, self.bits, self.granularity, self.data_dir = ckpts, bits, granularity, data_dir
+    def __init__(self, ckpts: dict, spec: quant.QuantSpec, *, data_dir):
+        self.ckpts, self.spec, self.data_dir = ckpts, spec, data_dir
         self.mesh = make_mesh()
         self.replicated = replicated(self.mesh)
         self.host: dict[str, dict] = {}  # host copies of FP params, by task
@@ -261,17 +275,18 @@ class _GridRun:
 
     def params_for(self, cell: dict, fp_dev):
         """The (device) params a cell evaluates: FP_R, PTQ(FP_R), PTQ(QAT_R) or the patch."""
-        kind, d, q = cell["kind"], cell["donor"], dict(bits=self.bits, granularity=self.granularity)
+        kind, d = cell["kind"], cell["donor"]
         if kind == "fp":
             return fp_dev
         if kind == "ptq_fp":
-            return ptq_jit(fp_dev, **q)
+            return ptq_jit(fp_dev, spec=self.spec)
         if kind == "ptq_qat":
-            return ptq_jit(put(self.load(cell["receiver"], "qat"), self.replicated), **q)
+            return ptq_jit(put(self.load(cell["receiver"], "qat"), self.replicated), spec=self.spec)
         if self.qv_donor != d:
             self.qv_dev = None  # drop the previous donor's QV before placing the next
             self.qv_dev, self.qv_donor = put(self.qv_of(d), self.replicated), d
-        return patch_and_quantize(fp_dev, self.qv_dev, jnp.float32(cell["lam"]), **q)
+        lam = jnp.float32(cell["lam"])
+        return patch_and_quantize(fp_dev, self.qv_dev, lam, spec=self.spec)
 
     def eval_sets(self, r: str, batch_size: int, cache_bytes: int) -> dict[str, EvalSet]:
         image_size = int(self.ckpts[(r, "fp")].meta["image_size"])
@@ -328,7 +343,7 @@ class _GridRun:
             **cell,
             "acc": acc,
             "n": {s: e.n for s, e in evals.items()},
-            "bits": self.bits,
-            "granularity": self.granularity,
+            "bits": self.spec.bits,
+            "granularity": self.spec.granularity,
             "seconds": round(time.perf_counter() - t0, 3),
         }

@@ -45,12 +45,18 @@ def test_ptq_inside_equals_ptq_before_and_compiles_once_per_bits(setup):
     assert evaluate.count_correct._cache_size() - before <= 2
     t = evaluate.accuracy(model, p0, split, batch_size=128, bits=2, granularity="tensor")
     assert t == pytest.approx(_by_hand(model, quant.ptq(p0, 2, granularity="tensor"), split))
+    spec = quant.QuantSpec(2, "tensor")
+    assert evaluate.accuracy(model, p0, split, spec, batch_size=128) == t
 
 
 def test_bad_bits_are_refused(setup):
     model, (p0, _), split = setup
     with pytest.raises(ValueError, match="bits"):
         evaluate.accuracy(model, p0, split, batch_size=128, bits=1)
+    with pytest.raises(ValueError, match="granularity"):
+        evaluate.accuracy(model, p0, split, batch_size=128, bits=2, granularity="row")
+    with pytest.raises(TypeError, match="not both"):
+        evaluate.accuracy(model, p0, split, quant.QuantSpec(2), bits=3)
 
 
 def test_eval_set_cached_and_streamed_count_the_same(setup):
@@ -62,6 +68,6 @@ def test_eval_set_cached_and_streamed_count_the_same(setup):
     want = _by_hand(model, p0, split)
     for es in (cached, streamed):
         assert es.accuracy(model, p0) == pytest.approx(want, abs=1e-12)
-        assert es.accuracy(model, p0, bits=2) == evaluate.accuracy(
+        assert es.accuracy(model, p0, quant.QuantSpec(2)) == evaluate.accuracy(
             model, p0, split, batch_size=100, bits=2
         )

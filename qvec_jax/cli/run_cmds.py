@@ -117,11 +117,8 @@ def _cmd_finetune(args) -> int:
 
 
 def print_headline(result: dict) -> None:
-    """The zero-shot and lambda_best tables of summary.md, then where every file is."""
-    lines = result["summary"].splitlines()
-    for i, ln in enumerate(lines):
-        if ln.startswith((f"| {report.ZERO_SHOT} |", f"| {report.LAMBDA_BEST} |")):
-            print("\n".join(lines[i - 2 : i + 1]) + "\n")
+    """The zero-shot and lambda_best tables (from the metrics), then where every file is."""
+    print(report.headline(result["metrics"]))
     for name, p in result["paths"].items():
         print(f"  {name}: {p}")
 
@@ -188,7 +185,7 @@ def _cmd_grid(args) -> int:
     workdir = Path(args.workdir)
     missing = None
     try:
-        transfer.run_grid(
+        cells = transfer.run_grid(
             tasks,
             args.runs or workdir,
             workdir,
@@ -201,10 +198,10 @@ def _cmd_grid(args) -> int:
             progress=not args.no_progress,
         )
     except transfer.MissingCheckpoints as e:
-        missing = e
+        missing, cells = e, e.cells
     except transfer.GridError as e:
         raise QvecError(str(e)) from None
-    print_headline(report.write_report(workdir))
+    print_headline(report.write_report(workdir, cells=cells))
     if missing is not None:
         print(f"qvec grid: error: {missing}", file=sys.stderr)
         return 1
