@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.image_size = 16  # 4x4 patches + cls = 17 tokens
 
     # "pretrained": path= a backbone checkpoint (the demo writes runs/demo/pretext/params;
-    # anything checkpoints.load_pretrained reads works). "random": train from scratch.
+    # anything pretrained.load_pretrained reads works). "random": train from scratch.
     c.init = ml_collections.ConfigDict()
     c.init.kind = "random"
     c.init.path = ""

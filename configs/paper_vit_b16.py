@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Google's original ViT-B/16 ImageNet-21k checkpoint (timm: vit_base_patch16_224.orig_in21k),
     # gs://vit_models/imagenet21k/ViT-B_16.npz. kind: "pretrained" (anything
-    # checkpoints.load_pretrained reads: .npz, safetensors, our params dir) or "random".
+    # pretrained.load_pretrained reads: .npz, safetensors, our params dir) or "random".
     # The classification head is always a fresh one for the task, seeded by `seed`.
     c.init = ml_collections.ConfigDict()
     c.init.kind = "pretrained"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qvec_jax import cli, demo
+from qvec_jax import checkpoints, cli, demo
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_every_stage_and_report_file_exists(quick_demo):
     info = json.loads((quick_demo / "demo.json").read_text())
     for t in info["tasks"]:
         for mode in ("fp", "qat"):
-            assert (quick_demo / "runs" / t / mode / "params" / "qvec_meta.json").is_file()
+            assert checkpoints.meta_file(quick_demo / "runs" / t / mode / "params").is_file()
             assert (quick_demo / "runs" / t / mode / "results.json").is_file()
     report = {k: Path(v) for k, v in info["report"].items()}
     assert {

@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.numpy import save_file as save_np  # noqa: E402
 
-from qvec_jax import checkpoints as ck  # noqa: E402
+from qvec_jax import pretrained as ck  # noqa: E402
 
 pytestmark = pytest.mark.torch_ref
 TOL = 1e-4
@@ -114,7 +114,7 @@ def _ours(path, x, **kw):
 
 
 def test_timm_small_vit_logits(tmp_path):
-    from test_checkpoints import to_big_vision
+    from vit_layouts import to_big_vision
 
     ref = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7))
     x, xt = _images(2, 224)

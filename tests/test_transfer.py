@@ -208,7 +208,7 @@ def test_same_id_different_tree_names_tasks_and_path(tmp_path):
 
 def test_fp_and_qat_recipes_must_match(tmp_path):
     runs = make_runs(tmp_path / "runs", ("digits",))
-    p = transfer.checkpoint_path(runs, "digits", "qat") / "qvec_meta.json"
+    p = checkpoints.meta_file(transfer.checkpoint_path(runs, "digits", "qat"))
     meta = json.loads(p.read_text())
     meta["config"]["seed"] = 2
     p.write_text(json.dumps(meta))
@@ -219,7 +219,7 @@ def test_fp_and_qat_recipes_must_match(tmp_path):
 def test_recipes_differing_between_tasks_are_a_listed_warning(tmp_path):
     runs = make_runs(tmp_path / "runs", TASKS[:2])
     for mode in ("fp", "qat"):
-        p = transfer.checkpoint_path(runs, "digits_rot90", mode) / "qvec_meta.json"
+        p = checkpoints.meta_file(transfer.checkpoint_path(runs, "digits_rot90", mode))
         meta = json.loads(p.read_text())
         meta["config"]["seed"] = 7  # both runs of the task agree, but not with digits
         p.write_text(json.dumps(meta))

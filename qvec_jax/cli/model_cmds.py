@@ -13,11 +13,10 @@ import jax
 import numpy as np
 
 import qvec_jax as q
-from qvec_jax import checkpoints, data
+from qvec_jax import checkpoints, data, pretrained
 from qvec_jax.cli.common import QvecError, add_parser, check_output, restore, same_backbone, save
 from qvec_jax.evaluate import accuracy
 from qvec_jax.files import atomic_write_text
-from qvec_jax.models.vit import WIDTHS, ViT
 
 # ----------------------------------------------------------------------------- convert
 
@@ -47,25 +46,25 @@ def add_convert(sub) -> None:
         help="resample position embeddings for this resolution (default: the checkpoint's)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of a fresh head")
+    p.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="attention heads of a timm file whose dims match no named variant (default: width/64)",
+    )
     p.set_defaults(func=_cmd_convert)
 
 
-def _width_class(model: ViT) -> str:
-    for name, cfg in WIDTHS.items():
-        if all(getattr(model, k) == v for k, v in cfg.items()):
-            return name
-    raise checkpoints.CheckpointError(f"model width {model.width} matches no named variant")
-
-
 def _cmd_convert(args) -> int:
-    model, params = checkpoints.load_pretrained(
+    model, params = pretrained.load_pretrained(
         args.input,
         variant=args.variant,
         num_classes=args.num_classes,
         image_size=args.image_size,
         seed=args.seed,
+        num_heads=args.num_heads,
     )
-    variant = f"{_width_class(model)}/{model.patch_size}"
+    variant = model.variant
     meta = dict(
         variant=variant,
         num_classes=model.num_classes,

@@ -57,15 +57,43 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
+# A ViT outside the width classes spells its dims in the variant: "w192d3m768h3/16" is
+# width 192, depth 3, MLP 768, 3 heads, patch 16 (timm/HF hold many such models).
+_DIMS_RE = re.compile(r"w(\d+)d(\d+)m(\d+)h(\d+)")
+
+
+def variant_name(*, width: int, depth: int, mlp_dim: int, num_heads: int, patch_size: int) -> str:
+    """The variant string of these dims: the named class when one matches (``"Ti/16"``),
+    else the explicit form ``"w192d3m768h3/16"`` that :func:`decode_variant` reads back."""
+    dims = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    for name, cfg in WIDTHS.items():
+        if cfg == dims:
+            return f"{name}/{patch_size}"
+    decode_variant(f"w{width}d{depth}m{mlp_dim}h{num_heads}/{patch_size}")  # validates
+    return f"w{width}d{depth}m{mlp_dim}h{num_heads}/{patch_size}"
+
+
 def decode_variant(variant: str) -> dict[str, int]:
-    """``"B/16"`` -> dict(width, depth, mlp_dim, num_heads, patch_size)."""
+    """``"B/16"`` or ``"w192d3m768h3/16"`` -> dict(width, depth, mlp_dim, num_heads, patch_size)."""
     m = re.fullmatch(r"(\w+)/(\d+)", str(variant))
-    if not m or m.group(1) not in WIDTHS:
+    if m and m.group(1) in WIDTHS:
+        return dict(WIDTHS[m.group(1)], patch_size=int(m.group(2)))
+    e = _DIMS_RE.fullmatch(m.group(1)) if m else None
+    if e is None:
         raise ValueError(
             f"unknown ViT variant {variant!r}: use '<class>/<patch>' with class one of "
-            f"{sorted(WIDTHS)}, e.g. 'B/16' (known: {', '.join(VARIANTS)})"
+            f"{sorted(WIDTHS)}, e.g. 'B/16' (known: {', '.join(VARIANTS)}), or explicit dims "
+            "'w<width>d<depth>m<mlp_dim>h<heads>/<patch>', e.g. 'w192d3m768h3/16'"
         )
-    return dict(WIDTHS[m.group(1)], patch_size=int(m.group(2)))
+    width, depth, mlp_dim, heads = map(int, e.groups())
+    if min(width, depth, mlp_dim, heads, int(m.group(2))) < 1 or width % heads:
+        raise ValueError(
+            f"ViT variant {variant!r}: every dim must be positive and the width {width} a "
+            f"multiple of the number of heads {heads}"
+        )
+    return dict(
+        width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(m.group(2))
+    )
 
 
 class MlpBlock(nn.Module):
@@ -181,6 +209,17 @@ class ViT(nn.Module):
                 name="head",
             )(x)
         return x
+
+    @property
+    def variant(self) -> str:
+        """The variant string that :func:`create_model` rebuilds this model's dims from."""
+        return variant_name(
+            width=self.width,
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            patch_size=self.patch_size,
+        )
 
     def init_params(self, rng) -> dict:
         """Random params dict (jitted init)."""
