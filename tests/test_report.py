@@ -191,3 +191,21 @@ def test_cells_outside_the_requested_grid_do_not_count_as_present():
     assert "Cells: 10 of 10 (complete)" in text
     text = rp.summary_markdown(m, {"expected_cells": 3 * 3 + 9 * 1, "bits": 2})
     assert "Cells: 10 of 18 (**incomplete**)" in text
+
+
+def test_headline_is_the_mode_tables_of_summary_md(tmp_path):
+    write_hand_workdir(tmp_path)
+    out = rp.write_report(tmp_path)
+    head = rp.headline(out["metrics"])
+    blocks = head.strip("\n").split("\n\n")
+    assert len(blocks) == 2
+    for block, mode in zip(blocks, (rp.ZERO_SHOT, rp.LAMBDA_BEST)):
+        header, rule, row = block.splitlines()
+        assert row.startswith(f"| {mode} |")
+        assert f"\n## {mode}\n" in out["summary"] and block in out["summary"]
+    # the numbers of the hand grid (test_metrics_on_hand_made_cells), in points
+    zero, best = (b.splitlines()[2] for b in blocks)
+    assert "| 2/3 (66.7%) | +1.7 | +5.0 |" in zero  # deltas +10, -10, +5
+    assert "| 1/3 (33.3%) | +0.0 | -10.0 |" in best and best.endswith("| 0.5 |")
+    status = rp.report_status(out["metrics"])
+    assert " | ".join(status[rp.ZERO_SHOT]) in zero and " | ".join(status[rp.LAMBDA_BEST]) in best
