@@ -1,12 +1,9 @@
 """FP and QAT fine-tuning: one loop, one config, on a ``jax.sharding`` mesh, resumable.
 
-QAT differs from FP in one line of the loss (``QAT is PTQ's sibling``)::
-
-    p = quant.fake_quant_tree(params, spec, ste=True) if qat else params
-    logits = model.apply({"params": p}, images)
-
-With the same config and seed, FP and QAT start from the same params (same fresh head)
-and see the same batches in the same order, so ``QAT - FP`` isolates quantization.
+The step (optimizer, loss, jitted update) is ``qvec_jax.train_step``; this module runs
+it: setup, the loop with logging and checkpoints, and the final save and eval. With the
+same config and seed, FP and QAT start from the same params (same fresh head) and see
+the same batches in the same order, so ``QAT - FP`` isolates quantization.
 
 Scale-out: a 1-D mesh ``("data",)`` over all devices (all hosts after
 ``jax.distributed.initialize()``). The batch is sharded over it; params and optimizer
@@ -29,34 +26,38 @@ deleted once ``params/`` and ``results.json`` are written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import shutil
-import tempfile
 import time
 import zlib
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from qvec_jax import config as qconfig
 from qvec_jax import quant
-from qvec_jax.sharding import make_mesh, put, state_shardings
-from qvec_jax.trees import HEAD_RULE, path_str
+from qvec_jax.files import atomic_write_text
+from qvec_jax.sharding import make_mesh, replicated, shard_batch, state_shardings
+from qvec_jax.train_step import (  # noqa: F401  (re-exported: train's public API)
+    MODES,
+    TrainError,
+    abstract_state,
+    accumulation_steps,
+    create_state,
+    head_mask,
+    loss_fn,
+    make_optimizer,
+    make_train_step,
+)
 
-MODES = ("fp", "qat")
 INIT_KINDS = ("pretrained", "random")
-
-
-class TrainError(ValueError):
-    """Bad config or workdir; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- setup
@@ -74,60 +75,6 @@ def maybe_initialize_distributed(force: bool = False) -> None:
             jax.distributed.initialize()
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-    """``clip_by_global_norm`` then AdamW on a linear-warmup + cosine schedule -> (tx, schedule)."""
-    warmup = int(optim.warmup_steps)
-    if not 0 <= warmup < total_steps:
-        raise TrainError(
-            f"optim.warmup_steps={warmup} must be in [0, total_steps={total_steps}); "
-            "lower it or train longer (epochs=... or total_steps=...)"
-        )
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=float(optim.lr), warmup_steps=warmup, decay_steps=total_steps
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(float(optim.clip_norm)),
-        optax.adamw(
-            schedule,
-            b1=float(optim.b1),
-            b2=float(optim.b2),
-            eps=float(optim.eps),
-            weight_decay=float(optim.weight_decay),
-        ),
-    )
-    mult = float(optim.get("head_lr_mult", 1.0))
-    if mult != 1.0:  # the head (trees.HEAD_RULE) learns at mult * lr; 1.0 = the paper
-        tx = optax.chain(tx, scale_head_updates(mult))
-    return tx, schedule
-
-
-def scale_head_updates(mult: float) -> optax.GradientTransformation:
-    """Multiply the updates of the head leaves (``trees.HEAD_RULE``) by ``mult``."""
-
-    def scale(updates, params=None):
-        del params
-        return jax.tree_util.tree_map_with_path(
-            lambda kp, u: u * mult if HEAD_RULE.match(path_str(kp)) else u, updates
-        )
-
-    return optax.stateless(scale)
-
-
-def accumulation_steps(batch_size: int, device_batch_size: int, n_devices: int) -> int:
-    """Micro-batches per optimizer step so that each device sees <= ``device_batch_size``."""
-    if batch_size % n_devices:
-        raise TrainError(
-            f"batch_size={batch_size} is not divisible by the {n_devices} devices of the mesh"
-        )
-    per_device = batch_size // n_devices
-    if device_batch_size <= 0 or per_device <= device_batch_size:
-        return 1
-    k = math.ceil(per_device / device_batch_size)
-    while per_device % k:
-        k += 1
-    return k
-
-
 def total_train_steps(cfg: ml_collections.ConfigDict, num_train: int, task_epochs) -> int:
     """``total_steps`` if > 0, else ceil(epochs * num_train / batch_size)."""
     if cfg.total_steps > 0:
@@ -140,91 +87,7 @@ def total_train_steps(cfg: ml_collections.ConfigDict, num_train: int, task_epoch
     return qdata.num_train_steps(int(num_train), int(cfg.batch_size), float(epochs))
 
 
-# --------------------------------------------------------------------------- the step
-
-
-def loss_fn(params, model, images, labels, *, spec=None, label_smoothing=0.0):
-    """Mean softmax cross-entropy. With a ``quant.QuantSpec`` (QAT) the model runs at the
-    STE fake-quantized params; with ``spec=None`` (FP) at the params themselves."""
-    if spec is not None:
-        params = quant.fake_quant_tree(params, spec, ste=True)
-    logits = model.apply({"params": params}, images)
-    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
-
-
-def make_train_step(
-    model, tx, mesh, state_sharding, *, mode, spec=None, accum=1, label_smoothing=0.0
-):
-    """Jitted ``(state, images, labels) -> (state, metrics)``; ``state`` is donated.
-
-    ``state = {"params", "opt_state", "step"}``; ``spec``: the ``quant.QuantSpec`` QAT
-    trains for (unused by FP). With ``accum > 1`` the global batch is split into
-    ``accum`` equal micro-batches (each spread over all devices) whose mean gradient
-    feeds one optimizer update: the same update, a fraction of the activations.
-    """
-    if mode not in MODES:
-        raise TrainError(f"mode {mode!r} is not one of {MODES}")
-    if mode == "qat" and not isinstance(spec, quant.QuantSpec):
-        raise TrainError(f"mode 'qat' needs spec=quant.QuantSpec(bits, ...), got {spec!r}")
-    grad_fn = jax.value_and_grad(loss_fn)
-    kw = dict(spec=spec if mode == "qat" else None, label_smoothing=label_smoothing)
-    batch_sh = NamedSharding(mesh, P("data"))
-
-    def step(state, images, labels):
-        params = state["params"]
-        if accum == 1:
-            loss, grads = grad_fn(params, model, images, labels, **kw)
-        else:
-            m = images.shape[0] // accum
-
-            def micro(x):  # [B, ...] -> [accum, m, ...]; micro j = rows j, j+accum, ...
-                x = x.reshape(m, accum, *x.shape[1:])
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
-                return jax.lax.with_sharding_constraint(
-                    jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, "data"))
-                )
-
-            def body(carry, xy):
-                loss, grads = grad_fn(params, model, *xy, **kw)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(body, zero, (micro(images), micro(labels)))
-            loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new = {
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-        }
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return jax.jit(
-        step,
-        donate_argnums=(0,),
-        in_shardings=(state_sharding, batch_sh, batch_sh),
-        out_shardings=(state_sharding, NamedSharding(mesh, P())),
-    )
-
-
 # --------------------------------------------------------------------------- init
-
-
-def create_state(params, tx, shardings) -> dict:
-    """The train state ``{"params", "opt_state", "step"}`` placed with ``shardings``.
-
-    Every leaf gets its final sharding before step 1, so the jitted step sees the same
-    input layouts on every call and compiles once. The state owns fresh buffers (the
-    step donates them), so ``params`` stays usable.
-    """
-    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])
-    params = copy(put(params, shardings["params"]))
-    init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
-    step = put(np.zeros((), np.int32), shardings["step"])
-    return {"params": params, "opt_state": init(params), "step": step}
 
 
 def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
@@ -262,14 +125,6 @@ def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
 # --------------------------------------------------------------------------- workdir
 
 
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_" + os.path.basename(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _prepare_workdir(cfg, workdir: str, force: bool) -> None:
     os.makedirs(workdir, exist_ok=True)
     cfg_path = os.path.join(workdir, "config.json")
@@ -288,7 +143,7 @@ def _prepare_workdir(cfg, workdir: str, force: bool) -> None:
                 p = os.path.join(workdir, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
     if jax.process_index() == 0:  # multi-host: workdir is on a shared filesystem
-        _atomic_write(cfg_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(cfg_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -297,7 +152,7 @@ def _truncate_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    _atomic_write(path, "".join(keep))
+    atomic_write_text(path, "".join(keep))
 
 
 def _batch_crc(crc: int, images, labels) -> int:
@@ -343,7 +198,7 @@ def _restore(mngr, abstract, shardings):
     return r.state, int(r.progress["step"]), int(r.progress["crc"])
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the run
 
 
 def validate(cfg: ml_collections.ConfigDict) -> quant.QuantSpec:
@@ -356,8 +211,8 @@ def validate(cfg: ml_collections.ConfigDict) -> quant.QuantSpec:
         return quant.QuantSpec(cfg.quant.bits, cfg.quant.granularity)
     except (TypeError, ValueError) as e:
         raise TrainError(
-            f"quant.bits={cfg.quant.bits!r}, quant.granularity="
-            f"{cfg.quant.granularity!r}: {e}; fix the config or override"
+            f"quant.bits={cfg.quant.bits!r}, quant.granularity={cfg.quant.granularity!r}: "
+            f"{e}; fix the config or override it"
         ) from None
 
 
@@ -376,9 +231,6 @@ def finetune(
     ``{"stopped_at": step}`` (for time-limited jobs; rerun to continue). A finished run
     returns its ``results.json`` without training again.
     """
-    from tqdm.auto import tqdm
-
-    from qvec_jax import checkpoints
     from qvec_jax import data as qdata
 
     spec = validate(cfg)
@@ -386,70 +238,95 @@ def finetune(
     workdir = os.path.abspath(workdir)
     _prepare_workdir(cfg, workdir, force)
     results_path = os.path.join(workdir, "results.json")
-    params_dir = os.path.join(workdir, "params")
-    if os.path.exists(results_path) and os.path.isdir(params_dir):
+    if os.path.exists(results_path) and os.path.isdir(os.path.join(workdir, "params")):
         with open(results_path) as f:
             return json.load(f)
+    run = _setup(cfg, spec, task, workdir, mesh)
+    end = run.total if stop_after is None else min(run.total, run.start + int(stop_after))
+    _loop(run, end, progress)
+    if end < run.total:
+        return {"stopped_at": end, "total_steps": run.total}
+    return _finalize(run)
 
-    data_dir = cfg.data.data_dir or None
-    train_split = qdata.load_split(
-        task, "train", image_size=cfg.model.image_size, data_dir=data_dir
+
+@dataclasses.dataclass
+class _Run:
+    """One fine-tune between setup, loop and finalize; the loop advances state and crc."""
+
+    cfg: ml_collections.ConfigDict
+    spec: quant.QuantSpec
+    task: Any  # data.Task
+    workdir: str
+    mesh: Mesh
+    model: Any
+    train_split: Any  # data.Split
+    total: int  # optimizer steps of the whole run
+    schedule: optax.Schedule
+    step_fn: Any  # make_train_step's jitted step
+    mngr: ocp.CheckpointManager
+    backbone: str  # checkpoints.backbone_id of the init
+    state: dict
+    start: int  # the step the state is at (0, or the restored checkpoint's)
+    crc: int  # fingerprint of the batches seen so far
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+
+def _setup(cfg, spec, task, workdir: str, mesh) -> _Run:
+    """Data, mesh, optimizer, model, shardings and the jitted step; then the state of the
+    latest checkpoint (resume) or a fresh one, and metrics past it dropped."""
+    from qvec_jax import checkpoints
+    from qvec_jax import data as qdata
+
+    split = qdata.load_split(
+        task, "train", image_size=cfg.model.image_size, data_dir=cfg.data.data_dir or None
     )
-    total = total_train_steps(cfg, len(train_split), task.epochs)
+    total = total_train_steps(cfg, len(split), task.epochs)
     mesh = make_mesh() if mesh is None else mesh
     accum = accumulation_steps(cfg.batch_size, cfg.device_batch_size, mesh.devices.size)
     if (cfg.batch_size // accum) % mesh.devices.size:
         raise TrainError("batch_size / accumulation steps must be divisible by the device count")
     tx, schedule = make_optimizer(cfg.optim, total)
-
     model, host_params = build_model_and_params(cfg, task.num_classes)
-    backbone = checkpoints.backbone_id(host_params)  # of the init; the head is excluded
-    abstract = jax.eval_shape(
-        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
-        host_params,
-    )
+    abstract = abstract_state(host_params, tx)
     shardings = state_shardings(abstract, mesh, fsdp=cfg.fsdp)
-    train_step = make_train_step(
-        model,
-        tx,
-        mesh,
-        shardings,
-        mode=cfg.mode,
-        spec=spec,
-        accum=accum,
+    step_fn = make_train_step(
+        model, tx, mesh, shardings, mode=cfg.mode, spec=spec, accum=accum,
         label_smoothing=cfg.label_smoothing,
-    )
-
+    )  # fmt: skip
     mngr = _checkpoint_manager(workdir, cfg.keep_checkpoints)
-    start, crc = 0, 0
     if mngr.latest_step() is not None:
         state, start, crc = _restore(mngr, abstract, shardings)
     else:
-        state = create_state(host_params, tx, shardings)
-    del host_params
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, start)
+        state, start, crc = create_state(host_params, tx, shardings), 0, 0
+    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    return _Run(
+        cfg, spec, task, workdir, mesh, model, split, total, schedule, step_fn, mngr,
+        backbone=checkpoints.backbone_id(host_params), state=state, start=start, crc=crc,
+    )  # fmt: skip
 
-    end = total if stop_after is None else min(total, start + int(stop_after))
-    batches = qdata.train_batches(train_split, cfg.batch_size, seed=cfg.seed, start_step=start)
-    is_main = jax.process_index() == 0
-    bar = tqdm(
-        total=total,
-        initial=start,
-        disable=not (progress and is_main),
-        unit="step",
-        desc=f"{cfg.task} {cfg.mode}",
-        dynamic_ncols=True,
-    )
+
+def _loop(run: _Run, end: int, progress: bool) -> None:
+    """Train steps ``run.start .. end``: a metrics record every ``log_every`` steps and a
+    checkpoint every ``checkpoint_every`` steps, both also at ``end``."""
+    from tqdm.auto import tqdm
+
+    from qvec_jax import data as qdata
+
+    cfg, is_main = run.cfg, jax.process_index() == 0
+    batches = qdata.train_batches(run.train_split, cfg.batch_size, seed=cfg.seed,
+                                  start_step=run.start)  # fmt: skip
+    bar = tqdm(total=run.total, initial=run.start, disable=not (progress and is_main),
+               unit="step", desc=f"{cfg.task} {cfg.mode}", dynamic_ncols=True)  # fmt: skip
     window, t_log, n_log = [], time.perf_counter(), 0
-    with open(metrics_path, "a") as mfile:
-        for step in range(start, end):
+    with open(run.path("metrics.jsonl"), "a") as mfile:
+        for step in range(run.start, end):
             images, labels = next(batches)
-            crc = _batch_crc(crc, images, labels)
-            x, y = qdata.shard_batch((images, labels), mesh)
-            state, m = train_step(state, x, y)
+            run.crc = _batch_crc(run.crc, images, labels)
+            run.state, m = run.step_fn(run.state, *shard_batch((images, labels), run.mesh))
             bar.update(1)
-            if step == start:  # keep compilation out of the throughput numbers
+            if step == run.start:  # keep compilation out of the throughput numbers
                 jax.block_until_ready(m)
                 t_log = time.perf_counter()
             else:
@@ -457,53 +334,57 @@ def finetune(
             window.append(m)
             done = step + 1
             if done % cfg.log_every == 0 or done == end:
-                ms = jax.device_get(window)
-                dt = max(time.perf_counter() - t_log, 1e-9)
-                rec = {
-                    "step": done,
-                    "loss": float(np.mean([w["loss"] for w in ms])),
-                    "lr": float(schedule(step)),
-                    "grad_norm": float(ms[-1]["grad_norm"]),
-                    "steps_per_s": n_log / dt if n_log else None,  # None: compile only
-                    "examples_per_s": n_log * cfg.batch_size / dt if n_log else None,
-                    "data_crc": crc,
-                }
+                rec = _record(run, done, window, n_log, t_log)
                 if is_main:
                     mfile.write(json.dumps(rec) + "\n")
                     mfile.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                 window, t_log, n_log = [], time.perf_counter(), 0
             if done % cfg.checkpoint_every == 0 or done == end:
-                _save(mngr, done, state, crc)
+                _save(run.mngr, done, run.state, run.crc)
     bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    if end < total:
-        return {"stopped_at": end, "total_steps": total}
+    run.mngr.wait_until_finished()
+    run.mngr.close()
 
-    params = state["params"]
-    meta = {
-        "variant": cfg.model.variant,
-        "num_classes": task.num_classes,
-        "image_size": cfg.model.image_size,
-        **{k: cfg[k] for k in ("task", "mode", "seed")},
-        **{k: cfg.quant[k] for k in ("bits", "granularity")},
-        "backbone_id": backbone,
-        "steps": total,
-        "config": json.loads(qconfig.to_json(cfg)),
+
+def _record(run: _Run, done: int, window: list, n_log: int, t_log: float) -> dict:
+    """One metrics.jsonl record for the steps in ``window`` (the last one is ``done``)."""
+    ms = jax.device_get(window)  # waits for the steps, so the time below includes them
+    dt = max(time.perf_counter() - t_log, 1e-9)
+    return {
+        "step": done,
+        "loss": float(np.mean([w["loss"] for w in ms])),
+        "lr": float(run.schedule(done - 1)),
+        "grad_norm": float(ms[-1]["grad_norm"]),
+        "steps_per_s": n_log / dt if n_log else None,  # None: compile only
+        "examples_per_s": n_log * run.cfg.batch_size / dt if n_log else None,
+        "data_crc": run.crc,
     }
+
+
+def _finalize(run: _Run) -> dict:
+    """Save the final params with their meta, evaluate, write results.json, and drop the
+    training-state checkpoints (they exist only to resume)."""
+    from qvec_jax import checkpoints
+
+    cfg, spec, is_main = run.cfg, run.spec, jax.process_index() == 0
+    meta = checkpoints.CheckpointMeta(
+        variant=cfg.model.variant, num_classes=run.task.num_classes,
+        image_size=cfg.model.image_size, task=cfg.task, mode=cfg.mode, seed=cfg.seed,
+        bits=spec.bits, granularity=spec.granularity, backbone_id=run.backbone,
+        steps=run.total, config=json.loads(qconfig.to_json(cfg)),
+    )  # fmt: skip
     # Gather (undoes FSDP) on every process; the write itself is checkpoints.save_params's
     # (multi-host: untested here, it must not need the other processes to join).
-    gather = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))
-    host_params = jax.device_get(gather(params))
+    params = run.state["params"]
+    host_params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(run.mesh))(params))
     if is_main:
-        checkpoints.save_params(params_dir, host_params, meta)
-
+        checkpoints.save_params(run.path("params"), host_params, meta)
     results = {k: meta[k] for k in ("task", "mode", "bits", "granularity", "steps")}
-    results.update(final_eval(cfg, model, params, task, spec, mesh=mesh))
+    results.update(final_eval(cfg, run.model, params, run.task, spec, mesh=run.mesh))
     if is_main:
-        _atomic_write(results_path, json.dumps(results, indent=2) + "\n")
-        shutil.rmtree(os.path.join(workdir, "ckpt"), ignore_errors=True)
+        atomic_write_text(run.path("results.json"), json.dumps(results, indent=2) + "\n")
+        shutil.rmtree(run.path("ckpt"), ignore_errors=True)
     return results
 
 
@@ -521,9 +402,7 @@ def final_eval(cfg, model, params, task, spec: quant.QuantSpec, *, mesh=None) ->
         kw = dict(batch_size=cfg.eval_batch_size, mesh=mesh)
         out[name] = {
             "fp": accuracy(model, params, split, **kw),
-            "ptq": accuracy(
-                model, params, split, bits=spec.bits, granularity=spec.granularity, **kw
-            ),
+            "ptq": accuracy(model, params, split, spec, **kw),
             "n": len(split),
         }
     return out

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+import qvec_jax as q
 import qvec_jax.quant as quant
 from qvec_jax import config as qconfig
 from qvec_jax import train
@@ -50,10 +51,7 @@ def _setup_step(mode, accum=1, bits=2, batch=16, eps=1e-8):
     optim = qconfig.load_config(DEMO, ["optim.warmup_steps=0", f"optim.eps={eps}"]).optim
     tx, _ = train.make_optimizer(optim, total_steps=10)
     mesh = make_mesh()
-    abstract = jax.eval_shape(
-        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
-    )
-    sh = state_shardings(abstract, mesh)
+    sh = state_shardings(train.abstract_state(params, tx), mesh)
     step = train.make_train_step(
         model, tx, mesh, sh, mode=mode, spec=quant.QuantSpec(bits), accum=accum
     )
@@ -384,3 +382,22 @@ def test_head_lr_mult_scales_only_the_head_update():
         scaled["Transformer"]["encoder_norm"]["scale"], base["Transformer"]["encoder_norm"]["scale"]
     )
     assert np.all(np.asarray(base["head"]["kernel"]) != 0)
+    # Exactly the definition: the mult=1 update, times mult on the HEAD_RULE leaves only
+    # (the multiplier is the last transform, so it feeds nothing back into AdamW's state).
+    by_hand = {
+        p: np.float32(10.0) * np.asarray(u) if q.HEAD_RULE.match(p) else np.asarray(u)
+        for p, u in q.flatten(base).items()
+    }
+    for p, u in q.flatten(scaled).items():
+        assert u.dtype == by_hand[p].dtype, p
+        np.testing.assert_array_equal(np.asarray(u), by_hand[p], err_msg=p)
+
+
+def test_head_mask_selects_head_and_pre_logits_only():
+    model = vit.create_model("test/4", num_classes=10, image_size=28, representation_size=8)
+    params = model.abstract_params()
+    mask = q.flatten(train.head_mask(params))
+    assert {p for p, m in mask.items() if m} == {
+        "head/kernel", "head/bias", "pre_logits/kernel", "pre_logits/bias"
+    }  # fmt: skip
+    assert len(mask) == len(q.flatten(params))

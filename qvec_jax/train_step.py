@@ -1,0 +1,179 @@
+"""One optimizer step of FP or QAT fine-tuning: the optimizer, the loss, the jitted step.
+
+QAT differs from FP in one line of the loss (``QAT is PTQ's sibling``)::
+
+    p = quant.fake_quant_tree(params, spec, ste=True) if qat else params
+    logits = model.apply({"params": p}, images)
+
+The step runs on a 1-D ``("data",)`` mesh: the batch is sharded over it; the state
+``{"params", "opt_state", "step"}`` is placed with the shardings it is built for
+(``sharding.state_shardings``: replicated, or FSDP). ``train.finetune`` drives it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qvec_jax import quant
+from qvec_jax.sharding import put
+from qvec_jax.trees import HEAD_RULE, PyTree, path_str
+
+MODES = ("fp", "qat")
+
+
+class TrainError(ValueError):
+    """Bad config or workdir; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+    """``clip_by_global_norm`` then AdamW on a linear-warmup + cosine schedule -> (tx, schedule)."""
+    warmup = int(optim.warmup_steps)
+    if not 0 <= warmup < total_steps:
+        raise TrainError(
+            f"optim.warmup_steps={warmup} must be in [0, total_steps={total_steps}); "
+            "lower it or train longer (epochs=... or total_steps=...)"
+        )
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=float(optim.lr), warmup_steps=warmup, decay_steps=total_steps
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(optim.clip_norm)),
+        optax.adamw(
+            schedule,
+            b1=float(optim.b1),
+            b2=float(optim.b2),
+            eps=float(optim.eps),
+            weight_decay=float(optim.weight_decay),
+        ),
+    )
+    mult = float(optim.get("head_lr_mult", 1.0))
+    if mult != 1.0:  # the head (trees.HEAD_RULE) learns at mult * lr; 1.0 = the paper
+        tx = optax.chain(tx, optax.masked(optax.scale(mult), head_mask))
+    return tx, schedule
+
+
+def head_mask(tree) -> PyTree:
+    """``True`` on the head leaves (``trees.HEAD_RULE``), ``False`` elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: HEAD_RULE.match(path_str(kp)) is not None, tree
+    )
+
+
+def accumulation_steps(batch_size: int, device_batch_size: int, n_devices: int) -> int:
+    """Micro-batches per optimizer step so that each device sees <= ``device_batch_size``."""
+    if batch_size % n_devices:
+        raise TrainError(
+            f"batch_size={batch_size} is not divisible by the {n_devices} devices of the mesh"
+        )
+    per_device = batch_size // n_devices
+    if device_batch_size <= 0 or per_device <= device_batch_size:
+        return 1
+    k = math.ceil(per_device / device_batch_size)
+    while per_device % k:
+        k += 1
+    return k
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def loss_fn(params, model, images, labels, *, spec=None, label_smoothing=0.0):
+    """Mean softmax cross-entropy. With a ``quant.QuantSpec`` (QAT) the model runs at the
+    STE fake-quantized params; with ``spec=None`` (FP) at the params themselves."""
+    if spec is not None:
+        params = quant.fake_quant_tree(params, spec, ste=True)
+    logits = model.apply({"params": params}, images)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def make_train_step(
+    model, tx, mesh, state_sharding, *, mode, spec=None, accum=1, label_smoothing=0.0
+):
+    """Jitted ``(state, images, labels) -> (state, metrics)``; ``state`` is donated.
+
+    ``state = {"params", "opt_state", "step"}``; ``spec``: the ``quant.QuantSpec`` QAT
+    trains for (unused by FP). With ``accum > 1`` the global batch is split into
+    ``accum`` equal micro-batches (each spread over all devices) whose mean gradient
+    feeds one optimizer update: the same update, a fraction of the activations.
+    """
+    if mode not in MODES:
+        raise TrainError(f"mode {mode!r} is not one of {MODES}")
+    if mode == "qat" and not isinstance(spec, quant.QuantSpec):
+        raise TrainError(f"mode 'qat' needs spec=quant.QuantSpec(bits, ...), got {spec!r}")
+    grad_fn = jax.value_and_grad(loss_fn)
+    kw = dict(spec=spec if mode == "qat" else None, label_smoothing=label_smoothing)
+    batch_sh = NamedSharding(mesh, P("data"))
+
+    def step(state, images, labels):
+        params = state["params"]
+        if accum == 1:
+            loss, grads = grad_fn(params, model, images, labels, **kw)
+        else:
+            m = images.shape[0] // accum
+
+            def micro(x):  # [B, ...] -> [accum, m, ...]; micro j = rows j, j+accum, ...
+                x = x.reshape(m, accum, *x.shape[1:])
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+                return jax.lax.with_sharding_constraint(
+                    jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, "data"))
+                )
+
+            def body(carry, xy):
+                loss, grads = grad_fn(params, model, *xy, **kw)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, zero, (micro(images), micro(labels)))
+            loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        in_shardings=(state_sharding, batch_sh, batch_sh),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
+    )
+
+
+# --------------------------------------------------------------------------- init
+
+
+def abstract_state(params, tx) -> dict:
+    """The train state's shapes and dtypes (``jax.eval_shape``), for shardings and restore."""
+    return jax.eval_shape(
+        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
+    )
+
+
+def create_state(params, tx, shardings) -> dict:
+    """The train state ``{"params", "opt_state", "step"}`` placed with ``shardings``.
+
+    Every leaf gets its final sharding before step 1, so the jitted step sees the same
+    input layouts on every call and compiles once. The state owns fresh buffers (the
+    step donates them), so ``params`` stays usable.
+    """
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings["params"])
+    params = copy(put(params, shardings["params"]))
+    init = jax.jit(tx.init, out_shardings=shardings["opt_state"])
+    step = put(np.zeros((), np.int32), shardings["step"])
+    return {"params": params, "opt_state": init(params), "step": step}
