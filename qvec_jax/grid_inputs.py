@@ -12,7 +12,6 @@ before anything is computed, with errors that name the checkpoints.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvec_jax import trees
+from qvec_jax import checkpoints, trees
 
 __all__ = [
     "MODES",
@@ -78,7 +77,7 @@ class Ckpt:
 
 def _fingerprint(path: Path) -> str:
     """Identity of a written checkpoint: its meta and the time it was written."""
-    meta_file = path / "qvec_meta.json"
+    meta_file = checkpoints.meta_file(path)
     h = hashlib.sha256(meta_file.read_bytes())
     h.update(str(meta_file.stat().st_mtime_ns).encode())
     return h.hexdigest()[:16]
@@ -92,17 +91,16 @@ def find_checkpoints(
     for t in tasks:
         for mode in MODES:
             path = checkpoint_path(runs_dir, t, mode)
-            meta_file = path / "qvec_meta.json"
             if not path.is_dir():
                 reason = (
                     "fine-tune not finished: no params/ yet"
                     if path.parent.is_dir()
                     else "not found"
                 )
-            elif not meta_file.is_file():
-                reason = "no qvec_meta.json: not a qvec checkpoint, or a partial write"
+            elif not checkpoints.is_checkpoint(path):
+                reason = f"no {checkpoints.META_FILE}: not a qvec checkpoint, or a partial write"
             else:
-                meta = json.loads(meta_file.read_text())
+                meta = checkpoints.read_meta(path)
                 found[(t, mode)] = Ckpt(t, mode, path.resolve(), meta, _fingerprint(path))
                 continue
             missing.append({"task": t, "mode": mode, "path": str(path), "reason": reason})
