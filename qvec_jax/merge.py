@@ -178,7 +178,8 @@ def ties_merge(qvs, density=0.2, weights=None, *, scope="global", exclude=HEAD_R
        (entries tied with the m-th largest are kept too, as in the reference code's
        ``|v| >= kthvalue``), zero the rest. ``scope="global"`` (default, the paper's
        reference implementation): ``n = d``, one threshold per vector over all merged
-       leaves; ``scope="leaf"`` (mergekit): ``n`` = the leaf's size, one per leaf.
+       leaves; ``scope="leaf"`` (mergekit): ``n`` = the leaf's size, one per leaf
+       (``np.partition`` of the leaf).
        The global threshold is exact: the m-th largest ``|v_i|`` found by a radix select
        over the IEEE-754 bit patterns of ``|v_i|`` (ordered like the values for x >= 0),
        16 bits per pass, each pass a leaf-streamed histogram (2 passes for float32).
@@ -272,8 +273,15 @@ def _resolve_weights(spec: MergeSpec, k: int) -> np.ndarray:
 def _stack(flats, path) -> np.ndarray:
     """The k copies of one leaf as a (k, n) host array, at least float32."""
     xs = [f[path] for f in flats]
-    dt = np.dtype(jnp.promote_types(jnp.result_type(*xs), jnp.float32))
+    dt = _compute_dtype(tuple(np.dtype(x.dtype) for x in xs))
     return np.stack([np.asarray(x, dt).ravel() for x in xs])
+
+
+@functools.lru_cache(maxsize=64)
+def _compute_dtype(dtypes: tuple) -> np.dtype:
+    """The dtype a merge computes and returns in: the inputs' promoted, at least float32."""
+    dt = functools.reduce(jnp.promote_types, dtypes, np.dtype(np.float32))
+    return np.dtype(jax.dtypes.canonicalize_dtype(dt))  # float64 only under jax_enable_x64
 
 
 def _weighted_sum(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -340,7 +348,7 @@ def _ties(spec, flats, paths, w):
         x = _stack(flats, p)
         if spec.scope == "leaf":
             m = max(1, round(spec.density * x.shape[1]))
-            thr = np.stack([_kth_largest_abs([row], m) for row in x])
+            thr = -np.partition(-np.abs(x), m - 1, axis=1)[:, m - 1]  # exact, one leaf
         trimmed = np.where(np.abs(x) >= thr.astype(x.dtype)[:, None], x, 0)
         out[p] = _out(flats, p, _disjoint_mean(trimmed, w))
     return out
@@ -388,6 +396,9 @@ def _stock_t(gram: np.ndarray) -> float:
     return k * c / (1 + (k - 1) * c)
 
 
+_SMALL = 1 << 20  # entries up to which a global threshold concatenates (4 MiB at fp32)
+
+
 def _kth_largest_abs(arrays: list, m: int):
     """The exact m-th largest ``|x|`` over the entries of ``arrays`` (1 <= m <= total).
 
@@ -396,8 +407,12 @@ def _kth_largest_abs(arrays: list, m: int):
     next 16 bits of the entries whose higher bits equal the prefix found so far, and
     picks the bucket holding the m-th largest. Streams the arrays (on the host, small
     ones batched); extra memory: a 65536-bin histogram and about 2**20 bit patterns.
+    Up to ``_SMALL`` entries in all, ``np.partition`` of their concatenation instead.
     """
-    dt = np.dtype(jnp.promote_types(jnp.result_type(*arrays), jnp.float32))
+    dt = _compute_dtype(tuple(np.dtype(a.dtype) for a in arrays))
+    if sum(np.size(a) for a in arrays) <= _SMALL:  # small: one np.partition is faster
+        flat = np.concatenate([np.abs(np.asarray(a, dt)).ravel() for a in arrays])
+        return -np.partition(-flat, m - 1)[m - 1]
     nbits = dt.itemsize * 8
     udt = np.dtype(f"uint{nbits}")
     prefix = 0

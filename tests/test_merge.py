@@ -308,7 +308,18 @@ finite = st.floats(-1e3, 1e3, width=32)
 def test_radix_select_is_the_exact_kth_largest(arrays, frac):
     allv = np.sort(np.abs(np.concatenate([a.ravel() for a in arrays]).astype(np.float64)))[::-1]
     m = 1 + int(frac * (allv.size - 1))
-    assert float(M._kth_largest_abs(arrays, m)) == allv[m - 1]
+    assert float(M._kth_largest_abs(arrays, m)) == allv[m - 1]  # small: np.partition
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "_SMALL", 0)  # the leaf-streamed radix select of large trees
+        assert float(M._kth_largest_abs(arrays, m)) == allv[m - 1]
+
+
+def test_global_ties_through_the_radix_path(monkeypatch):
+    qvs = qvs_of(3, seed=8)
+    monkeypatch.setattr(M, "_SMALL", 0)
+    for density in (0.1, 0.5):
+        out = merged_vec(M.ties_merge(qvs, density, W3))
+        np.testing.assert_allclose(out, ref_ties(vecs(qvs), density, W3), atol=1e-6)
 
 
 @st.composite
