@@ -1,0 +1,318 @@
+"""Lambda selection (issue 13): the tie rule, the weight-only signals and the proxy
+measures against NumPy definitions, determinism, data isolation (poisoned undeclared
+inputs), and lambda = 0 for a QV made harmful on purpose.
+
+A tiny ViT ("demo/4", 16x16) is trained briefly on scikit-learn digits (FP), then
+fine-tuned with 2-bit QAT from FP (QAT); ``QV = QAT - FP`` helps ``PTQ(FP)``, so the
+self pair shows what a helpful QV and its harmful variants do to each strategy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import finetune_of, vit_tree
+from test_quant import np_quant, reduce_of
+
+import qvec_jax as q
+from qvec_jax import data, quant
+from qvec_jax import select as sel
+from qvec_jax.models import vit
+
+SPEC = quant.QuantSpec(2)
+N = 64  # proxy inputs per strategy in these tests (one compiled shape)
+
+
+def _train(model, params, images, labels, *, steps, lr, qat, seed):
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(p, o, x, y):
+        def loss(p):
+            pp = quant.fake_quant_tree(p, SPEC, ste=True) if qat else p
+            logits = model.apply({"params": pp}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        u, o = tx.update(jax.grad(loss)(p), o, p)
+        return optax.apply_updates(p, u), o
+
+    o = tx.init(params)
+    for idx in np.random.default_rng(seed).integers(0, len(labels), (steps, 32)):
+        params, o = step(params, o, images[idx], labels[idx])
+    return params
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """FP and a 2-bit QAT fine-tune of it on digits; their QV; proxy and val inputs."""
+    model = vit.create_model("demo/4", num_classes=10, image_size=16)
+    tr = data.load_split("digits", "train", image_size=16)
+    va = data.load_split("digits", "val", image_size=16)
+    x, y = jnp.asarray(tr.images), jnp.asarray(tr.labels)
+    fp = _train(model, model.init_params(0), x, y, steps=100, lr=2e-3, qat=False, seed=0)
+    qat = _train(model, fp, x, y, steps=30, lr=5e-4, qat=True, seed=1)
+    inputs = {
+        "donor": tr.images[:N],
+        "unlabelled receiver": va.images,
+        "labelled receiver": (va.images, va.labels),
+    }
+    return model, fp, q.quantization_vector(qat, fp), inputs
+
+
+def proxies(n=N):
+    return [
+        sel.Proxy(d, m, n=n)
+        for d in ("donor", "noise", "unlabelled receiver")
+        for m in sel.MEASURES
+    ]
+
+
+# ------------------------------------------------------------------ the tie rule
+
+
+def test_pick_highest_then_nearest_one_then_smaller():
+    c = sel.CANDIDATES
+    assert sel.pick(c, [0.0] * len(c)) == 1.0  # all tied: lam = 1
+    s = [0.0] * len(c)
+    s[c.index(0.9)] = s[c.index(1.05)] = 0.5  # |0.9-1| > |1.05-1|
+    assert sel.pick(c, s) == 1.05
+    assert sel.pick((0.9, 1.1), (0.5, 0.5)) == 0.9  # same distance: the smaller lam
+    assert sel.pick(c, [None] * len(c)) == 0.0  # nothing comparable: do not patch
+    assert sel.pick((0.0, 1.0), (float("nan"), -5.0)) == 1.0  # NaN never wins
+
+
+def test_val_best_is_the_argmax_with_the_tie_rule():
+    c = list(sel.CANDIDATES)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        acc = list(rng.integers(0, 4, len(c)) / 4)  # many ties
+        choice = sel.choose(sel.ValBest(), {"candidates": c, "val": {"n": 4, "acc": acc}})
+        best = [lam for lam, a in zip(c, acc) if a == max(acc)]
+        assert choice.lam == min(best, key=lambda lam: (abs(lam - 1), lam))
+        assert choice.scores == tuple(acc) and choice.data == "labelled receiver"
+
+
+# ------------------------------------------------------------------ weight-only signals
+
+
+def _np_weight_stats(fp, qv, lams):
+    sel_ = SPEC.rule.select(fp)
+    fr, fv = q.flatten(fp), q.flatten(qv)
+    qn2 = rn2 = dot = 0.0
+    rtn2 = np.zeros(len(lams))
+    for p, axes in sel_.items():
+        w, v = np.asarray(fr[p], np.float32), np.asarray(fv[p], np.float32)
+        red = reduce_of(w.ndim, "channel", axes)
+        r = np_quant(w, 2, red)[2] - w
+        qn2, rn2, dot = qn2 + np.sum(v * v), rn2 + np.sum(r * r), dot + np.sum(v * r)
+        for i, lam in enumerate(lams):
+            pw = w + np.float32(lam) * v
+            rtn2[i] += np.sum((np_quant(pw, 2, red)[2] - pw) ** 2)
+    return np.sqrt(qn2), np.sqrt(rn2), dot, np.sqrt(rtn2)
+
+
+def _qv_along_residual(fp, a=0.8, noise=0.5, seed=0):
+    """A QV whose kernels are ``a * (PTQ(fp) - fp)`` plus noise (so every signal is > 0)."""
+    rng = np.random.default_rng(seed)
+    kernels = SPEC.rule.select(fp)
+    out = {}
+    for p, w in q.flatten(fp).items():
+        if p.startswith("head/"):
+            continue
+        w = np.asarray(w, np.float32)
+        if p in kernels:
+            r = np_quant(w, 2, reduce_of(w.ndim, "channel", kernels[p]))[2] - w
+            out[p] = a * r + noise * r.std() * rng.standard_normal(w.shape).astype(np.float32)
+        else:
+            out[p] = 0.01 * rng.standard_normal(w.shape).astype(np.float32)
+    return q.unflatten(out)
+
+
+def test_weight_stats_and_weight_strategies_match_numpy():
+    fp = vit_tree(1)
+    qv = _qv_along_residual(fp)
+    ws = sel.weight_stats(fp, qv, SPEC)
+    qn, rn, dot, rtn = _np_weight_stats(fp, qv, sel.CANDIDATES)
+    np.testing.assert_allclose([ws["qv_norm"], ws["residual_norm"]], [qn, rn], rtol=1e-5)
+    np.testing.assert_allclose(ws["dot"], dot, rtol=1e-4, atol=1e-6 * qn * rn)
+    np.testing.assert_allclose(ws["rtn_error"], rtn, rtol=1e-4)
+    rec = {"candidates": list(sel.CANDIDATES), "weights": ws}
+    nearest = lambda t: min(sel.CANDIDATES, key=lambda c: (abs(c - t), abs(c - 1), c))
+    cos = dot / (qn * rn)
+    targets = {
+        sel.NormRatio(multiple=0.7): 0.7 * rn / qn,
+        sel.Alignment(scale=0.5): 0.5 * dot / qn**2,
+        sel.ModelStock(k=2.0): 2 * cos / (1 + cos),
+    }
+    assert 0.15 < min(targets.values()) and max(targets.values()) < 1.5  # not all "nearest 0"
+    for s, t in targets.items():
+        assert sel.choose(s, rec).lam == nearest(t), s
+    assert sel.choose(sel.RtnError(), rec).lam == sel.CANDIDATES[int(np.argmin(rtn))]
+    # select() measures and decides in one go, the same as the record route
+    assert sel.select_lambda(fp, qv, SPEC, strategy=sel.NormRatio(0.7)).lam == nearest(
+        0.7 * rn / qn
+    )
+
+
+def test_weight_strategies_refuse_a_qv_without_the_quantized_kernels():
+    fp = vit_tree(1)
+    qv = q.flatten(q.quantization_vector(finetune_of(fp, 2), fp))
+    path = "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
+    del qv[path]
+    with pytest.raises(sel.SelectError, match=path):
+        sel.select_lambda(fp, q.unflatten(qv), SPEC, strategy="norm-ratio")
+
+
+# ------------------------------------------------------------------ proxy measures
+
+
+def test_proxy_measures_match_their_definitions(pair):
+    model, fp, qv, inputs = pair
+    x = jnp.asarray(inputs["donor"])
+    rec = sel.candidate_scores(fp, qv, SPEC, model, inputs=inputs, strategies=proxies()[:1])
+    got = rec[sel.Proxy("donor", n=N).key]
+    apply = jax.jit(lambda p: model.apply({"params": p}, x, capture_intermediates=True))
+
+    def run(p):  # logits and the head's input (the cls token after the encoder)
+        logits, state = apply(p)
+        return np.asarray(logits, np.float64), np.asarray(
+            state["intermediates"]["Transformer"]["__call__"][0][:, 0], np.float64
+        )
+
+    ref_l, ref_f = run(fp)
+    for i in (0, 4, 7):
+        lam = sel.CANDIDATES[i]
+        pl, pf = run(q.ptq(q.patch(fp, qv, lam), SPEC))
+        lr = ref_l - np.log(np.exp(ref_l).sum(-1, keepdims=True))
+        lp = pl - np.log(np.exp(pl).sum(-1, keepdims=True))
+        kl = np.mean(np.sum(np.exp(lr) * (lr - lp), -1))
+        agree = np.mean(ref_l.argmax(-1) == pl.argmax(-1))
+        cos = np.mean(
+            np.sum(ref_f * pf, -1) / (np.linalg.norm(ref_f, axis=-1) * np.linalg.norm(pf, axis=-1))
+        )
+        np.testing.assert_allclose([got["kl"][i], got["cos"][i]], [kl, cos], rtol=2e-4, atol=1e-6)
+        assert got["agree"][i] == pytest.approx(agree, abs=1e-6)
+    assert got["n"] == N
+
+
+def test_val_best_accuracies_are_the_post_ptq_accuracies(pair):
+    model, fp, qv, inputs = pair
+    images, labels = inputs["labelled receiver"]
+    ch = sel.select_lambda(fp, qv, SPEC, model, strategy="val-best", inputs=inputs)
+    for i in (0, 7):
+        p = q.ptq(q.patch(fp, qv, sel.CANDIDATES[i]), SPEC)
+        acc = np.mean(np.asarray(model.apply({"params": p}, images)).argmax(-1) == labels)
+        assert ch.scores[i] == pytest.approx(acc, abs=1e-6)
+    assert ch.scores[sel.CANDIDATES.index(ch.lam)] == max(ch.scores)
+
+
+# ------------------------------------------------------------------ harmful QVs
+
+
+def test_a_helpful_qv_is_used_and_harmful_qvs_get_lambda_zero(pair):
+    model, fp, qv, inputs = pair
+    good = sel.candidate_scores(fp, qv, SPEC, model, inputs=inputs, strategies=proxies())
+    assert "val" not in good and "weights" not in good  # only what was asked is measured
+    vb = sel.select_lambda(fp, qv, SPEC, model, strategy="val-best", inputs=inputs)
+    assert vb.lam > 0 and max(vb.scores) > vb.scores[0]  # the QV helps PTQ(FP)
+    for name in ("proxy-donor64-kl", "proxy-rx64-kl"):
+        assert good["choices"][name]["lam"] > 0, (name, good["choices"][name])
+    rng = np.random.default_rng(0)
+    flipped = jax.tree.map(lambda v: -20.0 * v, qv)  # the QV's sign flipped, and scaled
+    huge = jax.tree.map(lambda v: jnp.asarray(rng.normal(0, 1, v.shape), v.dtype), qv)
+    for bad in (flipped, huge):
+        rec = sel.candidate_scores(fp, bad, SPEC, model, inputs=inputs, strategies=proxies())
+        assert {n: c["lam"] for n, c in rec["choices"].items()} == {s.name: 0.0 for s in proxies()}
+
+
+# ------------------------------------------------------------------ data isolation
+
+
+class Poison:
+    """Undeclared data: any use of it fails the test."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def _touched(self, *_a, **_k):
+        raise AssertionError(f"a strategy touched undeclared {self.kind!r} data")
+
+    __array__ = __len__ = __iter__ = __getitem__ = _touched
+
+    def __getattr__(self, name):
+        self._touched()
+
+
+def test_strategies_touch_only_their_declared_data(pair):
+    model, fp, qv, inputs = pair
+    for s in [sel.Fixed(1.0), sel.NormRatio(), sel.ModelStock(), *proxies()]:
+        poisoned = {k: Poison(k) for k in sel.DATA_KINDS if k not in ("none", s.data)}
+        if s.data in inputs:
+            poisoned[s.data] = inputs[s.data]
+        clean = {s.data: inputs[s.data]} if s.data in inputs else None
+        a = sel.select_lambda(fp, qv, SPEC, model, strategy=s, inputs=poisoned)
+        b = sel.select_lambda(fp, qv, SPEC, model, strategy=s, inputs=clean)
+        assert a == b and a.data == s.data
+
+
+def test_a_strategy_asking_for_undeclared_data_is_refused(pair):
+    model, fp, qv, inputs = pair
+
+    class Peeker(sel.NormRatio):
+        def collect(self, ctx):
+            ctx.data("labelled receiver")
+
+    with pytest.raises(sel.UndeclaredDataError, match="declared data 'none'.*'labelled receiver'"):
+        sel.select_lambda(fp, qv, SPEC, model, strategy=Peeker(), inputs=inputs)
+    with pytest.raises(sel.SelectError, match=r"needs 'donor' data: pass inputs="):
+        sel.select_lambda(fp, qv, SPEC, model, strategy="proxy-donor-kl")
+
+
+# ------------------------------------------------------------------ determinism, records
+
+
+def test_selection_is_deterministic_and_the_record_round_trips_json(pair):
+    model, fp, qv, inputs = pair
+    strategies = [sel.Fixed(1.0), sel.NormRatio(), sel.RtnError(), *proxies(), sel.ValBest()]
+    a = sel.candidate_scores(fp, qv, SPEC, model, inputs=inputs, strategies=strategies)
+    b = sel.candidate_scores(fp, qv, SPEC, model, inputs=inputs, strategies=strategies)
+    assert a == b
+    rec = json.loads(json.dumps(a, allow_nan=False))
+    for s in strategies:
+        assert sel.choose(s, rec).to_dict() == a["choices"][s.name]
+    # other constants re-decide from the stored measurement, without recomputing
+    assert sel.choose(sel.NormRatio(multiple=1e-6), rec).lam == 0.0
+    with pytest.raises(sel.SelectError, match="no 'proxy/pretext/n=64/seed=0' measurement"):
+        sel.choose(sel.Proxy("pretext", n=N), rec)
+
+
+def test_default_scores_list_what_they_could_not_measure(pair):
+    model, fp, qv, _ = pair
+    rec = sel.candidate_scores(fp, qv, SPEC)  # no model, no inputs: weights only
+    assert set(rec["choices"]) == {"lam=1", "norm-ratio", "alignment", "model-stock", "rtn-error"}
+    assert rec["not_measured"]["proxy-noise-kl"] == "no model given"
+    assert rec["not_measured"]["val-best"] == "no 'labelled receiver' inputs given"
+    assert len(rec["choices"]) + len(rec["not_measured"]) == len(sel.default_strategies())
+
+
+def test_bad_inputs_get_one_line_errors(pair):
+    model, fp, qv, inputs = pair
+    cases = [
+        (dict(strategy="nope"), "unknown lambda strategy 'nope'"),
+        (dict(strategy="lam=1", inputs={"labels": 1}), "unknown input kinds"),
+        (dict(strategy="lam=1", candidates=(0.5, 0.5)), "distinct finite"),
+        (dict(strategy=sel.Fixed(2.0)), "2.0 is not a candidate"),
+        (dict(strategy="proxy-rx32-kl", inputs=np.zeros((4, 8, 8, 3))), r"\[n, 16, 16, 3\]"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(sel.SelectError, match=msg):
+            sel.select_lambda(fp, qv, SPEC, model, **kw)
+    with pytest.raises(sel.SelectError, match="pass model="):
+        sel.select_lambda(fp, qv, SPEC, strategy="proxy-noise-kl")
+    with pytest.raises(sel.SelectError, match="measure must be one of"):
+        sel.Proxy("noise", "l2")
