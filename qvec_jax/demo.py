@@ -38,17 +38,13 @@ QUICK = (
 )
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
-
-
 def choose_tasks(cfg) -> tuple[str, float, list[str], str]:
     """(pretext task, its epochs, downstream tasks, note): the Fashion-MNIST set when its
     files are present, else the digits-only fallback, said out loud."""
     from qvec_jax import data as qdata
 
     data_dir = cfg.data.data_dir or None
-    pretext, tasks = cfg.demo.pretext_task, _csv(cfg.demo.tasks)
+    pretext, tasks = cfg.demo.pretext_task, qdata.split_task_names(cfg.demo.tasks)
     missing = [t for t in [pretext, *tasks] if not qdata.availability(t, data_dir)[0]]
     if not missing:
         return pretext, float(cfg.demo.pretext_epochs), tasks, ""
@@ -57,7 +53,7 @@ def choose_tasks(cfg) -> tuple[str, float, list[str], str]:
         f"digits-only tasks. For the Fashion-MNIST demo: `apt-get install "
         f"dataset-fashion-mnist`, or put its IDX files in $QVEC_DATA_DIR/fashion-mnist."
     )
-    pretext, tasks = cfg.demo.fallback_pretext_task, _csv(cfg.demo.fallback_tasks)
+    pretext, tasks = cfg.demo.fallback_pretext_task, qdata.split_task_names(cfg.demo.fallback_tasks)
     for t in [pretext, *tasks]:
         ok, _, why = qdata.availability(t, data_dir)
         if not ok:

@@ -296,6 +296,90 @@ def test_cli_tasks_lists_every_task(capsys, tmp_path):
     assert "imagenet" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- named views
+
+
+@pytest.mark.parametrize(
+    "name, base, kw",
+    [
+        ("fashion_mnist@classes=0,2,4,6,8", "fashion_mnist", dict(classes=[0, 2, 4, 6, 8])),
+        ("digits@rot90=3,invert", "digits", dict(rot90=3, invert=True)),
+        ("fmnist_a@classes=4,0,hflip,epochs=2", "fmnist_a", dict(classes=[4, 0], hflip=True,
+                                                                 epochs=2)),
+        ("digits_rot90@rot90=1", "digits_rot90", dict(rot90=1)),
+    ],
+)  # fmt: skip
+def test_a_view_of_any_task_is_named_by_its_options(name, base, kw):
+    t = D.get_task(name)
+    assert t == D.derive(base, name, **kw)  # same view, names, epochs as from Python
+    assert t.name == name and name not in D.TASKS  # not registered: parsed where named
+    assert D.parse_view(name) == t
+
+
+def test_named_view_is_the_derived_data_and_a_run_directory_name(tmp_path):
+    from qvec_jax.grid_inputs import checkpoint_path
+
+    got = D.load_split("digits@rot90=1", "test", image_size=8)
+    want = D.load_split("digits_rot90", "test", image_size=8)
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    name = "digits@classes=3,1,invert"
+    path = checkpoint_path(tmp_path, name, "fp")
+    path.mkdir(parents=True)  # a plain directory name on POSIX, found again by listing
+    (listed,) = os.listdir(tmp_path)
+    assert listed == name and D.get_task(listed).num_classes == 2
+    assert D.get_task(listed).class_names == ("3", "1")
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("fashon_mnist@invert", "unknown task 'fashon_mnist'. Did you mean: fashion_mnist"),
+        ("digits@invrt", "unknown option 'invrt' .did you mean invert.."),
+        ("digits@clases=1,2", "unknown option 'clases' .did you mean classes.."),
+        ("digits@classes=0,12", r"classes \[12\] outside 0..9"),
+        ("digits@classes=1,1", "duplicates"),
+        ("digits@classes=01", "without leading zeros"),
+        ("digits@rot90=4", "rot90 must be 1, 2 or 3"),
+        ("digits@rot90", "rot90 needs a value"),
+        ("digits@invert=1", "invert is a flag: write it bare"),
+        ("digits@rot90=1,rot90=2", "rot90 is given twice"),
+        ("digits@invert,rot90=3", "write the options in the order rot90,invert"),
+        ("digits@", "expected one BASE@OPTIONS"),
+        ("a/b@invert", "without '/'"),
+        ("digits@invert@hflip", "expected one BASE@OPTIONS"),
+    ],
+)
+def test_bad_view_names_say_what_is_wrong(name, match):
+    with pytest.raises(UnknownTaskError, match=match) as e:
+        D.get_task(name)
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+def test_task_lists_split_around_the_commas_of_views():
+    text = "digits, fmnist_a@classes=0,2,rot90=1,digits@invert,hflip,digits_inv,,"
+    assert D.split_task_names(text) == [
+        "digits",
+        "fmnist_a@classes=0,2,rot90=1",
+        "digits@invert,hflip",
+        "digits_inv",
+    ]
+    assert D.split_task_names("digits,digits_rot90") == ["digits", "digits_rot90"]
+
+
+def test_cli_tasks_accepts_views_and_documents_them(capsys):
+    from qvec_jax.cli import main
+
+    assert main(["tasks", "digits@rot90=3,invert"]) == 0
+    out = capsys.readouterr().out
+    assert "digits@rot90=3,invert sklearn:digits [rot270, invert]" in out
+    with pytest.raises(SystemExit):
+        main(["tasks", "--help"])
+    assert D.VIEW_SYNTAX in capsys.readouterr().out
+    assert main(["tasks", "digits@invrt"]) == 1
+    assert "did you mean invert" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- sharding
 
 SHARD_CODE = textwrap.dedent(

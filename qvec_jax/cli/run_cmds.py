@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,8 +18,21 @@ def add_tasks(sub) -> None:
     p = sub.add_parser(
         "tasks",
         help="list registered tasks, their sources, and whether they are available here",
-        description="List every registered task with its source, classes, epochs (METHOD.md) "
-        "and whether its data is available on this machine.",
+        description=(
+            "List every registered task with its source, classes, epochs (METHOD.md)\n"
+            "and whether its data is available on this machine.\n\n"
+            "Wherever a task name is accepted (tasks, finetune --task, eval --task,\n"
+            "grid --tasks, demo.tasks), a view of any task can be named:\n\n"
+            f"  {data.VIEW_SYNTAX}\n\n"
+            "classes keeps those classes, relabelled 0..k-1 in the order given; rot90\n"
+            "turns the images N quarter turns counter-clockwise; hflip mirrors them;\n"
+            "invert inverts the colours; epochs replaces the task's epoch count. The\n"
+            "options go in this order: the name is also the name of the run directory\n"
+            "(RUNS/<task>/<mode>), so each view has one spelling."
+        ),
+        epilog="examples:\n  qvec tasks\n  qvec tasks -v fashion_mnist\n"
+        "  qvec tasks fashion_mnist@classes=0,2,4,6,8 digits@rot90=3,invert",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", nargs="*", help="only these tasks")
     p.add_argument(
@@ -178,7 +192,7 @@ def _grid_settings(args) -> tuple:
 
 def _cmd_grid(args) -> int:
     bits, gran, batch, data_dir = _grid_settings(args)
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = data.split_task_names(args.tasks)
     lambdas = (
         [float(x) for x in args.lambdas.split(",")] if args.lambdas else transfer.DEFAULT_LAMBDAS
     )

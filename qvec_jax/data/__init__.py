@@ -21,7 +21,18 @@ from qvec_jax.data.pipeline import (
     train_batches,
     val_size,
 )
-from qvec_jax.data.registry import TASKS, Task, View, derive, get_task, list_tasks, register_task
+from qvec_jax.data.registry import (
+    TASKS,
+    VIEW_SYNTAX,
+    Task,
+    View,
+    derive,
+    get_task,
+    list_tasks,
+    parse_view,
+    register_task,
+    split_task_names,
+)
 from qvec_jax.data.sources import (
     DigitsSource,
     FolderSource,
@@ -35,6 +46,7 @@ from qvec_jax.sharding import shard_batch  # re-exported; placement lives in sha
 __all__ = [
     "SPLITS",
     "TASKS",
+    "VIEW_SYNTAX",
     "DigitsSource",
     "FolderSource",
     "IdxSource",
@@ -52,10 +64,12 @@ __all__ = [
     "load_split",
     "num_train_steps",
     "open_task",
+    "parse_view",
     "preprocess",
     "read_idx",
     "register_task",
     "shard_batch",
+    "split_task_names",
     "train_batches",
     "val_size",
 ]

@@ -151,9 +151,12 @@ def derive(
 
 
 def get_task(name: str) -> Task:
-    """The registered task ``name``; an unknown name raises KeyError listing close matches."""
+    """The task ``name``: a registered one, or a view of one (``digits@rot90=3,invert``,
+    see :func:`parse_view`). An unknown name raises KeyError listing close matches."""
     if isinstance(name, Task):
         return name
+    if isinstance(name, str) and VIEW_SEP in name:
+        return parse_view(name)
     try:
         return TASKS[name]
     except KeyError:
@@ -163,6 +166,96 @@ def get_task(name: str) -> Task:
             f"unknown task {name!r}.{hint} "
             f"Run `qvec tasks` to list the {len(TASKS)} registered tasks."
         ) from None
+
+
+# ----------------------------------------------------------------------------- named views
+
+VIEW_SEP = "@"
+#: ``BASE@OPTIONS``, options comma-separated in this order (one spelling per view, so one
+#: directory per view): ``classes=3,1,4`` (relabelled 0..k-1 in this order), ``rot90=N``
+#: (N quarter turns), ``hflip``, ``invert``, ``epochs=N``.
+VIEW_SYNTAX = "BASE@[classes=I,J,...][,rot90=1|2|3][,hflip][,invert][,epochs=N]"
+_VIEW_KEYS = ("classes", "rot90", "epochs")
+_VIEW_FLAGS = ("hflip", "invert")
+_VIEW_ORDER = ("classes", "rot90", "hflip", "invert", "epochs")
+
+
+def _view_error(name: str, why: str) -> UnknownTaskError:
+    return UnknownTaskError(f"task view {name!r}: {why}; the syntax is {VIEW_SYNTAX}")
+
+
+def _view_word(word: str, name: str) -> str:
+    if word in _VIEW_KEYS + _VIEW_FLAGS:
+        return word
+    close = difflib.get_close_matches(word, _VIEW_ORDER, n=2, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise _view_error(name, f"unknown option {word!r}{hint}")
+
+
+def _view_int(text: str, name: str, key: str) -> int:
+    if not text.isdigit() or str(int(text)) != text:
+        raise _view_error(name, f"{key} takes non-negative integers without leading zeros, "
+                          f"got {text!r}")  # fmt: skip
+    return int(text)
+
+
+def _view_options(spec: str, name: str) -> dict:
+    """``"classes=0,2,rot90=1,invert"`` -> ``{"classes": [0, 2], "rot90": 1, "invert": True}``."""
+    opts: dict = {}
+    for tok in spec.split(","):
+        key, eq, value = tok.partition("=")
+        if not eq and key.isdigit() and list(opts)[-1:] == ["classes"]:
+            opts["classes"].append(_view_int(key, name, "classes"))
+            continue
+        key = _view_word(key, name)
+        if key in opts:
+            raise _view_error(name, f"{key} is given twice")
+        if (key in _VIEW_FLAGS) == bool(eq):
+            form = f"{key} is a flag: write it bare" if eq else f"{key} needs a value: {key}=..."
+            raise _view_error(name, form)
+        opts[key] = True if key in _VIEW_FLAGS else _view_int(value, name, key)
+        if key == "classes":
+            opts[key] = [opts[key]]
+    if opts.get("rot90") not in (None, 1, 2, 3) or opts.get("epochs") == 0:
+        raise _view_error(name, "rot90 must be 1, 2 or 3 and epochs positive")
+    if list(opts) != [k for k in _VIEW_ORDER if k in opts]:
+        canonical = ",".join(k for k in _VIEW_ORDER if k in opts)
+        raise _view_error(name, f"write the options in the order {canonical} (one name per view)")
+    return opts
+
+
+def parse_view(name: str) -> Task:
+    """The task named ``BASE@OPTIONS``: :func:`derive` of the registered task ``BASE``.
+
+    ``fashion_mnist@classes=0,2,4,6,8`` keeps the even classes (relabelled 0..4);
+    ``digits@rot90=3,invert`` turns the images three quarter turns and inverts them.
+    The name itself is the task's name (and its run directory's name): it holds no ``/``
+    and has one spelling per view, so the same name always finds the same runs.
+    """
+    base, _, spec = name.partition(VIEW_SEP)
+    if not spec or VIEW_SEP in spec or "/" in name or any(c.isspace() for c in name):
+        raise _view_error(name, "expected one BASE@OPTIONS without '/' or spaces")
+    opts = _view_options(spec, name)
+    try:
+        return derive(get_task(base), name, **opts)
+    except UnknownTaskError:
+        raise
+    except ValueError as e:
+        raise _view_error(name, str(e)) from None
+
+
+def split_task_names(text: str) -> list[str]:
+    """Split a comma-separated task list whose views hold commas themselves:
+    ``"digits,fmnist_a@classes=0,2,rot90=1,digits@invert"`` -> three names."""
+    names: list[str] = []
+    for tok in (t.strip() for t in str(text).split(",")):
+        word = tok.partition("=")[0]
+        continues = tok.isdigit() or word in _VIEW_KEYS + _VIEW_FLAGS
+        if names and VIEW_SEP in names[-1] and continues:
+            names[-1] += "," + tok
+        elif tok:
+            names.append(tok)
+    return names
 
 
 def list_tasks(*, paper_only: bool = False) -> list[str]:
