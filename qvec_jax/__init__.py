@@ -7,6 +7,7 @@ The method is two short modules: ``qvec_jax.quant`` (the quantizer, METHOD.md) a
 from .merge import MergeSpec, merge_qvs
 from .packing import QTensor, dequantize, quantize, size_report
 from .quant import VIT_RULE, QuantSpec, codes_and_scale, fake_quant, fake_quant_tree, ptq
+from .select import select_lambda
 from .trees import (
     HEAD_RULE,
     Rule,
@@ -50,6 +51,7 @@ __all__ = [
     "quantization_vector",
     "quantize",
     "scale",
+    "select_lambda",
     "size_report",
     "sub",
     "unflatten",
