@@ -245,6 +245,7 @@ def _cmd_eval(args) -> int:
     if not task:
         raise QvecError(f"{args.ckpt} names no task in its meta; pass --task")
     model = checkpoints.model_from_meta(meta)
+    spec = None if args.bits is None else q.QuantSpec(args.bits, args.granularity)
     out = {
         "checkpoint": str(args.ckpt),
         "task": task,
@@ -255,14 +256,7 @@ def _cmd_eval(args) -> int:
         s = data.load_split(
             task, split, image_size=int(meta["image_size"]), data_dir=args.data_dir or None
         )
-        out[split] = accuracy(
-            model,
-            params,
-            s,
-            batch_size=args.batch_size,
-            bits=args.bits,
-            granularity=args.granularity,
-        )
+        out[split] = accuracy(model, params, s, spec, batch_size=args.batch_size)
         out[f"n_{split}"] = len(s)
     print(json.dumps(out))
     if args.json:
