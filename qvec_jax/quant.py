@@ -23,15 +23,18 @@ import jax.numpy as jnp
 
 from .paths import PyTree, Rule, flatten, is_float, path_str
 
-_BLOCK = r"Transformer/encoderblock_\d+/"
-#: The linear kernels of the ViT encoder blocks (Google layout) and their OUTPUT axes.
-#: q/k/v [embed, heads, head_dim] -> (1, 2); out [heads, head_dim, embed] -> (2,);
-#: MLP Dense [in, out] -> (1,). Biases, norms, embeddings, cls and head are not matched.
+#: The linear kernels of the ViT encoder blocks and their OUTPUT axes. One rule for both
+#: namings of the same Flax blocks: Google's ViT checkpoints (``MultiHeadDotProductAttention_1``,
+#: ``MlpBlock_3``) and big_vision-trained trees (``MultiHeadDotProductAttention_0``,
+#: ``MlpBlock_0``). q/k/v [embed, heads, head_dim] -> (1, 2); out [heads, head_dim, embed]
+#: -> (2,); MLP Dense [in, out] -> (1,). Biases, norms, embeddings, cls and head are not matched.
+_ATTN = r"Transformer/encoderblock_\d+/MultiHeadDotProductAttention_[01]/"
+_MLP = r"Transformer/encoderblock_\d+/MlpBlock_[03]/"
 VIT_RULE = Rule(
     {
-        _BLOCK + r"MultiHeadDotProductAttention_1/(query|key|value)/kernel$": (1, 2),
-        _BLOCK + r"MultiHeadDotProductAttention_1/out/kernel$": (2,),
-        _BLOCK + r"MlpBlock_3/Dense_[01]/kernel$": (1,),
+        _ATTN + r"(query|key|value)/kernel$": (1, 2),
+        _ATTN + r"out/kernel$": (2,),
+        _MLP + r"Dense_[01]/kernel$": (1,),
     }
 )
 GRANULARITIES = ("channel", "tensor")

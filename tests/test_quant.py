@@ -447,3 +447,65 @@ def test_spec_and_keywords_together_are_refused(vit):
         q.ptq(vit, 3, bits=3)
     with pytest.raises(TypeError, match="bits"):
         q.ptq(vit)  # no bit width at all
+
+
+# --- both ViT namings: Google checkpoints and big_vision-trained trees ------------------
+
+# big_vision's vit.py numbers the same Flax sub-modules from 0, and keeps the position
+# embedding at the top (without the cls entry).
+_BIG_VISION_NAMES = {
+    "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+    "MlpBlock_3": "MlpBlock_0",
+    "LayerNorm_2": "LayerNorm_1",
+}
+
+
+def big_vision_path(path: str) -> str:
+    if path == "Transformer/posembed_input/pos_embedding":
+        return "pos_embedding"
+    return "/".join(_BIG_VISION_NAMES.get(part, part) for part in path.split("/"))
+
+
+def big_vision_tree(tree) -> dict:
+    """``tree`` (Google layout) with big_vision's names; the same arrays."""
+    flat = q.flatten(tree)
+    flat["Transformer/posembed_input/pos_embedding"] = flat[
+        "Transformer/posembed_input/pos_embedding"
+    ][:, 1:]
+    return q.unflatten({big_vision_path(p): x for p, x in flat.items()})
+
+
+def test_vit_rule_selects_the_same_kernels_in_both_namings(vit):
+    bv = big_vision_tree(vit)
+    assert "Transformer/encoderblock_1/MlpBlock_0/Dense_1/kernel" in q.flatten(bv)
+    sel, sel_bv = q.VIT_RULE.select(vit), q.VIT_RULE.select(bv)
+    assert {big_vision_path(p): ax for p, ax in sel.items()} == sel_bv
+    assert len(sel_bv) == 12
+    assert all(v == (1, 2) for p, v in sel_bv.items() if p.endswith(("query/kernel", "key/kernel")))
+    assert q.VIT_RULE.unmatched(bv) == [] and q.VIT_RULE.unmatched(vit) == []
+
+
+@pytest.mark.parametrize("gran", ["channel", "tensor"])
+def test_ptq_and_size_report_on_a_big_vision_tree(vit, gran):
+    bv = big_vision_tree(vit)
+    out, ref = q.flatten(q.ptq(bv, 2, granularity=gran)), q.flatten(q.ptq(vit, 2, granularity=gran))
+    assert {big_vision_path(p) for p in ref} == set(out)
+    for p, x in ref.items():
+        y = out[big_vision_path(p)]
+        if p == "Transformer/posembed_input/pos_embedding":
+            x = x[:, 1:]
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=p)
+    changed = [p for p, x in q.flatten(bv).items() if not np.array_equal(out[p], x)]
+    assert sorted(changed) == sorted(big_vision_path(p) for p in VIT_KERNELS)
+    rep, rep_bv = q.size_report(vit, 2, granularity=gran), q.size_report(bv, 2, granularity=gran)
+    assert rep_bv["quantized_weights"] == rep["quantized_weights"]
+    assert rep_bv["quantized_leaves"] == 12 and rep_bv["code_bytes"] == rep["code_bytes"]
+
+
+def test_head_rule_leaves_out_the_same_head_in_both_namings(fp_qat_pair):
+    fp, qat = fp_qat_pair
+    qv = q.flatten(q.quantization_vector(qat, fp))
+    qv_bv = q.flatten(q.quantization_vector(big_vision_tree(qat), big_vision_tree(fp)))
+    assert {big_vision_path(p) for p in qv} == set(qv_bv)
+    assert "head/kernel" in q.flatten(big_vision_tree(fp))
+    assert not any(p.startswith("head/") for p in qv_bv)
