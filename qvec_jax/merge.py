@@ -19,7 +19,8 @@ merged leaves (presence, shape, float kind); the error names the first leaf that
 
 Eager only (the kernels are NumPy on the host: nothing compiles per leaf shape).
 Memory: the merge streams leaf by leaf. It holds the inputs, the output built so far and
-the ``k`` copies of ONE leaf being merged; never ``k`` stacked trees. Global statistics
+the ``k`` copies of ONE leaf being merged (plus a few temporaries of that size); never
+``k`` stacked trees (bench/merge.py measures it). Global statistics
 (TIES's global trim threshold, Model Stock's global cosine) take one extra streamed pass.
 
 ``MergeSpec`` is the recipe (method + parameters), frozen and JSON-serializable, so a
@@ -95,9 +96,14 @@ class MergeSpec:
         if self.p is not None and not 0 <= self.p < 1:
             raise ValueError(f"p: the drop rate must be in [0, 1), got {self.p}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, numbers.Integral)
+            or self.seed < 0
         ):
-            raise ValueError(f"seed: must be an int, got {type(self.seed).__name__} {self.seed!r}")
+            raise ValueError(f"seed: must be an int >= 0, got {self.seed!r}")
+        for name, cast in (("density", float), ("p", float), ("seed", int)):  # JSON-ready
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, cast(getattr(self, name)))
         for name, allowed in (("combine", COMBINES), ("scope", SCOPES)):
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise ValueError(
@@ -199,9 +205,11 @@ def dare_merge(qvs, p=0.5, seed=0, weights=None, *, combine="mean", exclude=HEAD
     with ``m_i ~ Bernoulli(1 - p)`` per entry, then ``combine``: ``"mean"``, ``"sum"``
     (their task arithmetic) or ``"ties"`` (election and disjoint mean without the trim).
 
-    The mask of QV ``i`` at leaf ``P`` is drawn from the threefry key
-    ``fold_in(fold_in(key(seed), crc32(P)), i)``: it depends only on (seed, P, i), not on
-    the other leaves, the rule or the backend's default PRNG. ``p = 0`` is the identity.
+    The mask of QV ``i`` at leaf ``P`` is drawn from ``SeedSequence([seed, crc32(P), i])``
+    (NumPy's Philox raw stream, stable across NumPy versions and platforms): it depends
+    only on (seed, P, i), not on the other leaves or the rule. Not ``jax.random``: that
+    compiles once per leaf shape (seconds, cold, on 2 cores) for a one-off host-side draw.
+    ``p = 0`` is the identity.
     """
     spec = MergeSpec("dare", weights, p=p, seed=seed, combine=combine)
     return merge_qvs(qvs, spec, exclude=exclude)
@@ -299,24 +307,19 @@ def _disjoint_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-_CHUNKS = (1 << 12, 1 << 16)  # DARE's random bits come in chunks of two shapes: 2 compiles
+def _dare_drop(x: np.ndarray, path: str, seed: int, p: float) -> np.ndarray:
+    """Keep each entry with probability ``1 - p``, scale the kept ones by ``1 / (1 - p)``.
 
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _chunk_bits(path_key, j, k: int, size: int):
-    """(k, size) uniform uint32: row ``i`` from ``fold_in(fold_in(path_key, i), j)``."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(path_key, i), j))(jnp.arange(k))
-    return jax.vmap(lambda key: jax.random.bits(key, (size,), jnp.uint32))(keys)
-
-
-def _dare_drop(x: np.ndarray, path_key, p: float) -> np.ndarray:
-    """Keep each entry with probability ``1 - p`` (uniform uint32 bits >= ``p * 2**32``),
-    scale the kept ones by ``1 / (1 - p)``."""
-    k, n = x.shape
-    size = _CHUNKS[0] if n <= 16 * _CHUNKS[0] else _CHUNKS[1]
-    bits = [np.asarray(_chunk_bits(path_key, j, k, size)) for j in range(-(-n // size))]
-    keep = np.concatenate(bits, axis=1)[:, :n] >= min(round(p * 2**32), 2**32 - 1)
-    return np.where(keep, x / x.dtype.type(1 - p), 0)
+    Row ``i`` keeps the entries whose uint32 from the raw stream of NumPy's counter-based
+    Philox, seeded by ``SeedSequence([seed, crc32(path), i])``, is >= ``p * 2**32``.
+    """
+    cut = np.uint32(min(round(p * 2**32), 2**32 - 1))
+    out = np.empty_like(x)
+    for i, row in enumerate(x):
+        gen = np.random.Philox(np.random.SeedSequence([seed, zlib.crc32(path.encode()), i]))
+        bits = gen.random_raw(-(-row.size // 2)).view(np.uint32)[: row.size]
+        out[i] = np.where(bits >= cut, row / row.dtype.type(1 - p), 0)
+    return out
 
 
 def _gram(x: np.ndarray) -> np.ndarray:
@@ -355,10 +358,9 @@ def _ties(spec, flats, paths, w):
 
 
 def _dare(spec, flats, paths, w):
-    base = jax.random.key(spec.seed, impl="threefry2x32")
     out = {}
     for p in paths:
-        x = _dare_drop(_stack(flats, p), jax.random.fold_in(base, zlib.crc32(p.encode())), spec.p)
+        x = _dare_drop(_stack(flats, p), p, spec.seed, spec.p)
         if spec.combine == "ties":
             out[p] = _out(flats, p, _disjoint_mean(x, w))
         else:
