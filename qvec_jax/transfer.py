@@ -44,15 +44,12 @@ from tqdm.auto import tqdm
 from qvec_jax import checkpoints, quant, trees
 from qvec_jax import data as qdata
 from qvec_jax.evaluate import EvalSet
-from qvec_jax.grid_inputs import (  # re-exported: the grid's public names stay here
-    MODES,
-    Ckpt,
+from qvec_jax.grid_inputs import (
     GridError,
     MissingCheckpoints,
     backbone_signature,
     check_compatible,
     check_same_backbone,
-    checkpoint_path,
     find_checkpoints,
 )
 from qvec_jax.grid_store import SPLITS, GridStore, cell_key
@@ -60,15 +57,8 @@ from qvec_jax.sharding import make_mesh, put, replicated
 
 __all__ = [
     "DEFAULT_LAMBDAS",
-    "MODES",
-    "Ckpt",
     "GridError",
     "MissingCheckpoints",
-    "backbone_signature",
-    "check_compatible",
-    "check_same_backbone",
-    "checkpoint_path",
-    "find_checkpoints",
     "patch_and_quantize",
     "plan_cells",
     "ptq_jit",

@@ -14,6 +14,7 @@ import pytest
 import qvec_jax as q
 from qvec_jax import checkpoints, evaluate, transfer
 from qvec_jax import report as rp
+from qvec_jax.grid_inputs import checkpoint_path
 from qvec_jax.models import vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def make_runs(runs, tasks=TASKS, *, variant="test/4", seed=0, noise_seed=None, m
                 "backbone_id": bid,
                 "config": {"task": t, "mode": mode, "seed": 1},
             }
-            checkpoints.save_params(transfer.checkpoint_path(runs, t, mode), tree, meta)
+            checkpoints.save_params(checkpoint_path(runs, t, mode), tree, meta)
     return runs
 
 
@@ -94,9 +95,9 @@ def test_grid_cells_match_direct_evaluation(runs, tmp_path):
     by = {rp.cell_key(c): c for c in cells}
     # an independent computation of two cells, with the eager public API
     r, d = "digits_rot90", "digits"
-    fp, meta = checkpoints.restore_params(transfer.checkpoint_path(runs, r, "fp"))
-    fp_d, _ = checkpoints.restore_params(transfer.checkpoint_path(runs, d, "fp"))
-    qat_d, _ = checkpoints.restore_params(transfer.checkpoint_path(runs, d, "qat"))
+    fp, meta = checkpoints.restore_params(checkpoint_path(runs, r, "fp"))
+    fp_d, _ = checkpoints.restore_params(checkpoint_path(runs, d, "fp"))
+    qat_d, _ = checkpoints.restore_params(checkpoint_path(runs, d, "qat"))
     model = checkpoints.model_from_meta(meta)
     test = data.load_split(r, "test", image_size=28)
     qv = q.quantization_vector(qat_d, fp_d)
@@ -196,7 +197,7 @@ def test_same_id_different_tree_names_tasks_and_path(tmp_path):
     # digits_rot90: same meta (backbone_id included), but one backbone leaf has another shape
     bad = "Transformer/encoderblock_1/MlpBlock_3/Dense_0"
     for mode in ("fp", "qat"):
-        path = transfer.checkpoint_path(runs, "digits_rot90", mode)
+        path = checkpoint_path(runs, "digits_rot90", mode)
         params, meta = checkpoints.restore_params(path)
         flat = q.flatten(params)
         flat[bad + "/kernel"] = flat[bad + "/kernel"][:, :48]
@@ -208,7 +209,7 @@ def test_same_id_different_tree_names_tasks_and_path(tmp_path):
 
 def test_fp_and_qat_recipes_must_match(tmp_path):
     runs = make_runs(tmp_path / "runs", ("digits",))
-    p = checkpoints.meta_file(transfer.checkpoint_path(runs, "digits", "qat"))
+    p = checkpoints.meta_file(checkpoint_path(runs, "digits", "qat"))
     meta = json.loads(p.read_text())
     meta["config"]["seed"] = 2
     p.write_text(json.dumps(meta))
@@ -219,7 +220,7 @@ def test_fp_and_qat_recipes_must_match(tmp_path):
 def test_recipes_differing_between_tasks_are_a_listed_warning(tmp_path):
     runs = make_runs(tmp_path / "runs", TASKS[:2])
     for mode in ("fp", "qat"):
-        p = checkpoints.meta_file(transfer.checkpoint_path(runs, "digits_rot90", mode))
+        p = checkpoints.meta_file(checkpoint_path(runs, "digits_rot90", mode))
         meta = json.loads(p.read_text())
         meta["config"]["seed"] = 7  # both runs of the task agree, but not with digits
         p.write_text(json.dumps(meta))
@@ -245,8 +246,8 @@ def qvec(*argv):
 
 
 def test_cli_extract_patch_ptq_eval_round_trip(runs, tmp_path, capsys):
-    fp, qat = (transfer.checkpoint_path(runs, "digits", m) for m in ("fp", "qat"))
-    rfp = transfer.checkpoint_path(runs, "digits_rot90", "fp")
+    fp, qat = (checkpoint_path(runs, "digits", m) for m in ("fp", "qat"))
+    rfp = checkpoint_path(runs, "digits_rot90", "fp")
     assert qvec("extract", qat, fp, tmp_path / "qv") == 0
     qv, meta = checkpoints.restore_params(tmp_path / "qv")
     assert meta["kind"] == "qv" and meta["task"] == "digits" and "head" not in qv
@@ -282,7 +283,7 @@ def test_cli_extract_patch_ptq_eval_round_trip(runs, tmp_path, capsys):
 
 
 def test_cli_refuses_to_overwrite_inputs(runs, tmp_path, capsys):
-    fp, qat = (transfer.checkpoint_path(runs, "digits", m) for m in ("fp", "qat"))
+    fp, qat = (checkpoint_path(runs, "digits", m) for m in ("fp", "qat"))
     before = sorted(p.name for p in fp.iterdir())
     assert qvec("ptq", fp, "--bits", "2", fp) == 1
     assert qvec("ptq", fp, "--bits", "2", fp / "inside") == 1
