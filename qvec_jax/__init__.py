@@ -4,12 +4,10 @@ The method is two short modules: ``qvec_jax.quant`` (the quantizer, METHOD.md) a
 ``qvec_jax.trees`` (QV = QAT - FP, patched = FP + lam * QV). Everything else is plumbing.
 """
 
+from .export import export_packed, load_packed
 from .merge import MergeSpec, merge_qvs
 from .packing import QTensor, dequantize, quantize, size_report
-from .quant import VIT_RULE, QuantSpec, codes_and_scale, fake_quant, fake_quant_tree, ptq
-from .select import select_lambda
-from .trees import (
-    HEAD_RULE,
+from .paths import (
     Rule,
     add,
     check_same_structure,
@@ -17,14 +15,15 @@ from .trees import (
     flatten,
     global_norm,
     leaf_norms,
-    patch,
     path_str,
-    quantization_vector,
     scale,
     sub,
     unflatten,
     weighted_sum,
 )
+from .quant import VIT_RULE, QuantSpec, codes_and_scale, fake_quant, fake_quant_tree, ptq
+from .select import select_lambda
+from .trees import HEAD_RULE, patch, quantization_vector
 
 __version__ = "0.1.0"
 __all__ = [
@@ -39,11 +38,13 @@ __all__ = [
     "codes_and_scale",
     "cosine",
     "dequantize",
+    "export_packed",
     "fake_quant",
     "fake_quant_tree",
     "flatten",
     "global_norm",
     "leaf_norms",
+    "load_packed",
     "merge_qvs",
     "patch",
     "path_str",

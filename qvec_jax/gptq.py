@@ -34,8 +34,10 @@ the jitted function.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import time
 from functools import lru_cache, partial
 
 import flax.linen as nn
@@ -167,12 +169,16 @@ def gptq_quantize(
     damp: float = 0.01,
     batch_size: int = 32,
     sequential: bool = True,
+    timings: dict | None = None,
 ) -> PyTree:
     """GPTQ of the leaves the rule selects -> tree with ``packing.QTensor`` leaves there.
 
     ``model.apply({"params": params}, images)`` must run the model on ``calib_images``
-    (NHWC). The result has ``packing.quantize``'s format: ``export.export_packed`` writes
-    it and ``packing.dequantize`` turns it into fp params (that is :func:`gptq`).
+    (NHWC), ``batch_size`` images per pass. The result has ``packing.quantize``'s format:
+    ``export.export_packed`` writes it and ``packing.dequantize`` turns it into fp params
+    (that is :func:`gptq`). ``block_size``/``damp``: as :func:`gptq_layer`. ``timings``:
+    a dict that receives the seconds spent on ``"hessians"`` (forward passes and
+    ``X^T X``) and on ``"quantize"`` (the GPTQ solves).
     """
     spec = as_spec(spec, bits=bits, granularity=granularity, rule=rule)
     bits, sel, flat = spec.bits, select_quantized(params, spec.rule), flatten(params)
@@ -189,12 +195,12 @@ def gptq_quantize(
         raise GPTQError(f"calib_images: need NHWC images [n, h, w, c], got shape {images.shape}")
     if batch_size < 1:
         raise GPTQError(f"batch_size must be >= 1, got {batch_size}")
+    job = _Job(flat, sel, bits, batch_size, kw, {} if timings is None else timings)
     if sequential:
-        out = _sequential(flat, sel, model, params, images, bits, batch_size, kw)
+        job.sequential(model, params, images)
     else:
-        out = dict(flat)
-        _quantize_under(flat, sel, out, model, params, images, "", bits, batch_size, kw)
-    return unflatten(out)
+        job.quantize_under(model, params, images, "")
+    return unflatten(job.out)
 
 
 def gptq(params: PyTree, model: nn.Module, calib_images, spec=None, **kw) -> PyTree:
@@ -216,32 +222,54 @@ def _wanted(flat, sel, prefix) -> dict[str, int]:
     return out
 
 
-def _quantize_under(flat, sel, out, module, params, x, prefix, bits, batch_size, kw) -> None:
-    """GPTQ of the selected kernels under ``prefix`` from the inputs ``module`` sees on x."""
-    wanted = _wanted(flat, sel, prefix)
-    for rel, H in _hessians(module, params, x, wanted, batch_size).items():
-        p = f"{prefix}{rel}/kernel"
-        out[p] = quantize_kernel(flat[p], H, bits, sel[p], name=p, **kw)
+@dataclasses.dataclass
+class _Job:
+    """One GPTQ run: the input leaves, the selection, the options, the output so far."""
 
+    flat: dict
+    sel: dict
+    bits: int
+    batch_size: int
+    kw: dict
+    timings: dict
 
-def _sequential(flat, sel, model, params, images, bits, batch_size, kw) -> dict:
-    blocks = sorted(
-        {m.group(0) for p in sel if (m := re.match(BLOCK_PATTERN[:-1], p))},
-        key=lambda b: int(b.rsplit("_", 1)[1]),
-    )
-    outside = [p for p in sel if not any(p.startswith(b + "/") for b in blocks)]
-    if outside:
-        raise GPTQError(
-            f"{outside[0]}: sequential GPTQ quantizes leaves inside encoder blocks only "
-            f"({BLOCK_PATTERN}); pass sequential=False"
+    def __post_init__(self):
+        self.out = dict(self.flat)
+
+    def clock(self, key: str, fn, *args):
+        """``fn(*args)``, finished, with its seconds added to ``timings[key]``."""
+        t = time.perf_counter()
+        r = jax.block_until_ready(fn(*args))
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t
+        return r
+
+    def quantize_under(self, module, params, x, prefix: str) -> None:
+        """GPTQ of the selected kernels under ``prefix`` from the inputs module sees on x."""
+        wanted = _wanted(self.flat, self.sel, prefix)
+        hs = self.clock("hessians", _hessians, module, params, x, wanted, self.batch_size)
+        for rel, H in hs.items():
+            p = f"{prefix}{rel}/kernel"
+            args = (self.flat[p], H, self.bits, self.sel[p])
+            self.out[p] = self.clock("quantize", partial(quantize_kernel, name=p, **self.kw), *args)
+
+    def sequential(self, model, params, images) -> None:
+        """Block by block; block i's inputs come from blocks 0..i-1 already quantized."""
+        blocks = sorted(
+            {m.group(0) for p in self.sel if (m := re.match(BLOCK_PATTERN[:-1], p))},
+            key=lambda b: int(b.rsplit("_", 1)[1]),
         )
-    x, block_mod = _block_input(model, params, images, blocks[0], batch_size)
-    out = dict(flat)
-    for b in blocks:
-        pre = b + "/"
-        _quantize_under(flat, sel, out, block_mod, _sub(flat, pre), x, pre, bits, batch_size, kw)
-        x = _apply_batched(block_mod, dequantize(_sub(out, pre)), x, batch_size)
-    return out
+        outside = [p for p in self.sel if not any(p.startswith(b + "/") for b in blocks)]
+        if outside:
+            raise GPTQError(
+                f"{outside[0]}: sequential GPTQ quantizes leaves inside encoder blocks only "
+                f"({BLOCK_PATTERN}); pass sequential=False"
+            )
+        bs = self.batch_size
+        x, mod = self.clock("hessians", _block_input, model, params, images, blocks[0], bs)
+        for b in blocks:
+            pre = b + "/"
+            self.quantize_under(mod, _sub(self.flat, pre), x, pre)
+            x = self.clock("hessians", _apply_batched, mod, dequantize(_sub(self.out, pre)), x, bs)
 
 
 def _sub(flat: dict, prefix: str) -> dict:

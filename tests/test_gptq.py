@@ -131,7 +131,11 @@ def test_hessians_are_the_layer_inputs(demo):
 @pytest.mark.parametrize("sequential", [True, False])
 def test_vit_gptq_on_the_grid(demo, sequential):
     model, params, images = demo
-    qt = G.gptq_quantize(params, model, images, 2, batch_size=10, sequential=sequential)
+    timings = {}
+    qt = G.gptq_quantize(
+        params, model, images, 2, batch_size=10, sequential=sequential, timings=timings
+    )
+    assert set(timings) == {"hessians", "quantize"} and min(timings.values()) > 0
     out = q.dequantize(qt)
     sel, flat_p, flat_o = q.VIT_RULE.select(params), flatten(params), flatten(out)
     assert len(sel) == 4 * 6 and jax.tree.structure(out) == jax.tree.structure(params)
