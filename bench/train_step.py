@@ -32,7 +32,7 @@ def _jax_steps(variant, batch, image_size, bits):
 
     from qvec_jax import train
     from qvec_jax.config import load_config
-    from qvec_jax.evaluate import make_mesh
+    from qvec_jax.sharding import make_mesh
     from qvec_jax.models import vit
     from qvec_jax.quant import QuantSpec
 
