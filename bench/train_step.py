@@ -32,9 +32,9 @@ def _jax_steps(variant, batch, image_size, bits):
 
     from qvec_jax import train
     from qvec_jax.config import load_config
-    from qvec_jax.sharding import make_mesh
     from qvec_jax.models import vit
     from qvec_jax.quant import QuantSpec
+    from qvec_jax.sharding import make_mesh
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "configs", "paper_vit_b16.py"), ["optim.warmup_steps=1"])
