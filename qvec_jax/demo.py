@@ -20,6 +20,11 @@ import os
 import time
 from pathlib import Path
 
+from qvec_jax import data as qdata
+from qvec_jax import report, train, transfer
+from qvec_jax.config import apply_overrides, load_config
+from qvec_jax.files import atomic_write_text
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_tiny.py"
 
 #: ``--quick``: digits only, a few steps; exercises every stage in about a minute.
@@ -41,8 +46,6 @@ QUICK = (
 def choose_tasks(cfg) -> tuple[str, float, list[str], str]:
     """(pretext task, its epochs, downstream tasks, note): the Fashion-MNIST set when its
     files are present, else the digits-only fallback, said out loud."""
-    from qvec_jax import data as qdata
-
     data_dir = cfg.data.data_dir or None
     pretext, tasks = cfg.demo.pretext_task, qdata.split_task_names(cfg.demo.tasks)
     missing = [t for t in [pretext, *tasks] if not qdata.availability(t, data_dir)[0]]
@@ -63,8 +66,6 @@ def choose_tasks(cfg) -> tuple[str, float, list[str], str]:
 
 def pretext_config(cfg, task: str, epochs: float):
     """The pretext run: same model, from random init, its own optimizer numbers."""
-    from qvec_jax.config import apply_overrides
-
     d = cfg.demo
     return apply_overrides(
         cfg,
@@ -82,19 +83,61 @@ def pretext_config(cfg, task: str, epochs: float):
     )
 
 
-def run_demo(
-    workdir: str | os.PathLike, overrides=(), *, quick: bool = False, progress: bool = True
-) -> dict:
-    """Run (or resume) the demo in ``workdir``; returns the report's paths and summary."""
-    from qvec_jax import report, train, transfer
-    from qvec_jax.config import apply_overrides, load_config
-
+def _load(overrides, quick: bool):
     if not CONFIG.is_file():
         raise FileNotFoundError(
             f"{CONFIG} not found: the demo reads configs/ from the repository, so install "
             "from a clone: git clone <repo> && pip install -e <repo>"
         )
-    cfg = load_config(CONFIG, [*(QUICK if quick else ()), *overrides])
+    return load_config(CONFIG, [*(QUICK if quick else ()), *overrides])
+
+
+def _finetune_all(cfg, workdir: Path, tasks: list[str], progress: bool) -> Path:
+    """Stage 2: FP and QAT fine-tunes of the pretext backbone on every task; their dir."""
+    ft = apply_overrides(
+        cfg, [("init.kind", "pretrained"), ("init.path", str(workdir / "pretext" / "params"))]
+    )
+    runs = workdir / "runs"
+    print(f"[demo] 2/4 fine-tune FP and QAT on {', '.join(tasks)}")
+    for t in tasks:
+        for mode in ("fp", "qat"):
+            r = train.finetune(
+                apply_overrides(ft, [("task", t), ("mode", mode)]),
+                str(runs / t / mode),
+                progress=progress,
+            )
+            print(
+                f"[demo]     {t:>14s} {mode:3s}: test FP {r['test']['fp']:.3f}, "
+                f"after {cfg.quant.bits}-bit PTQ {r['test']['ptq']:.3f}"
+            )
+    return runs
+
+
+def _grid(cfg, workdir: Path, runs: Path, tasks: list[str], progress: bool) -> list[dict]:
+    """Stage 3: the donor x receiver x lambda grid; its cells."""
+    lambdas = [float(x) for x in cfg.demo.lambdas]
+    print(
+        f"[demo] 3/4 grid: {len(tasks)} donors x {len(tasks)} receivers x "
+        f"{len(lambdas)} lambdas at {cfg.quant.bits} bits"
+    )
+    return transfer.run_grid(
+        tasks,
+        runs,
+        workdir / "grid",
+        bits=cfg.quant.bits,
+        granularity=cfg.quant.granularity,
+        lambdas=lambdas,
+        batch_size=int(cfg.demo.grid_batch_size),
+        data_dir=cfg.data.data_dir or None,
+        progress=progress,
+    )
+
+
+def run_demo(
+    workdir: str | os.PathLike, overrides=(), *, quick: bool = False, progress: bool = True
+) -> dict:
+    """Run (or resume) the demo in ``workdir``; returns the report's paths and summary."""
+    cfg = _load(overrides, quick)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     pretext, pretext_epochs, tasks, note = choose_tasks(cfg)
@@ -112,43 +155,10 @@ def run_demo(
     )
     stage("pretext")
     print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
-
-    ft = apply_overrides(
-        cfg, [("init.kind", "pretrained"), ("init.path", str(workdir / "pretext" / "params"))]
-    )
-    runs = workdir / "runs"
-    print(f"[demo] 2/4 fine-tune FP and QAT on {', '.join(tasks)}")
-    for t in tasks:
-        for mode in ("fp", "qat"):
-            r = train.finetune(
-                apply_overrides(ft, [("task", t), ("mode", mode)]),
-                str(runs / t / mode),
-                progress=progress,
-            )
-            print(
-                f"[demo]     {t:>14s} {mode:3s}: test FP {r['test']['fp']:.3f}, "
-                f"after {cfg.quant.bits}-bit PTQ {r['test']['ptq']:.3f}"
-            )
+    runs = _finetune_all(cfg, workdir, tasks, progress)
     stage("finetune")
-
-    lambdas = [float(x) for x in cfg.demo.lambdas]
-    print(
-        f"[demo] 3/4 grid: {len(tasks)} donors x {len(tasks)} receivers x "
-        f"{len(lambdas)} lambdas at {cfg.quant.bits} bits"
-    )
-    cells = transfer.run_grid(
-        tasks,
-        runs,
-        workdir / "grid",
-        bits=cfg.quant.bits,
-        granularity=cfg.quant.granularity,
-        lambdas=lambdas,
-        batch_size=int(cfg.demo.grid_batch_size),
-        data_dir=cfg.data.data_dir or None,
-        progress=progress,
-    )
+    cells = _grid(cfg, workdir, runs, tasks, progress)
     stage("grid")
-
     out = report.write_report(workdir / "grid", cells=cells)
     stage("report")
     info = {
@@ -158,7 +168,7 @@ def run_demo(
         "seconds": times,
         "report": {k: str(v) for k, v in out["paths"].items()},
     }
-    (workdir / "demo.json").write_text(json.dumps(info, indent=1) + "\n")
+    atomic_write_text(workdir / "demo.json", json.dumps(info, indent=1) + "\n")
     print("\n" + out["summary"])
     print(f"[demo] report: {workdir / 'grid'}  (summary.md, grid.csv, *.png)")
     print(f"[demo] total {sum(times.values()):.0f} s")
