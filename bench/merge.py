@@ -5,15 +5,17 @@
 ViT-B/16 part: N random fp32 QVs with the backbone shapes of ``create_model("B/16")``
 (``jax.eval_shape``, head left out as ``quantization_vector`` does: 85.8M entries,
 0.32 GiB each). For each N and method it prints the wall time, the input bytes read per
-second, and the extra peak RSS during the call (a sampling thread reads
-/proc/self/statm every 2 ms; baseline: RSS just before the call), in units of one QV:
-streaming leaf by leaf should keep it near 1 (the output) whatever N. Side by side, in
-the same run: ``trees.weighted_sum`` (the plain ``jax.tree.map`` mean, the floor) and,
-for N where it fits, TIES written as the paper's code does it (all N vectors flattened
-into one (N, d) matrix, ``kthvalue`` threshold per row), whose extra memory grows with N.
+second, and the extra peak memory during the call in units of one QV: RSS (a thread
+samples /proc/self/statm every 2 ms; baseline: the RSS just before the call) and the
+NumPy heap (tracemalloc). Streaming leaf by leaf should keep RSS near 1 (the output)
+whatever N. Side by side, in the same run: ``trees.weighted_sum`` (the plain
+``jax.tree.map`` mean, the floor) and, for N where it fits in ``--budget-gib``, TIES as
+the paper's code does it (all N vectors flattened into one (N, d) matrix, a
+``kthvalue`` threshold per row), whose extra memory grows with N.
 
 Demo part: 5 QVs of the demo model ("demo/4", 16x16 inputs, 0.3M entries); each method's
-first call in this process (cold: includes any compile) and the median warm call.
+first call in this process (cold: includes any compile) and the median warm call, wall
+and process CPU time (the CPU time is the work; wall also shows the machine's load).
 Ends with one ``headline:`` line.
 """
 
@@ -120,7 +122,10 @@ def bench_vit(ns, runs: int, reference: bool, budget_gib: float) -> dict:
     shapes = qv_shapes("B/16", 224)
     d = sum(int(np.prod(s)) for s in shapes.values())
     print(f"ViT-B/16 QV: {len(shapes)} leaves, {d:,} entries, {4 * d / 2**30:.2f} GiB fp32")
-    print("extra peak memory during the call, in QVs: RSS, and NumPy heap")
+    print(
+        "extra peak memory during the call, in QVs: RSS (all of it, the output included), "
+        "and the NumPy heap (the working buffers; tracemalloc)"
+    )
     head = ("N", "method", "s", "GB/s in", "x floor", "RSS/QV", "heap/QV")
     print("{:>2} {:<26} {:>7} {:>8} {:>8} {:>7} {:>8}".format(*head))
     res = {}

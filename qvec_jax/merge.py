@@ -330,7 +330,7 @@ def _gram(x: np.ndarray) -> np.ndarray:
 
 
 def _out(flats, path, merged: np.ndarray) -> jax.Array:
-    return jax.device_put(merged.reshape(np.shape(flats[0][path])))  # zero-copy on CPU
+    return jax.device_put(merged.reshape(np.shape(flats[0][path])))  # a jax.Array, like a QV
 
 
 def _mean(spec, flats, paths, w):

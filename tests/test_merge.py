@@ -358,6 +358,33 @@ def test_ties_property_against_numpy(data, density, scope):
     np.testing.assert_allclose(out, ref_elect_disjoint(T, w), rtol=1e-5, atol=1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(qv_lists(), st.sampled_from(["leaf", "global"]))
+def test_mean_sum_model_stock_properties(data, scope):
+    shapes, qvs = data
+    sh = {f"l{i}/w": tuple(s) for i, s in enumerate(shapes)}
+    V, w = vecs(qvs, sh), np.arange(1.0, len(qvs) + 1)
+    mean = merged_vec(M.mean_merge(qvs, w), sh)
+    np.testing.assert_allclose(mean, ref_mean(V, w), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(merged_vec(M.sum_merge(qvs, w), sh), w @ V, rtol=1e-5, atol=1e-2)
+    stock = merged_vec(M.model_stock_merge(qvs, w, scope=scope), sh)
+    if scope == "global":  # the result is t * mean with t in [0, 1]
+        t = ref_stock_t(V)
+        assert 0 <= t <= 1
+        np.testing.assert_allclose(stock, t * mean, rtol=1e-4, atol=1e-3)
+    assert np.linalg.norm(stock) <= np.linalg.norm(mean) * (1 + 1e-5) + 1e-6
+    # order does not matter (weights permuted alike); DARE's masks do depend on the order
+    perm = np.random.default_rng(len(qvs)).permutation(len(qvs))
+    for f in (
+        M.mean_merge,
+        M.ties_merge,
+        lambda v, weights: M.model_stock_merge(v, weights, scope=scope),
+    ):
+        a = merged_vec(f(qvs, weights=w), sh)
+        b = merged_vec(f([qvs[i] for i in perm], weights=w[perm]), sh)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 # --- dtypes, integer leaves, rules, NNX --------------------------------------------------
 
 
