@@ -1,10 +1,12 @@
-"""Leaf paths of a pytree, the ``Rule`` type over them, and input checks.
+"""Leaf paths of a pytree, the ``Rule`` type over them, input checks, and tree algebra.
 
 A leaf is addressed by its "/"-joined key path, e.g.
 ``Transformer/encoderblock_3/LayerNorm_0/scale``, for Flax Linen dicts, ``nnx.State``
 (the trailing ``.value`` is dropped) and plain nested containers alike. One ``Rule``
 type (ordered regexes over these paths) selects what QAT and PTQ quantize, what a QV
-leaves out, and what counts in the model size.
+leaves out, and what counts in the model size. The plain vector algebra on
+same-structure trees (add, sub, scale, weighted sum, norms, cosine) serves QVs and
+task vectors alike; the method itself (``QV = QAT - FP``, ``patch``) is ``trees``.
 """
 
 from __future__ import annotations
@@ -132,3 +134,55 @@ def check_finite(tree: PyTree, name: str) -> None:
             continue
         if not bool(jnp.all(jnp.isfinite(x))):
             raise ValueError(f"{p}: NaN or Inf in {name}")
+
+
+# --- plain vector algebra on same-structure trees (QVs, task vectors) ---------------
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+    check_same_structure(a, b)
+    return jax.tree.map(jnp.add, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+    check_same_structure(a, b)
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def scale(a: PyTree, c: float) -> PyTree:
+    return jax.tree.map(lambda x: (x * c).astype(x.dtype), a)
+
+
+def weighted_sum(trees: list[PyTree], weights: list[float] | None = None) -> PyTree:
+    """``sum_i w_i * tree_i``; with ``weights=None`` the mean (merging several QVs)."""
+    if not trees:
+        raise ValueError("weighted_sum needs at least one tree")
+    weights = [1.0 / len(trees)] * len(trees) if weights is None else list(weights)
+    if len(weights) != len(trees):
+        raise ValueError(f"{len(trees)} trees but {len(weights)} weights")
+    for t in trees[1:]:
+        check_same_structure(trees[0], t, ("trees[0]", "trees[i]"))
+    return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *trees)
+
+
+def leaf_norms(a: PyTree) -> dict[str, float]:
+    """Per-leaf L2 norm, keyed by path."""
+    return {
+        p: float(jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32))) for p, x in flatten(a).items()
+    }
+
+
+def global_norm(a: PyTree) -> float:
+    return float(
+        jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(a)))
+    )
+
+
+def cosine(a: PyTree, b: PyTree) -> float:
+    """Cosine similarity of two trees seen as flat vectors."""
+    check_same_structure(a, b)
+    dot = sum(
+        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+    return float(dot / (global_norm(a) * global_norm(b) + 1e-30))

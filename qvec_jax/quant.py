@@ -52,12 +52,8 @@ def check_bits(bits) -> int:
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """The quantizer's settings: bit width, one scale per channel or per tensor, and the
-    rule naming the quantized leaves and their channel axes.
-
-    Validated once here (``bits``: an int in 2..8, NumPy ints accepted; ``granularity``:
-    one of ``GRANULARITIES``); frozen and hashable, so it passes as one static ``jit``
-    argument. ``dataclasses.replace(spec, bits=2)`` gives a validated variant.
-    """
+    rule naming the quantized leaves and their channel axes. Validated once, here; frozen
+    and hashable, so it passes as one static ``jit`` argument."""
 
     bits: int
     granularity: str = "channel"
@@ -74,11 +70,8 @@ class QuantSpec:
 
 
 def as_spec(spec=None, *, bits=None, granularity=None, rule=None) -> QuantSpec:
-    """A ``QuantSpec`` from either a spec or the loose keywords (the user-facing forms).
-
-    ``spec`` may also be the bit width (``ptq(params, 3)``). Giving a spec and keywords
-    together is refused: which one wins would be a guess.
-    """
+    """A ``QuantSpec`` from a spec, or from the loose keywords (``spec`` may be the bit
+    width: ``ptq(params, 3)``). A spec and keywords together are refused."""
     if isinstance(spec, QuantSpec):
         if (bits, granularity, rule) != (None, None, None):
             raise TypeError("pass a QuantSpec or bits=/granularity=/rule=, not both")
@@ -136,10 +129,7 @@ def fake_quant(w, bits: int, *, granularity: str = "channel", channel_axes=None,
     ``ste=True`` the gradient is the identity (straight-through estimator, no clipping
     mask); written as ``sg(fq) + (w - sg(w))`` so the forward value is exactly ``fq``.
     """
-    return _leaf(w, check_bits(bits), granularity, channel_axes, ste)
-
-
-def _leaf(w, bits: int, granularity: str, channel_axes, ste) -> jax.Array:
+    bits = check_bits(bits)
     reduce_axes(jnp.ndim(w), granularity, channel_axes)  # validate before tracing
     axes = None if channel_axes is None else tuple(int(a) for a in channel_axes)
     return _fake_quant(w, bits, granularity, axes, bool(ste))
@@ -184,7 +174,7 @@ def fake_quant_tree(
         lambda kp, x: (
             x
             if (ax := sel.get(path_str(kp))) is None
-            else _leaf(x, spec.bits, spec.granularity, ax, ste)
+            else fake_quant(x, spec.bits, granularity=spec.granularity, channel_axes=ax, ste=ste)
         ),
         params,
     )
