@@ -16,8 +16,8 @@ same codes (a channel's largest code may be below qmax): export ``gptq_quantize`
 
 **Algorithm** (the reference's, on a Flax ``[in, out]`` kernel, i.e. its ``W^T``): dead
 inputs (``H_ii = 0``) get ``H_ii = 1`` and zero weights; damping adds ``damp`` (1%) of
-the mean diagonal; ``U`` = upper Cholesky factor of ``H^-1``; rows (input features) are
-quantized in order, in lazy batches of ``block_size`` (128), the error
+the mean diagonal; ``U`` = upper Cholesky factor of ``H^-1`` (``U^T U = H^-1``); rows
+(input features) are quantized in order, in lazy batches of ``block_size`` (128), the error
 ``(w_i - q_i s) / U_ii`` is subtracted from the later rows of the batch at once and from
 the rows after the batch by one matmul. Kernels with several axes (q/k/v
 ``[embed, heads, head_dim]``, out ``[heads, head_dim, embed]``) are flattened to
@@ -91,15 +91,21 @@ def gptq_layer(
 
 @jax.jit
 def _inverse_hessian_factor(H, damp):
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` after the dead-input fix."""
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (``U^T U = H^-1``)
+    after the dead-input fix.
+
+    With ``J`` the reversal and ``J H J = M M^T``: ``H^-1 = (J M^-1 J)^T (J M^-1 J)`` and
+    ``J M^-1 J`` is upper triangular, so one Cholesky and one triangular inverse suffice
+    (the reference's Cholesky, inverse, Cholesky costs about 4x the flops).
+    """
     n = H.shape[0]
     d = jnp.diag(H)
     dead = d == 0
     H = H.at[jnp.arange(n), jnp.arange(n)].set(jnp.where(dead, 1.0, d))
     H = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(n, dtype=H.dtype)
-    L = jnp.linalg.cholesky(H)
-    Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(n, dtype=H.dtype))
-    return jnp.linalg.cholesky(Hinv, upper=True), dead
+    M = jnp.linalg.cholesky(H[::-1, ::-1])
+    eye = jnp.eye(n, dtype=H.dtype)
+    return jax.scipy.linalg.solve_triangular(M, eye, lower=True)[::-1, ::-1], dead
 
 
 @partial(jax.jit, static_argnums=(4, 5))
