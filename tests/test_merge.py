@@ -54,6 +54,16 @@ def segments(shapes=SHAPES) -> list[slice]:
     return [slice(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
 
 
+def tree_of(v, shapes=SHAPES) -> dict:
+    """The inverse of ``vecs`` for one vector."""
+    return q.unflatten(
+        {
+            p: jnp.asarray(v[s].reshape(shp), jnp.float32)
+            for (p, shp), s in zip(shapes.items(), segments(shapes))
+        }
+    )
+
+
 def merged_vec(out, shapes=SHAPES) -> np.ndarray:
     assert set(q.flatten(out)) == set(shapes)
     for p, x in q.flatten(out).items():
@@ -81,12 +91,12 @@ def ref_elect_disjoint(T, w):
     return np.where(den > 0, num / np.where(den > 0, den, 1), 0)
 
 
-def ref_ties(V, density, w, scope="global"):
+def ref_ties(V, density, w, scope="global", shapes=SHAPES):
     if scope == "global":
         T = np.stack([ref_trim(v, density) for v in V])
     else:
         T = np.concatenate(
-            [np.stack([ref_trim(v[s], density) for v in V]) for s in segments()], axis=1
+            [np.stack([ref_trim(v[s], density) for v in V]) for s in segments(shapes)], axis=1
         )
     return ref_elect_disjoint(T, w)
 
@@ -191,15 +201,7 @@ def test_model_stock_matches_numpy(scope):
     base = vecs(qvs_of(1, seed=2))[0]
     rng = np.random.default_rng(0)  # correlated vectors, so that t is not clipped
     V = np.stack([base + 0.7 * rng.normal(size=base.size) for _ in range(3)])
-    qvs = [
-        q.unflatten(
-            {
-                p: jnp.asarray(v[s].reshape(SHAPES[p]), jnp.float32)
-                for p, s in zip(SHAPES, segments())
-            }
-        )
-        for v in V
-    ]
+    qvs = [tree_of(v) for v in V]
     out = merged_vec(M.model_stock_merge(qvs, W3, scope=scope))
     np.testing.assert_allclose(out, ref_model_stock(V, W3, scope), rtol=1e-5, atol=1e-6)
     assert 0 < ref_stock_t(V) < 1
@@ -226,15 +228,7 @@ def test_ties_density_one_with_agreeing_signs_is_the_mean():
     rng = np.random.default_rng(4)
     sign = np.where(rng.random(D) < 0.5, -1.0, 1.0)
     V = np.stack([sign * (0.1 + rng.random(D)) for _ in range(4)])  # no zero, same signs
-    qvs = [
-        q.unflatten(
-            {
-                p: jnp.asarray(v[s].reshape(SHAPES[p]), jnp.float32)
-                for p, s in zip(SHAPES, segments())
-            }
-        )
-        for v in V
-    ]
+    qvs = [tree_of(v) for v in V]
     mean = merged_vec(M.mean_merge(qvs))
     for scope in ("global", "leaf"):
         np.testing.assert_allclose(merged_vec(M.ties_merge(qvs, 1.0, scope=scope)), mean, rtol=1e-6)
@@ -343,19 +337,8 @@ def test_ties_property_against_numpy(data, density, scope):
     sh = {f"l{i}/w": tuple(s) for i, s in enumerate(shapes)}
     V = vecs(qvs, sh)
     w = np.arange(1.0, len(qvs) + 1)
-    if scope == "global":
-        T = np.stack([ref_trim(v, density) for v in V])
-    else:
-        sizes = np.cumsum([0] + [int(np.prod(s)) for s in sh.values()])
-        T = np.concatenate(
-            [
-                np.stack([ref_trim(v[a:b], density) for v in V])
-                for a, b in zip(sizes[:-1], sizes[1:])
-            ],
-            axis=1,
-        )
     out = merged_vec(M.ties_merge(qvs, density, w, scope=scope), sh)
-    np.testing.assert_allclose(out, ref_elect_disjoint(T, w), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, ref_ties(V, density, w, scope, sh), rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=40, deadline=None)
