@@ -124,6 +124,11 @@ def plan_cells(tasks, lambdas, ckpts, done: dict[tuple, dict]) -> _Plan:
     return plan
 
 
+def _quantizer(bits, granularity, rule_note: str | None) -> str:
+    """``"2-bit channel"``, plus the rule when it is not ``VIT_RULE``."""
+    return f"{bits}-bit {granularity}" + ("" if rule_note is None else f" (rule {rule_note})")
+
+
 def _rule_note(spec: quant.QuantSpec) -> str | None:
     """How ``grid.json`` names a non-default quantization rule (None for ``VIT_RULE``)."""
     return None if spec.rule == quant.VIT_RULE else repr(spec.rule)
@@ -131,12 +136,12 @@ def _rule_note(spec: quant.QuantSpec) -> str | None:
 
 def _check_quantizer(store: GridStore, meta: dict, spec: quant.QuantSpec) -> None:
     """Refuse a workdir that holds a grid at another quantizer setting."""
-    old = (meta.get("bits"), meta.get("granularity"), meta.get("rule"))
-    if meta and old != (spec.bits, spec.granularity, _rule_note(spec)):
-        rule = "" if old[2] is None else f" (rule {old[2]})"
+    old = _quantizer(meta.get("bits"), meta.get("granularity"), meta.get("rule"))
+    new = _quantizer(spec.bits, spec.granularity, _rule_note(spec))
+    if meta and old != new:
         raise GridError(
-            f"{store.workdir} holds a grid at {old[0]}-bit {old[1]}{rule}, not {spec.bits}-bit "
-            f"{spec.granularity}; use another --workdir for another quantizer setting"
+            f"{store.workdir} holds a grid at {old}, not {new}; use another --workdir for "
+            "another quantizer setting"
         )
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import qvec_jax as q
 from qvec_jax import checkpoints, evaluate, transfer
+from qvec_jax import data as qdata
 from qvec_jax import report as rp
 from qvec_jax.grid_inputs import checkpoint_path
 from qvec_jax.models import vit
@@ -418,3 +419,28 @@ def test_grid_on_8_host_devices_matches_one_device(runs, tmp_path):
     for k, acc in one.items():  # batch 60 is rounded up to 64 = 8 x 8; every example once
         assert eight[k]["acc"] == pytest.approx(acc, abs=1.5 / 359), k
         assert eight[k]["n"] == {"val": 143, "test": 359}
+
+
+def test_a_quant_spec_names_the_same_grid_as_bits(runs, tmp_path):
+    grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,))
+    size = (tmp_path / rp.CELLS_FILE).stat().st_size
+    kw = {"lambdas": (1.0,), "batch_size": 64, "progress": False}
+    transfer.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2), **kw)
+    assert (tmp_path / rp.CELLS_FILE).stat().st_size == size  # nothing recomputed
+    one_leaf = q.Rule({r"encoderblock_0/MlpBlock_3/Dense_0/kernel$": (1,)})
+    with pytest.raises(transfer.GridError, match=r"at 2-bit channel, not 2-bit channel \(rule"):
+        transfer.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2, rule=one_leaf), **kw)
+    with pytest.raises(TypeError, match="not both"):
+        transfer.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2), bits=3, **kw)
+    with pytest.raises(transfer.GridError, match="no quantizer"):
+        transfer.run_grid(TASKS[:1], runs, tmp_path, **kw)
+    # the rule travels with the spec into every PTQ of the grid, and grid.json names it
+    spec = q.QuantSpec(2, rule=one_leaf)
+    cells = transfer.run_grid(TASKS[:1], runs, tmp_path / "rule", spec=spec, **kw)
+    assert rp.load_grid_meta(tmp_path / "rule")["rule"] == repr(one_leaf)
+    fp, meta = checkpoints.restore_params(checkpoint_path(runs, TASKS[0], "fp"))
+    test = qdata.load_split(TASKS[0], "test", image_size=28)
+    want = evaluate.accuracy(checkpoints.model_from_meta(meta), fp, test, spec)
+    (ptq_fp,) = [c for c in cells if c["kind"] == "ptq_fp"]
+    assert ptq_fp["acc"]["test"] == pytest.approx(want, abs=1e-12)
+    assert want != pytest.approx(evaluate.accuracy(checkpoints.model_from_meta(meta), fp, test, 2))
