@@ -302,7 +302,8 @@ def _setup(cfg, spec, task, workdir: str, mesh) -> _Run:
         state, start, crc = create_state(host_params, tx, shardings), 0, 0
     _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     return _Run(
-        cfg, spec, task, workdir, mesh, model, split, total, schedule, step_fn, mngr,
+        cfg=cfg, spec=spec, task=task, workdir=workdir, mesh=mesh, model=model,
+        train_split=split, total=total, schedule=schedule, step_fn=step_fn, mngr=mngr,
         backbone=checkpoints.backbone_id(host_params), state=state, start=start, crc=crc,
     )  # fmt: skip
 
