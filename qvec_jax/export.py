@@ -122,17 +122,30 @@ def load_packed(path: str | os.PathLike) -> tuple[PyTree, dict]:
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ExportError(f"{path}: not a readable {FORMAT} file ({first})") from None
+    try:
+        return unflatten(_leaves(arrays, header)), header
+    except (KeyError, TypeError, ValueError) as e:
+        why = e.args[0] if e.args else ""
+        raise ExportError(f"{path}: damaged {FORMAT} file ({type(e).__name__}: {why})") from None
+
+
+def _leaves(arrays: dict, header: dict) -> dict:
+    """``{path: fp leaf}``: each quantized leaf dequantized, every other array as is."""
+    quantized = header["leaves"]
     flat = {}
     for k, a in arrays.items():
-        p = k.rsplit(":", 1)[0]
-        if p in header["leaves"]:
-            shape, dtype = header["leaves"][p]
-            qt = QTensor(arrays[p + ":packed"], arrays[p + ":scale"], tuple(shape), dtype,
-                         header["bits"])  # fmt: skip
-            flat[p] = dequantize(jax.tree.map(jnp.asarray, qt))
+        p, _, part = k.rpartition(":")
+        if p in quantized and part in ("packed", "scale"):
+            if part == "packed":
+                shape, dtype = quantized[p]
+                qt = QTensor(a, arrays[p + ":scale"], tuple(shape), dtype, header["bits"])
+                flat[p] = dequantize(jax.tree.map(jnp.asarray, qt))
         else:
-            flat[p] = jnp.asarray(a)
-    return unflatten(flat), header
+            flat[k] = jnp.asarray(a)
+    missing = set(quantized) - set(flat)
+    if missing:
+        raise KeyError(f"no packed codes for {sorted(missing)[0]}")
+    return flat
 
 
 def flatten_q(tree: PyTree) -> dict:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import qvec_jax as q
@@ -80,6 +81,16 @@ def test_refuses_foreign_files(tmp_path, demo):
     assert "\n" not in str(e.value)
     with pytest.raises(E.ExportError, match="missing.safetensors"):
         E.load_packed(tmp_path / "missing.safetensors")
+    good = tmp_path / "good.safetensors"
+    E.export_packed(params, good, 2)
+    with safe_open(str(good), framework="numpy") as f:
+        md, arrays = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cut = tmp_path / "cut.safetensors"
+    save_file({k: v for k, v in arrays.items() if not k.endswith(":packed")}, str(cut), md)
+    with pytest.raises(
+        E.ExportError, match="cut.safetensors: damaged .*: no packed codes for Transformer/"
+    ):
+        E.load_packed(cut)
 
 
 def test_bad_export_leaves_target_untouched(demo, tmp_path):
