@@ -18,9 +18,9 @@ dict of the merged leaves (at least float32), like a QV. The inputs must agree o
 merged leaves (presence, shape, float kind); the error names the first leaf that does not.
 
 Eager only (the kernels are NumPy on the host: nothing compiles per leaf shape).
-Memory: the merge streams leaf by leaf. It holds the inputs, the output built so far and
-the ``k`` copies of ONE leaf being merged (plus a few temporaries of that size); never
-``k`` stacked trees (bench/merge.py measures it). Global statistics
+Memory: the merge streams leaf by leaf, and within a leaf block by block. It holds the
+inputs, the output built so far and a few (k, 2**18) working blocks; never ``k`` stacked
+trees, nor ``k`` stacked copies of a large leaf (bench/merge.py measures it). Global statistics
 (TIES's global trim threshold, Model Stock's global cosine) take one extra streamed pass.
 
 ``MergeSpec`` is the recipe (method + parameters), frozen and JSON-serializable, so a
@@ -184,8 +184,7 @@ def ties_merge(qvs, density=0.2, weights=None, *, scope="global", exclude=HEAD_R
        (entries tied with the m-th largest are kept too, as in the reference code's
        ``|v| >= kthvalue``), zero the rest. ``scope="global"`` (default, the paper's
        reference implementation): ``n = d``, one threshold per vector over all merged
-       leaves; ``scope="leaf"`` (mergekit): ``n`` = the leaf's size, one per leaf
-       (``np.partition`` of the leaf).
+       leaves; ``scope="leaf"`` (mergekit): ``n`` = the leaf's size, one per leaf.
        The global threshold is exact: the m-th largest ``|v_i|`` found by a radix select
        over the IEEE-754 bit patterns of ``|v_i|`` (ordered like the values for x >= 0),
        16 bits per pass, each pass a leaf-streamed histogram (2 passes for float32).
@@ -273,16 +272,37 @@ def _resolve_weights(spec: MergeSpec, k: int) -> np.ndarray:
     return w
 
 
-# --- the per-leaf kernels: NumPy on the host, on the k copies of one leaf -----------
-# NumPy, not jit: nothing to compile per leaf shape, so a cold merge of small QVs takes
-# milliseconds; a merge is memory-bound, and NumPy streams at memory speed.
+# --- the kernels: NumPy on the host, on column blocks of the k copies of one leaf ----
+# NumPy, not jit: nothing compiles per leaf shape, so a cold merge of small QVs takes
+# milliseconds; a merge is memory-bound, and NumPy streams at memory speed. Blocks of
+# _BLOCK entries per QV bound the working memory (k x _BLOCK x a few temporaries)
+# whatever the leaf size; for host arrays the inputs are read in place, not copied.
+
+_BLOCK = 1 << 18  # even: DARE takes its uint32s in pairs (uint64 draws), block by block
 
 
-def _stack(flats, path) -> np.ndarray:
-    """The k copies of one leaf as a (k, n) host array, at least float32."""
-    xs = [f[path] for f in flats]
-    dt = _compute_dtype(tuple(np.dtype(x.dtype) for x in xs))
-    return np.stack([np.asarray(x, dt).ravel() for x in xs])
+def _blocks(flats, path):
+    """``(start, x)`` over the leaf's entries: ``x`` (k, <= _BLOCK), at least float32."""
+    xs = [np.asarray(f[path]).reshape(-1) for f in flats]
+    dt = _compute_dtype(tuple(x.dtype for x in xs))
+    for a in range(0, xs[0].size, _BLOCK):
+        block = np.empty((len(xs), min(_BLOCK, xs[0].size - a)), dt)
+        for row, x in zip(block, xs):
+            row[:] = x[a : a + _BLOCK]
+        yield a, block
+
+
+def _map_blocks(flats, paths, fn, leaf_state=lambda p: None) -> dict:
+    """``{path: merged leaf}``: ``fn(x, leaf_state(path))`` -> (b,) for each block ``x``."""
+    out = {}
+    for p in paths:
+        state, res = leaf_state(p), None
+        for a, x in _blocks(flats, p):
+            y = fn(x, state)
+            res = np.empty(np.size(flats[0][p]), y.dtype) if res is None else res
+            res[a : a + y.size] = y
+        out[p] = jax.device_put(res.reshape(np.shape(flats[0][p])))  # a jax.Array, like a QV
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,77 +327,70 @@ def _disjoint_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def _dare_drop(x: np.ndarray, path: str, seed: int, p: float) -> np.ndarray:
+def _philox(seed: int, path: str, i: int) -> np.random.Philox:
+    """DARE's bit stream for QV ``i`` at leaf ``path``: counter-based, stable across NumPy."""
+    return np.random.Philox(np.random.SeedSequence([seed, zlib.crc32(path.encode()), i]))
+
+
+def _dare_drop(x: np.ndarray, gens: list, p: float) -> np.ndarray:
     """Keep each entry with probability ``1 - p``, scale the kept ones by ``1 / (1 - p)``.
 
-    Row ``i`` keeps the entries whose uint32 from the raw stream of NumPy's counter-based
-    Philox, seeded by ``SeedSequence([seed, crc32(path), i])``, is >= ``p * 2**32``.
+    Row ``i`` keeps the entries whose next uint32 of the raw stream ``gens[i]`` is
+    >= ``p * 2**32`` (blocks are even-sized but the last: the masks do not depend on them).
     """
     cut = np.uint32(min(round(p * 2**32), 2**32 - 1))
     out = np.empty_like(x)
-    for i, row in enumerate(x):
-        gen = np.random.Philox(np.random.SeedSequence([seed, zlib.crc32(path.encode()), i]))
+    for row, o, gen in zip(x, out, gens):
         bits = gen.random_raw(-(-row.size // 2)).view(np.uint32)[: row.size]
-        out[i] = np.where(bits >= cut, row / row.dtype.type(1 - p), 0)
+        o[:] = np.where(bits >= cut, row / row.dtype.type(1 - p), 0)
     return out
 
 
-def _gram(x: np.ndarray) -> np.ndarray:
-    return (x @ x.T).astype(np.float64)
+def _gram(flats, paths) -> np.ndarray:
+    """The (k, k) Gram matrix of the QVs restricted to ``paths``, in float64."""
+    return sum((x @ x.T).astype(np.float64) for p in paths for _, x in _blocks(flats, p))
 
 
 # --- the methods: {path: merged leaf} from flats, paths, weights --------------------
 
 
-def _out(flats, path, merged: np.ndarray) -> jax.Array:
-    return jax.device_put(merged.reshape(np.shape(flats[0][path])))  # a jax.Array, like a QV
-
-
 def _mean(spec, flats, paths, w):
-    return {p: _out(flats, p, _weighted_sum(_stack(flats, p), w / w.sum())) for p in paths}
+    return _map_blocks(flats, paths, lambda x, _: _weighted_sum(x, w / w.sum()))
 
 
 def _sum(spec, flats, paths, w):
-    return {p: _out(flats, p, _weighted_sum(_stack(flats, p), w)) for p in paths}
+    return _map_blocks(flats, paths, lambda x, _: _weighted_sum(x, w))
 
 
 def _ties(spec, flats, paths, w):
-    if spec.scope == "global":
-        d = sum(math.prod(np.shape(flats[0][p])) for p in paths)
-        m = max(1, round(spec.density * d))
-        thr = np.stack([_kth_largest_abs([f[p] for p in paths], m) for f in flats])
-    out = {}
-    for p in paths:
-        x = _stack(flats, p)
-        if spec.scope == "leaf":
-            m = max(1, round(spec.density * x.shape[1]))
-            thr = -np.partition(-np.abs(x), m - 1, axis=1)[:, m - 1]  # exact, one leaf
-        trimmed = np.where(np.abs(x) >= thr.astype(x.dtype)[:, None], x, 0)
-        out[p] = _out(flats, p, _disjoint_mean(trimmed, w))
-    return out
+    def thresholds(ps):  # per QV: the m-th largest |v| over the leaves ps
+        m = max(1, round(spec.density * sum(np.size(flats[0][p]) for p in ps)))
+        return np.stack([_kth_largest_abs([f[p] for p in ps], m) for f in flats])
+
+    glob = thresholds(paths) if spec.scope == "global" else None
+
+    def trim_elect_mean(x, thr):
+        return _disjoint_mean(np.where(np.abs(x) >= thr.astype(x.dtype)[:, None], x, 0), w)
+
+    leaf = (lambda p: glob) if spec.scope == "global" else (lambda p: thresholds([p]))
+    return _map_blocks(flats, paths, trim_elect_mean, leaf)
 
 
 def _dare(spec, flats, paths, w):
-    out = {}
-    for p in paths:
-        x = _dare_drop(_stack(flats, p), p, spec.seed, spec.p)
+    def drop_combine(x, gens):
+        x = _dare_drop(x, gens, spec.p)
         if spec.combine == "ties":
-            out[p] = _out(flats, p, _disjoint_mean(x, w))
-        else:
-            out[p] = _out(flats, p, _weighted_sum(x, w / w.sum() if spec.combine == "mean" else w))
-    return out
+            return _disjoint_mean(x, w)
+        return _weighted_sum(x, w / w.sum() if spec.combine == "mean" else w)
+
+    gens = lambda p: [_philox(spec.seed, p, i) for i in range(len(flats))]
+    return _map_blocks(flats, paths, drop_combine, gens)
 
 
 def _model_stock(spec, flats, paths, w):
-    if spec.scope == "global":
-        t = _stock_t(sum(_gram(_stack(flats, p)) for p in paths))
-    out = {}
-    for p in paths:
-        x = _stack(flats, p)
-        if spec.scope == "leaf":
-            t = _stock_t(_gram(x))
-        out[p] = _out(flats, p, _weighted_sum(x, t * w / w.sum()))
-    return out
+    glob = _stock_t(_gram(flats, paths)) if spec.scope == "global" else None
+    t = (lambda p: glob) if spec.scope == "global" else (lambda p: _stock_t(_gram(flats, [p])))
+    return _map_blocks(flats, paths, lambda x, t: _weighted_sum(x, t * w / w.sum()), t)
 
 
 _METHODS = {"mean": _mean, "sum": _sum, "ties": _ties, "dare": _dare, "model_stock": _model_stock}

@@ -207,6 +207,27 @@ def test_model_stock_matches_numpy(scope):
     assert 0 < ref_stock_t(V) < 1
 
 
+SPECS = [
+    M.MergeSpec("mean", W3),
+    M.MergeSpec("sum", W3),
+    M.MergeSpec("ties", W3, density=0.3),
+    M.MergeSpec("ties", W3, density=0.3, scope="leaf"),
+    M.MergeSpec("dare", W3, p=0.3, seed=2),
+    M.MergeSpec("dare", W3, p=0.3, combine="ties"),
+    M.MergeSpec("model_stock", W3),
+    M.MergeSpec("model_stock", W3, scope="global"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s.to_dict().values())))
+def test_blocks_do_not_change_the_result(spec, monkeypatch):
+    """Large leaves are merged in column blocks; the block size is invisible (DARE too)."""
+    qvs = qvs_of(3, seed=6)
+    whole = merged_vec(q.merge_qvs(qvs, spec))
+    monkeypatch.setattr(M, "_BLOCK", 6)  # leaves of 24 and 12 entries span several blocks
+    np.testing.assert_allclose(merged_vec(q.merge_qvs(qvs, spec)), whole, rtol=1e-6, atol=0)
+
+
 # --- the algebra laws ------------------------------------------------------------------
 
 
