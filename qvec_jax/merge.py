@@ -284,7 +284,7 @@ _BLOCK = 1 << 18  # even: DARE takes its uint32s in pairs (uint64 draws), block 
 def _blocks(flats, path):
     """``(start, x)`` over the leaf's entries: ``x`` (k, <= _BLOCK), at least float32."""
     xs = [np.asarray(f[path]).reshape(-1) for f in flats]
-    dt = _compute_dtype(tuple(x.dtype for x in xs))
+    dt = _leaf_dtype(flats, path)
     for a in range(0, xs[0].size, _BLOCK):
         block = np.empty((len(xs), min(_BLOCK, xs[0].size - a)), dt)
         for row, x in zip(block, xs):
@@ -296,13 +296,16 @@ def _map_blocks(flats, paths, fn, leaf_state=lambda p: None) -> dict:
     """``{path: merged leaf}``: ``fn(x, leaf_state(path))`` -> (b,) for each block ``x``."""
     out = {}
     for p in paths:
-        state, res = leaf_state(p), None
+        res = np.empty(np.size(flats[0][p]), _leaf_dtype(flats, p))
+        state = leaf_state(p) if res.size else None
         for a, x in _blocks(flats, p):
-            y = fn(x, state)
-            res = np.empty(np.size(flats[0][p]), y.dtype) if res is None else res
-            res[a : a + y.size] = y
+            res[a : a + x.shape[1]] = fn(x, state)
         out[p] = jax.device_put(res.reshape(np.shape(flats[0][p])))  # a jax.Array, like a QV
     return out
+
+
+def _leaf_dtype(flats, path) -> np.dtype:
+    return _compute_dtype(tuple(np.dtype(f[path].dtype) for f in flats))
 
 
 @functools.lru_cache(maxsize=64)

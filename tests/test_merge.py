@@ -228,6 +228,13 @@ def test_blocks_do_not_change_the_result(spec, monkeypatch):
     np.testing.assert_allclose(merged_vec(q.merge_qvs(qvs, spec)), whole, rtol=1e-6, atol=0)
 
 
+def test_empty_leaf_merges_to_an_empty_leaf():
+    qvs = [{**t, "empty": jnp.zeros((0, 3))} for t in qvs_of(3)]
+    for spec in SPECS:
+        out = q.merge_qvs(qvs, spec)
+        assert out["empty"].shape == (0, 3) and out["empty"].dtype == jnp.float32
+
+
 # --- the algebra laws ------------------------------------------------------------------
 
 
