@@ -32,11 +32,17 @@ def load_config(
         )
     name = "qvec_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
+    if spec is None or not path.endswith(".py"):
+        raise ValueError(f"config file {path!r} is not a Python file (.py) defining get_config()")
+    try:  # the file's own errors (syntax, a failing get_config) name the file, not a traceback
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        cfg = get_config() if callable(get_config) else None
+    except Exception as e:
+        raise ValueError(f"config file {path!r}: {type(e).__name__}: {e}") from e
+    if not callable(get_config):
         raise ValueError(f"config file {path!r} defines no get_config() function")
-    cfg = module.get_config()
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ValueError(
             f"get_config() in {path!r} returned {type(cfg).__name__}, expected a ConfigDict"

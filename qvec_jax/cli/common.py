@@ -1,13 +1,22 @@
-"""What every ``qvec`` subcommand shares: the user-facing error, parser and checkpoint I/O.
+"""What every ``qvec`` subcommand shares: the user-facing error, option types, output checks
+and checkpoint I/O.
 
 Inputs and outputs of the checkpoint commands are directories written by
-``checkpoints.save_params`` (params + meta). Outputs are written atomically, and an
-output that equals, contains or lies inside an input is refused.
+``checkpoints.save_params`` (params + meta). Every command that writes checks its
+outputs before it reads or computes anything: an output that equals, contains or lies
+inside an input is refused (:func:`check_output`, :func:`check_folder`), and so is one
+that cannot be written (:func:`check_writable`: under a regular file, read-only, no
+permission), so an input is never harmed and a refused command leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -33,19 +42,144 @@ def add_parser(sub, name: str, help: str, example: str, description: str = ""):
     )
 
 
-def check_output(out: str, inputs: list[str], overwrite: bool) -> Path:
-    """Refuse an OUT that equals/contains/lies inside an input, or exists (unless overwrite)."""
+# ----------------------------------------------------------------------------- option types
+# argparse reports a bad value as "qvec CMD: error: argument --opt: <message>" (exit 2).
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, steps, counts)."""
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (a class count where 0 means none)."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {n}")
+    return n
+
+
+def bit_width(text: str) -> int:
+    """A bit width in 2..8 (what the quantizer supports)."""
+    n = _int(text)
+    if not 2 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"bit width must be in 2..8, got {n}")
+    return n
+
+
+def finite_float(text: str) -> float:
+    """A finite number (a NaN or infinite scale would write a NaN model)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
+
+
+def finite_floats(text: str) -> list[float]:
+    """A non-empty comma-separated list of finite numbers, e.g. ``0.5,1,1.5``."""
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise argparse.ArgumentTypeError("give at least one number, e.g. 0.5,1,1.5")
+    out = []
+    for t in items:
+        try:
+            out.append(finite_float(t))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"in {text!r}: {e}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- output checks
+
+
+def check_output(out: str, inputs: Iterable[str], overwrite: bool, what: str = "output") -> Path:
+    """Refuse an OUT that equals/contains/lies inside an input, exists (unless overwrite),
+    or cannot be written. For outputs that replace a whole directory (checkpoints) or file."""
     o = Path(out).resolve()
     for i in inputs:
         p = Path(i).resolve()
         if o == p or p in o.parents or o in p.parents:
             raise QvecError(
-                f"output {out} would overwrite input {i} (equal, inside it, or containing it); "
-                "choose another output path"
+                f"{what} {out} would overwrite input {i} (equal, inside it, or containing it); "
+                f"choose another {what} path"
             )
     if o.exists() and not overwrite:
-        raise QvecError(f"output {out} already exists; choose another path or pass --overwrite")
+        raise QvecError(f"{what} {out} already exists; choose another path or pass --overwrite")
+    check_writable(o, what, into=False)
     return o
+
+
+def check_folder(out: str, inputs: Iterable[str], what: str, writes: Iterable[str] = ()) -> Path:
+    """Refuse a folder OUT that a command writes files into when it equals or lies inside an
+    input, or when one of the names it ``writes`` (or removes) there is an input or holds one.
+    Unlike :func:`check_output`, OUT may contain inputs elsewhere (a grid workdir holds the
+    fine-tunes it reads). Also refuses an OUT that cannot be written."""
+    o = Path(out).resolve()
+    for i in inputs:
+        p = Path(i).resolve()
+        if o == p or p in o.parents:
+            raise QvecError(f"{what} {out} is inside input {i}; choose a {what} outside it")
+        hit = [n for n in writes if o / n == p or o / n in p.parents]
+        if hit:
+            raise QvecError(
+                f"{what} {out} would overwrite input {i} (the command writes {o / hit[0]}); "
+                f"choose another {what}"
+            )
+    check_writable(o, what, into=True)
+    return o
+
+
+def check_writable(path: str | os.PathLike, what: str, *, into: bool) -> None:
+    """Refuse an output that cannot be written: one under a regular file, or in a directory
+    this process cannot create files in. ``into``: files are written into ``path`` (a
+    workdir), else ``path`` itself is created or replaced in its parent (a file, a checkpoint).
+
+    The test is a real one (a temporary file created and removed in the nearest existing
+    directory), so read-only mounts, missing permissions and root's rights all count."""
+    path = Path(path).resolve()
+    near = path if into else path.parent
+    while not near.exists():
+        near = near.parent
+    if not near.is_dir():
+        raise QvecError(f"{what} {path}: {near} is a file, not a directory; choose another {what}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=near, prefix=".qvec-write-test-")
+    except OSError as e:
+        raise QvecError(
+            f"cannot write {path}: {e.strerror or e}; choose a writable {what}"
+        ) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def writing(out: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn an OSError on a file under ``out`` (a full disk, a permission lost mid-run) into
+    a QvecError naming the file and ``what`` to change; other errors pass through."""
+    root = Path(out).resolve()
+    try:
+        yield
+    except OSError as e:
+        f = Path(e.filename).resolve() if isinstance(e.filename, (str, os.PathLike)) else None
+        if f is None or not (f == root or root in f.parents):
+            raise
+        raise QvecError(f"cannot write {f}: {e.strerror or e}; choose a writable {what}") from e
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def restore(path: str):
@@ -70,5 +204,6 @@ def same_backbone(meta_a: dict, meta_b: dict, a: str, b: str) -> None:
 
 def save(out: Path, params, meta: dict) -> None:
     """Write ``params`` (brought to the host) and ``meta`` to ``out`` and say so."""
-    checkpoints.save_params(out, jax.tree.map(np.asarray, params), meta)
+    with writing(out, "output"):
+        checkpoints.save_params(out, jax.tree.map(np.asarray, params), meta)
     print(f"wrote {out}")

@@ -14,7 +14,19 @@ import numpy as np
 
 import qvec_jax as q
 from qvec_jax import checkpoints, data, pretrained
-from qvec_jax.cli.common import QvecError, add_parser, check_output, restore, same_backbone, save
+from qvec_jax.cli.common import (
+    QvecError,
+    add_parser,
+    bit_width,
+    check_output,
+    finite_float,
+    nonnegative_int,
+    positive_int,
+    restore,
+    same_backbone,
+    save,
+    writing,
+)
 from qvec_jax.evaluate import accuracy
 from qvec_jax.files import atomic_write_text
 
@@ -35,20 +47,22 @@ def add_convert(sub) -> None:
     p.add_argument("--variant", help="e.g. B/16 (default: detected from the shapes)")
     p.add_argument(
         "--num-classes",
-        type=int,
+        type=nonnegative_int,
         default=None,
-        help="replace the head by a fresh one with N classes (default: keep the checkpoint's)",
+        help="replace the head by a fresh one with N classes, 0 for none (default: keep the "
+        "checkpoint's)",
     )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="resample position embeddings for this resolution (default: the checkpoint's)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of a fresh head")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of a fresh head")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument(
         "--num-heads",
-        type=int,
+        type=positive_int,
         default=None,
         help="attention heads of a timm file whose dims match no named variant (default: width/64)",
     )
@@ -56,6 +70,7 @@ def add_convert(sub) -> None:
 
 
 def _cmd_convert(args) -> int:
+    out = check_output(args.output, [args.input], args.overwrite)
     model, params = pretrained.load_pretrained(
         args.input,
         variant=args.variant,
@@ -73,10 +88,10 @@ def _cmd_convert(args) -> int:
         backbone_id=checkpoints.backbone_id(params),
         source=str(Path(args.input).absolute()),
     )
-    out = checkpoints.save_params(args.output, params, meta)
+    save(out, params, meta)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(
-        f"wrote {out}: ViT {variant} @ {model.image_size}px, {n:,} params, "
+        f"{out}: ViT {variant} @ {model.image_size}px, {n:,} params, "
         f"head {model.num_classes}, backbone_id {meta['backbone_id']}"
     )
     return 0
@@ -150,7 +165,9 @@ def add_patch(sub) -> None:
     p.add_argument("fp", help="receiver FP checkpoint")
     p.add_argument("qv", help="QV checkpoint from `qvec extract`")
     p.add_argument("out", help="output checkpoint dir")
-    p.add_argument("--lam", type=float, default=1.0, help="scale of the QV (default 1.0)")
+    p.add_argument(
+        "--lam", type=finite_float, default=1.0, help="scale of the QV, finite (default 1.0)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_patch)
 
@@ -197,7 +214,7 @@ def add_ptq(sub) -> None:
     )
     p.add_argument("inp", metavar="IN", help="input checkpoint")
     p.add_argument("out", help="output checkpoint dir")
-    p.add_argument("--bits", type=int, required=True, help="bit width, 2..8")
+    p.add_argument("--bits", type=bit_width, required=True, help="bit width, 2..8")
     p.add_argument("--granularity", default="channel", choices=("channel", "tensor"))
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_ptq)
@@ -228,16 +245,44 @@ def add_eval(sub) -> None:
     )
     p.add_argument("ckpt", help="checkpoint dir")
     p.add_argument("--task", default=None, help="task (default: the one in the checkpoint meta)")
-    p.add_argument("--bits", type=int, default=None, help="evaluate PTQ(params) at this width")
+    p.add_argument(
+        "--bits", type=bit_width, default=None, help="evaluate PTQ(params) at this width (2..8)"
+    )
     p.add_argument("--granularity", default="channel", choices=("channel", "tensor"))
     p.add_argument("--splits", default="val,test", help="comma-separated (default val,test)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="also write the result to this JSON file (replaced if it exists)",
+    )
     p.set_defaults(func=_cmd_eval)
 
 
+def _eval_splits(text: str) -> list[str]:
+    splits = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in splits if s not in data.SPLITS]
+    if bad or not splits:
+        raise QvecError(
+            f"--splits {text!r}: unknown split(s) {bad}; choose from {', '.join(data.SPLITS)}"
+        )
+    return splits
+
+
+def _check_json(args) -> None:
+    """``--json`` is a file outside the checkpoint (and the data) that can be written."""
+    if not args.json:
+        return
+    if Path(args.json).is_dir():
+        raise QvecError(f"--json {args.json} is a directory; name a file")
+    inputs = [args.ckpt] + ([args.data_dir] if args.data_dir else [])
+    check_output(args.json, inputs, overwrite=True, what="--json")
+
+
 def _cmd_eval(args) -> int:
+    splits = _eval_splits(args.splits)
+    _check_json(args)
     params, meta = restore(args.ckpt)
     if meta.get("kind") == "qv":
         raise QvecError(f"{args.ckpt} is a quantization vector, not a model; patch it first")
@@ -252,7 +297,7 @@ def _cmd_eval(args) -> int:
         "bits": args.bits,
         "granularity": args.granularity if args.bits else None,
     }
-    for split in args.splits.split(","):
+    for split in splits:
         s = data.load_split(
             task, split, image_size=int(meta["image_size"]), data_dir=args.data_dir or None
         )
@@ -260,5 +305,6 @@ def _cmd_eval(args) -> int:
         out[f"n_{split}"] = len(s)
     print(json.dumps(out))
     if args.json:
-        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
+        with writing(args.json, "--json"):
+            atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     return 0

@@ -9,7 +9,16 @@ from pathlib import Path
 
 from qvec_jax import config as qconfig
 from qvec_jax import data, demo, report, train, transfer
-from qvec_jax.cli.common import QvecError, add_parser
+from qvec_jax.cli.common import (
+    QvecError,
+    add_parser,
+    bit_width,
+    check_folder,
+    finite_floats,
+    positive_int,
+    writing,
+)
+from qvec_jax.grid_inputs import MODES, checkpoint_path
 
 # ----------------------------------------------------------------------------- tasks
 
@@ -71,6 +80,9 @@ def _cmd_tasks(args) -> int:
 
 # ----------------------------------------------------------------------------- finetune
 
+#: What ``train.finetune`` writes in its workdir (and removes there under --force).
+FINETUNE_WRITES = ("config.json", "ckpt", "params", "metrics.jsonl", "results.json")
+
 
 def add_finetune(sub) -> None:
     p = sub.add_parser(
@@ -92,7 +104,7 @@ def add_finetune(sub) -> None:
     )
     p.add_argument(
         "--stop-after",
-        type=int,
+        type=positive_int,
         default=None,
         help="train at most N steps now, then checkpoint and exit",
     )
@@ -113,13 +125,16 @@ def _cmd_finetune(args) -> int:
         extra.append(("mode", args.mode))
     cfg = qconfig.load_config(args.config, args.overrides)
     cfg = qconfig.apply_overrides(cfg, extra)
-    res = train.finetune(
-        cfg,
-        args.workdir,
-        force=args.force,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-    )
+    inputs = [args.config] + ([cfg.init.path] if cfg.init.kind == "pretrained" else [])
+    check_folder(args.workdir, [i for i in inputs if i], "--workdir", FINETUNE_WRITES)
+    with writing(args.workdir, "--workdir"):
+        res = train.finetune(
+            cfg,
+            args.workdir,
+            force=args.force,
+            stop_after=args.stop_after,
+            progress=not args.no_progress,
+        )
     if "stopped_at" in res:
         print(f"stopped at step {res['stopped_at']}/{res['total_steps']}; rerun to resume")
         return 0
@@ -155,14 +170,20 @@ def add_grid(sub) -> None:
     p.add_argument("--workdir", required=True, help="grid output dir (cells, report)")
     p.add_argument("--runs", default=None, help="fine-tune runs dir (default: --workdir)")
     p.add_argument("--config", default=None, help="config file (bits, eval batch, data dir)")
-    p.add_argument("--bits", type=int, default=None, help="bit width (default: the config's)")
+    p.add_argument(
+        "--bits", type=bit_width, default=None, help="bit width, 2..8 (default: the config's)"
+    )
     p.add_argument("--granularity", default=None, choices=("channel", "tensor"))
     p.add_argument(
         "--lambdas",
+        type=finite_floats,
         default=None,
-        help="comma-separated (default: the paper's 0.15,...,1.5); 1 is always added",
+        help="comma-separated finite numbers (default: the paper's 0.15,...,1.5); 1 is always "
+        "added",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="eval batch size")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="eval batch size (default 256)"
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument(
         "--allow-missing",
@@ -175,47 +196,67 @@ def add_grid(sub) -> None:
 
 
 def _grid_settings(args) -> tuple:
-    """``(bits, granularity, batch_size, data_dir)``: the flags, else the config's values."""
+    """``(bits, granularity, batch_size, data_dir)``: the flags, else the config's values,
+    else the defaults (a flag given as 0 is refused by its type, never replaced)."""
     bits, gran, batch, data_dir = args.bits, args.granularity, args.batch_size, args.data_dir
     if args.config:
         cfg = qconfig.load_config(args.config, args.overrides)
-        bits = bits or cfg.quant.bits
+        bits = cfg.quant.bits if bits is None else bits
         gran = gran or cfg.quant.granularity
-        batch = batch or cfg.eval_batch_size
+        batch = cfg.eval_batch_size if batch is None else batch
         data_dir = data_dir or cfg.data.data_dir or None
+        if not 2 <= bits <= 8 or batch < 1:
+            raise QvecError(
+                f"{args.config}: quant.bits={bits} must be in 2..8 and eval_batch_size={batch} "
+                "positive; fix the config or pass --bits / --batch-size"
+            )
     elif args.overrides:
         raise QvecError("key=value overrides need --config")
     if bits is None:
         raise QvecError("no bit width: pass --bits B or --config C")
-    return bits, gran, batch, data_dir
+    return bits, gran or "channel", 256 if batch is None else batch, data_dir
+
+
+def _task_names(text: str) -> list[str]:
+    """The names of ``--tasks``, each checked against the registry (with did-you-mean)."""
+    names = data.split_task_names(text)
+    if not names:
+        raise QvecError(f"--tasks {text!r} names no task; pass comma-separated task names")
+    for name in names:
+        try:
+            data.get_task(name)
+        except ValueError as e:
+            raise QvecError(f"--tasks: {e}") from None
+    return names
 
 
 def _cmd_grid(args) -> int:
+    tasks = _task_names(args.tasks)
     bits, gran, batch, data_dir = _grid_settings(args)
-    tasks = data.split_task_names(args.tasks)
-    lambdas = (
-        [float(x) for x in args.lambdas.split(",")] if args.lambdas else transfer.DEFAULT_LAMBDAS
-    )
-    workdir = Path(args.workdir)
+    lambdas = transfer.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
+    workdir, runs = Path(args.workdir), args.runs or args.workdir
+    inputs = [checkpoint_path(runs, t, m) for t in tasks for m in MODES]
+    check_folder(workdir, inputs + ([args.config] if args.config else []), "--workdir")
     missing = None
-    try:
-        cells = transfer.run_grid(
-            tasks,
-            args.runs or workdir,
-            workdir,
-            bits=bits,
-            granularity=gran or "channel",
-            lambdas=lambdas,
-            batch_size=batch or 256,
-            allow_missing=args.allow_missing,
-            data_dir=data_dir,
-            progress=not args.no_progress,
-        )
-    except transfer.MissingCheckpoints as e:
-        missing, cells = e, e.cells
-    except transfer.GridError as e:
-        raise QvecError(str(e)) from None
-    print_headline(report.write_report(workdir, cells=cells))
+    with writing(workdir, "--workdir"):
+        try:
+            cells = transfer.run_grid(
+                tasks,
+                runs,
+                workdir,
+                bits=bits,
+                granularity=gran,
+                lambdas=lambdas,
+                batch_size=batch,
+                allow_missing=args.allow_missing,
+                data_dir=data_dir,
+                progress=not args.no_progress,
+            )
+        except transfer.MissingCheckpoints as e:
+            missing, cells = e, e.cells
+        except transfer.GridError as e:
+            raise QvecError(str(e)) from None
+        print_headline(report.write_report(workdir, cells=cells))
     if missing is not None:
         print(f"qvec grid: error: {missing}", file=sys.stderr)
         return 1
@@ -230,11 +271,17 @@ def add_report(sub) -> None:
         "qvec report runs",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="grid workdir holding cells.jsonl")
+    p.add_argument("--out", default=None, help="folder for the report files (default: RUN_DIR)")
     p.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args) -> int:
-    print_headline(report.write_report(args.run_dir))
+    grid_ckpts = report.load_grid_meta(args.run_dir).get("checkpoints") or {}
+    inputs = [c["path"] for c in grid_ckpts.values() if isinstance(c, dict) and c.get("path")]
+    out = args.out or args.run_dir
+    check_folder(out, inputs, "--out")
+    with writing(out, "--out"):
+        print_headline(report.write_report(args.run_dir, args.out))
     return 0
 
 
@@ -270,5 +317,7 @@ def add_demo(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    demo.run_demo(args.workdir, args.overrides, quick=args.quick, progress=not args.no_progress)
+    check_folder(args.workdir, [demo.CONFIG], "--workdir")
+    with writing(args.workdir, "--workdir"):
+        demo.run_demo(args.workdir, args.overrides, quick=args.quick, progress=not args.no_progress)
     return 0

@@ -244,6 +244,19 @@ def _jitted_init(model: ViT):
     return jax.jit(lambda r: model.init(r, x)["params"])
 
 
+def _is_int(n, least: int) -> bool:
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= least
+
+
+def _check_sizes(*, image_size, num_classes, rep) -> None:
+    """Refuse sizes no ViT has: a non-positive image size, a negative class count."""
+    if not _is_int(image_size, 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    for name, n in (("num_classes", num_classes), ("representation_size", rep)):
+        if n is not None and not _is_int(n, 0):
+            raise ValueError(f"{name} must be None or an integer >= 0 (0: none), got {n!r}")
+
+
 def create_model(
     variant: str,
     *,
@@ -254,6 +267,7 @@ def create_model(
 ) -> ViT:
     """Build a :class:`ViT` from a variant string such as ``"B/16"`` or ``"test/4"``."""
     cfg = decode_variant(variant)
+    _check_sizes(image_size=image_size, num_classes=num_classes, rep=representation_size)
     if image_size % cfg["patch_size"]:
         raise ValueError(
             f"image_size {image_size} is not a multiple of the patch size {cfg['patch_size']} "

@@ -46,10 +46,26 @@ _MLP0 = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
 _Q0 = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
 
 
+#: The leaves the dims are read from, with the shapes they must have.
+_DIM_LEAVES = {
+    "embedding/kernel": "[patch, patch, 3, width]",
+    _MLP0: "[width, mlp_dim]",
+    POS: "[1, tokens, width]",
+    "head/kernel": "[features, classes]",
+    "pre_logits/kernel": "[width, representation_size]",
+}
+
+
 def _dims(flat: dict[str, np.ndarray], path: Path) -> dict[str, Any]:
     missing = [k for k in ["embedding/kernel", _MLP0, POS] if k not in flat]
     if missing:
         raise CheckpointError(f"{path}: missing keys needed to identify the ViT: {missing}")
+    for k, form in _DIM_LEAVES.items():
+        if k in flat and np.ndim(flat[k]) != form.count(",") + 1:
+            raise CheckpointError(
+                f"{path}: leaf {k} has shape {tuple(np.shape(flat[k]))}, expected {form}; "
+                "the file is damaged or not a ViT checkpoint"
+            )
     q = flat.get(_Q0)
     return dict(
         width=flat["embedding/kernel"].shape[-1],

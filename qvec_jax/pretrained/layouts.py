@@ -45,7 +45,7 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for k, v in flat.items():
         parts = k.split("/")
-        if parts[:2] == ["Transformer", "encoderblock"]:  # scanned: leading depth axis
+        if parts[:2] == ["Transformer", "encoderblock"] and np.ndim(v):  # scanned: depth axis
             sub = "/".join(rename.get(p, p) for p in parts[2:])
             for i in range(v.shape[0]):
                 out[f"Transformer/encoderblock_{i}/{sub}"] = v[i]
@@ -55,9 +55,25 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             k = POS
         out[k] = v
     pe = out.get(POS)
-    if pe is not None and math.isqrt(pe.shape[1]) ** 2 == pe.shape[1] and "cls" in out:
+    if (
+        pe is not None
+        and pe.ndim == 3
+        and math.isqrt(pe.shape[1]) ** 2 == pe.shape[1]
+        and "cls" in out
+    ):
         out[POS] = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
     return out
+
+
+def _conv_kernel(v: np.ndarray) -> np.ndarray:
+    """torch Conv2d ``[out, in, h, w]`` -> Flax ``[h, w, in, out]`` (other ranks kept as they
+    are, for the shape check to name them)."""
+    return v.transpose(2, 3, 1, 0) if v.ndim == 4 else v
+
+
+def _splits_in_3(v: np.ndarray) -> bool:
+    """Whether a fused qkv leaf splits into query, key and value (else it is unexpected)."""
+    return v.ndim >= 1 and v.shape[0] % 3 == 0
 
 
 def _from_timm(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -95,12 +111,12 @@ def _from_timm(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif k in ("head.weight", "pre_logits.fc.weight"):
             out[k.split(".")[0] + "/kernel"] = v.T
         elif k == "patch_embed.proj.weight":
-            out["embedding/kernel"] = v.transpose(2, 3, 1, 0)
+            out["embedding/kernel"] = _conv_kernel(v)
         elif m and m.group(2) in per_block:
             out[blk.format(m.group(1)) + per_block[m.group(2)]] = v
         elif m and m.group(2) in per_block_t:
             out[blk.format(m.group(1)) + per_block_t[m.group(2)]] = v.T
-        elif m and m.group(2) in ("attn.qkv.weight", "attn.qkv.bias"):
+        elif m and m.group(2) in ("attn.qkv.weight", "attn.qkv.bias") and _splits_in_3(v):
             kind = "kernel" if k.endswith("weight") else "bias"
             for name, part in zip(("query", "key", "value"), np.split(v, 3, axis=0)):
                 part = part.T if kind == "kernel" else part
@@ -144,7 +160,7 @@ def _from_hf(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif k == "embeddings.position_embeddings":
             out[POS] = v
         elif k == "embeddings.patch_embeddings.projection.weight":
-            out["embedding/kernel"] = v.transpose(2, 3, 1, 0)
+            out["embedding/kernel"] = _conv_kernel(v)
         elif k == "embeddings.patch_embeddings.projection.bias":
             out["embedding/bias"] = v
         elif m and m.group(2) in per_block:
