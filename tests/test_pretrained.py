@@ -254,3 +254,63 @@ def test_hf_config_gives_the_heads_of_unnamed_dims(tmp_path):
     assert model.variant == "w96d2m64h4/4"
     want = logits(model0, params0, images(size=16))
     np.testing.assert_allclose(logits(model, params, images(size=16)), want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ leaves of the wrong rank
+
+POS = "Transformer/posembed_input/pos_embedding"
+MLP0 = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+
+
+@pytest.mark.parametrize(
+    "leaf, form",
+    [
+        (POS, "[1, tokens, width]"),
+        ("embedding/kernel", "[patch, patch, 3, width]"),
+        (MLP0, "[width, mlp_dim]"),
+        ("head/kernel", "[features, classes]"),
+        ("pre_logits/kernel", "[width, representation_size]"),
+    ],
+)
+@pytest.mark.parametrize("layout", ["google", "big_vision"])
+def test_a_leaf_of_the_wrong_rank_is_named_with_its_shape(tmp_path, ref, leaf, form, layout):
+    f = {k: np.asarray(v) for k, v in q.flatten(ref[1]).items()}
+    key = leaf
+    if layout == "big_vision":
+        f = to_big_vision(ref[1])
+        key = {POS: "pos_embedding", MLP0: MLP0.replace("MlpBlock_3", "MlpBlock_0")}.get(leaf, leaf)
+    f[key] = f[key].reshape(-1)  # e.g. a 1-D pos_embedding
+    path = tmp_path / f"{layout}.npz"
+    np.savez(path, **f)
+    with pytest.raises(pt.CheckpointError) as e:
+        pt.load_pretrained(path)
+    msg = str(e.value)
+    assert str(path) in msg and leaf in msg and form in msg and f"({f[key].size},)" in msg
+
+
+@pytest.mark.parametrize(
+    "name", ["pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"]
+)
+def test_timm_leaves_of_the_wrong_shape_are_reported_not_raised(tmp_path, name):
+    _, params = random_params(1)
+    sd = to_timm(params)
+    sd[name] = sd[name].reshape(-1)[:-1].copy()  # wrong rank, and not divisible by 3
+    path = tmp_path / "timm.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(pt.CheckpointError, match="timm.safetensors"):
+        pt.load_pretrained(path, image_size=28)
+
+
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        (dict(image_size=0), "image_size"),
+        (dict(image_size=-28), "image_size"),
+        (dict(image_size=28.0), "image_size"),
+        (dict(num_classes=-3), "num_classes"),
+        (dict(representation_size=-1), "representation_size"),
+    ],
+)
+def test_create_model_refuses_sizes_no_vit_has(kw, word):
+    with pytest.raises(ValueError, match=word):
+        create_model("test/4", **{"num_classes": 5, "image_size": 28, **kw})
