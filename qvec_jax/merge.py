@@ -351,7 +351,8 @@ def _dare_drop(x: np.ndarray, gens: list, p: float) -> np.ndarray:
 
 def _gram(flats, paths) -> np.ndarray:
     """The (k, k) Gram matrix of the QVs restricted to ``paths``, in float64."""
-    return sum((x @ x.T).astype(np.float64) for p in paths for _, x in _blocks(flats, p))
+    x64 = (x.astype(np.float64) for p in paths for _, x in _blocks(flats, p))
+    return sum(x @ x.T for x in x64)  # float64: tiny vectors' squares do not underflow
 
 
 # --- the methods: {path: merged leaf} from flats, paths, weights --------------------
