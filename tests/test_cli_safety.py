@@ -278,6 +278,8 @@ def test_a_grid_task_typo_is_caught_by_the_registry_before_the_checkpoints(capsy
     argv[2] = "digits,digts"
     err = refused(capsys, base, argv, names=["--tasks", "'digts'"])
     assert "Did you mean: digits" in err and "missing" not in err
+    argv = ["finetune", "--config", DEMO_CONFIG, "--workdir", base / "w", "--task", "digts"]
+    assert "Did you mean: digits" in refused(capsys, base, argv, names=["--task", "'digts'"])
 
 
 def test_config_file_errors_name_the_file_or_the_key(capsys, base, tmp_path):

@@ -120,7 +120,7 @@ def _cmd_finetune(args) -> int:
     train.maybe_initialize_distributed(args.distributed)
     extra = []
     if args.task:
-        extra.append(("task", args.task))
+        extra.append(("task", task_names(args.task, "--task", one=True)[0]))
     if args.mode:
         extra.append(("mode", args.mode))
     cfg = qconfig.load_config(args.config, args.overrides)
@@ -217,21 +217,24 @@ def _grid_settings(args) -> tuple:
     return bits, gran or "channel", 256 if batch is None else batch, data_dir
 
 
-def _task_names(text: str) -> list[str]:
-    """The names of ``--tasks``, each checked against the registry (with did-you-mean)."""
+def task_names(text: str, option: str, *, one: bool = False) -> list[str]:
+    """The task names of ``option``, each checked against the registry (with did-you-mean)
+    before anything looks for checkpoints or data."""
     names = data.split_task_names(text)
-    if not names:
-        raise QvecError(f"--tasks {text!r} names no task; pass comma-separated task names")
+    if not names or (one and len(names) > 1):
+        raise QvecError(
+            f"{option} {text!r}: name {'one task' if one else 'tasks, comma-separated'}"
+        )
     for name in names:
         try:
             data.get_task(name)
         except ValueError as e:
-            raise QvecError(f"--tasks: {e}") from None
+            raise QvecError(f"{option}: {e}") from None
     return names
 
 
 def _cmd_grid(args) -> int:
-    tasks = _task_names(args.tasks)
+    tasks = task_names(args.tasks, "--tasks")
     bits, gran, batch, data_dir = _grid_settings(args)
     lambdas = transfer.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
     workdir, runs = Path(args.workdir), args.runs or args.workdir
