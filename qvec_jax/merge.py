@@ -20,8 +20,9 @@ merged leaves (presence, shape, float kind); the error names the first leaf that
 Eager only (the kernels are NumPy on the host: nothing compiles per leaf shape).
 Memory: the merge streams leaf by leaf, and within a leaf block by block. It holds the
 inputs, the output built so far and a few (k, 2**18) working blocks; never ``k`` stacked
-trees, nor ``k`` stacked copies of a large leaf (bench/merge.py measures it). Global statistics
-(TIES's global trim threshold, Model Stock's global cosine) take one extra streamed pass.
+trees, nor ``k`` stacked copies of a large leaf (bench/merge.py measures it). Global
+statistics (TIES's global trim threshold, Model Stock's global cosine) take extra
+streamed passes.
 
 ``MergeSpec`` is the recipe (method + parameters), frozen and JSON-serializable, so a
 merged checkpoint can record how it was made.
@@ -425,7 +426,8 @@ def _kth_largest_abs(arrays: list, m: int):
     floats the unsigned bit pattern orders like the value, so each pass histograms the
     next 16 bits of the entries whose higher bits equal the prefix found so far, and
     picks the bucket holding the m-th largest. Streams the arrays (on the host, small
-    ones batched); extra memory: a 65536-bin histogram and about 2**20 bit patterns.
+    ones batched); extra memory: a 65536-bin histogram and the bit patterns of one
+    array (or of about 2**20 entries of small ones).
     Up to ``_SMALL`` entries in all, ``np.partition`` of their concatenation instead.
     """
     dt = _compute_dtype(tuple(np.dtype(a.dtype) for a in arrays))
