@@ -303,6 +303,8 @@ def test_config_file_errors_name_the_file_or_the_key(capsys, base, tmp_path):
         ["finetune", "--config", DEMO_CONFIG, "--workdir", base / "w", "optim.lr=[1,"],
         names=["optim.lr"],
     )
+    argv = ["finetune", "--config", DEMO_CONFIG, "--workdir", base / "w", 'optim={"lr": 1e-3']
+    refused(capsys, base, argv, names=["override optim="])  # a dict cut short
     refused(
         capsys,
         base,
