@@ -232,6 +232,19 @@ def test_unwritable_outputs_are_refused_before_any_work(capsys, base, unwritable
         assert f"choose a writable {what}" in err
 
 
+def test_a_write_error_mid_run_names_the_file_and_the_option(tmp_path):
+    from qvec_jax.cli.common import QvecError, writing
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(QvecError, match=r"cannot write .*afile/x: .*choose a writable --workdir"):
+        with writing(tmp_path, "--workdir"):
+            open(tmp_path / "afile" / "x", "w")  # NotADirectoryError
+    with pytest.raises(NotADirectoryError), writing(tmp_path / "w", "--workdir"):
+        open(tmp_path / "afile" / "x", "w")  # not under the output: passed through
+    with pytest.raises(FileNotFoundError), writing(tmp_path, "--workdir"):
+        open(tmp_path / "missing" / "x")  # a missing file is no write error
+
+
 # ----------------------------------------------------------------------------- bad values
 
 

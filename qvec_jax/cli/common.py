@@ -167,14 +167,15 @@ def check_writable(path: str | os.PathLike, what: str, *, into: bool) -> None:
 
 @contextlib.contextmanager
 def writing(out: str | os.PathLike, what: str) -> Iterator[None]:
-    """Turn an OSError on a file under ``out`` (a full disk, a permission lost mid-run) into
-    a QvecError naming the file and ``what`` to change; other errors pass through."""
+    """Turn an OSError writing a file under ``out`` (a full disk, a permission lost mid-run)
+    into a QvecError naming the file and ``what`` to change; other errors pass through (a
+    missing file is no write error)."""
     root = Path(out).resolve()
     try:
         yield
     except OSError as e:
         f = Path(e.filename).resolve() if isinstance(e.filename, (str, os.PathLike)) else None
-        if f is None or not (f == root or root in f.parents):
+        if isinstance(e, FileNotFoundError) or f is None or not (f == root or root in f.parents):
             raise
         raise QvecError(f"cannot write {f}: {e.strerror or e}; choose a writable {what}") from e
 
