@@ -56,6 +56,7 @@ def quantize(
     """Replace each selected leaf by a bit-packed ``QTensor`` (METHOD.md quantizer codes).
 
     ``spec``: a ``QuantSpec``, or the bit width with the keywords (as ``quant.ptq``).
+    Eager calls refuse NaN/Inf leaves, naming the path (as ``ptq``).
     """
     spec = as_spec(spec, bits=bits, granularity=granularity, rule=rule)
     sel = select_quantized(params, spec.rule)
@@ -104,9 +105,11 @@ def size_report(
     """Bytes of the quantized model (packed codes + fp32 scales + unquantized leaves) vs fp32.
 
     ``spec`` as in ``quantize``. Accepts arrays or ``jax.ShapeDtypeStruct`` leaves (e.g.
-    from ``jax.eval_shape``).
+    from ``jax.eval_shape``). An empty tree is refused.
     """
     spec = as_spec(spec, bits=bits, granularity=granularity, rule=rule)
+    if not flatten(params):
+        raise ValueError("size_report: the tree has no leaves; pass a model's params")
     bits, granularity, sel = spec.bits, spec.granularity, spec.rule.select(params)
     rep = dict(
         bits=bits,

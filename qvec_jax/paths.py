@@ -11,6 +11,7 @@ task vectors alike; the method itself (``QV = QAT - FP``, ``patch``) is ``trees`
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -127,13 +128,46 @@ def check_same_structure(a: PyTree, b: PyTree, names=("a", "b"), *, paths=None) 
 def check_finite(tree: PyTree, name: str) -> None:
     """Raise ``ValueError`` naming the first float leaf holding NaN or Inf.
 
-    Skipped for traced leaves (inside ``jit`` the values are not known).
+    Skipped for traced leaves (inside ``jit`` the values are not known). NumPy leaves
+    are checked on the host, device leaves one at a time (a sharded leaf's reduction is
+    a collective; several in flight at once can stall a CPU mesh).
     """
     for p, x in flatten(tree).items():
         if isinstance(x, jax.core.Tracer) or not is_float(x):
             continue
-        if not bool(jnp.all(jnp.isfinite(x))):
+        ok = np.isfinite(x).all() if isinstance(x, np.ndarray) else jnp.isfinite(x).all()
+        if not bool(ok):
             raise ValueError(f"{p}: NaN or Inf in {name}")
+
+
+def check_lam(lam, name: str = "lam") -> float:
+    """``lam`` as a Python float: a finite real number, also in float32 (where it is used).
+
+    Refuses strings and bools (``TypeError``) and NaN, Inf or values like 1e39 that
+    overflow float32 (``ValueError``). A traced ``lam`` (inside ``jit``) is returned as
+    it is: its value is not known there.
+    """
+    if isinstance(lam, jax.core.Tracer):
+        return lam
+    if isinstance(lam, (jax.Array, np.ndarray, np.generic)) and np.ndim(lam) == 0:
+        lam = lam.item()
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(lam).__name__} {lam!r}")
+    with np.errstate(over="ignore"):
+        finite = bool(np.isfinite(np.float32(lam)))
+    if not finite:
+        raise ValueError(f"{name}={lam!r} is not a finite float32 number; pass a finite {name}")
+    return float(lam)
+
+
+def check_lambdas(lambdas, name: str = "lambdas") -> list[float]:
+    """A non-empty list of finite lambdas (each as :func:`check_lam`)."""
+    if isinstance(lambdas, (str, bytes)) or not isinstance(lambdas, Iterable):
+        raise TypeError(f"{name} must be a list of numbers, got {lambdas!r}")
+    out = [check_lam(lam, f"{name}[{i}]") for i, lam in enumerate(lambdas)]
+    if not out:
+        raise ValueError(f"{name} is empty; pass at least one lambda")
+    return out
 
 
 # --- plain vector algebra on same-structure trees (QVs, task vectors) ---------------

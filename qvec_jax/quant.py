@@ -21,7 +21,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .paths import PyTree, Rule, flatten, is_float, path_str
+from .paths import PyTree, Rule, check_finite, flatten, is_float, path_str
 
 #: The linear kernels of the ViT encoder blocks and their OUTPUT axes. One rule for both
 #: namings of the same Flax blocks: Google's ViT checkpoints (``MultiHeadDotProductAttention_1``,
@@ -128,8 +128,11 @@ def fake_quant(w, bits: int, *, granularity: str = "channel", channel_axes=None,
     ``Dense`` kernel ``[in, out]``); ``granularity="tensor"`` uses one scale. With
     ``ste=True`` the gradient is the identity (straight-through estimator, no clipping
     mask); written as ``sg(fq) + (w - sg(w))`` so the forward value is exactly ``fq``.
+    An integer ``w`` is refused (``TypeError``): its codes would be meaningless.
     """
     bits = check_bits(bits)
+    if not is_float(w):
+        raise TypeError(f"fake_quant needs a float array, got dtype {jnp.asarray(w).dtype}")
     reduce_axes(jnp.ndim(w), granularity, channel_axes)  # validate before tracing
     axes = None if channel_axes is None else tuple(int(a) for a in channel_axes)
     return _fake_quant(w, bits, granularity, axes, bool(ste))
@@ -143,6 +146,11 @@ def _fake_quant(w, bits, granularity, channel_axes, ste):
 
 
 def select_quantized(params: PyTree, rule: Rule) -> dict[str, tuple]:
+    """``{path: channel axes}`` of the leaves ``rule`` quantizes; each must be a float leaf.
+
+    Eager calls also refuse NaN/Inf in any float leaf (naming it): round-to-nearest would
+    turn a NaN into 0 and an Inf into a NaN channel. Under ``jit`` that check is skipped.
+    """
     sel = rule.select(params)
     if not sel:
         raise ValueError(f"the quantization rule selects no leaf of this tree: {rule!r}")
@@ -150,6 +158,7 @@ def select_quantized(params: PyTree, rule: Rule) -> dict[str, tuple]:
     for p in sel:
         if not is_float(leaves[p]):
             raise ValueError(f"{p}: rule selects a non-float leaf of dtype {leaves[p].dtype}")
+    check_finite(params, "params")
     return sel
 
 
@@ -166,7 +175,8 @@ def fake_quant_tree(
 
     ``spec``: a ``QuantSpec``, or the bit width with ``granularity``/``rule`` keywords
     (defaults ``"channel"``, ``VIT_RULE``). Pure and traceable: call it inside a jitted
-    loss for QAT (``ste=True``).
+    loss for QAT (``ste=True``). Eager calls refuse NaN/Inf leaves, naming the path; under
+    ``jit`` the values are unknown and that check is skipped.
     """
     spec = as_spec(spec, bits=bits, granularity=granularity, rule=rule)
     sel = select_quantized(params, spec.rule)

@@ -20,6 +20,8 @@ from .paths import (  # noqa: F401  (re-exported: the rule type belongs to the m
     PyTree,
     Rule,
     check_finite,
+    check_lam,
+    check_lambdas,
     check_same_structure,
     flatten,
     is_float,
@@ -42,28 +44,48 @@ def _axpy(r, v, lam):
 
 
 def quantization_vector(
-    qat_params: PyTree, fp_params: PyTree, *, exclude: Rule = HEAD_RULE
+    qat_params: PyTree,
+    fp_params: PyTree,
+    *,
+    exclude: Rule = HEAD_RULE,
+    require_nonzero: bool = False,
 ) -> dict:
     """``QV = QAT - FP`` (METHOD.md) over every float leaf not matched by ``exclude``.
 
     Returns a nested dict of the covered leaves only (at least float32, so a bf16
     fine-tune loses nothing). Biases and norms are included, the head is not; integer
-    leaves (step counters, RNG keys) never are. Eager calls check structure and NaN/Inf;
-    under ``jit`` the NaN/Inf check is skipped.
+    leaves (step counters, RNG keys) never are. A tree with no such leaf is refused (the
+    QV would be empty). Eager calls check structure and NaN/Inf; under ``jit`` the
+    NaN/Inf check is skipped. ``require_nonzero``: refuse an all-zero QV (QAT and FP
+    equal on every covered leaf: the same run passed twice); eager calls only.
     """
     fq, ff = flatten(qat_params), flatten(fp_params)
     paths = [p for p in fq if exclude.match(p) is None and is_float(fq[p])]
     check_same_structure(qat_params, fp_params, ("qat_params", "fp_params"))
+    if not paths:
+        raise ValueError(
+            f"qat_params has no float leaf outside the excluded ones ({exclude!r}); "
+            "the QV would be empty: pass the models' params trees"
+        )
     check_finite(qat_params, "qat_params")
     check_finite(fp_params, "fp_params")
-    return unflatten({p: _sub(fq[p], ff[p]) for p in paths})
+    qv = {p: _sub(fq[p], ff[p]) for p in paths}
+    traced = any(isinstance(v, jax.core.Tracer) for v in qv.values())
+    if require_nonzero and not traced and not any(bool(jnp.any(v != 0)) for v in qv.values()):
+        raise ValueError(
+            "qat_params and fp_params are equal on every QV leaf, so the QV is all zeros: "
+            "the two checkpoints are the same run; pass the QAT and the FP fine-tune"
+        )
+    return unflatten(qv)
 
 
 def patch(receiver_params: PyTree, qv: PyTree, lam: float = 1.0) -> PyTree:
     """``receiver + lam * qv`` on the QV's leaves (METHOD.md); every other leaf is untouched.
 
     Each patched leaf keeps the receiver's dtype (and sharding). Every QV path must
-    exist in the receiver with the same shape. Eager calls check NaN/Inf.
+    exist in the receiver with the same shape. ``lam`` must be a finite real number
+    (float32 too; not a string or bool). Eager calls check NaN/Inf in the inputs; under
+    ``jit`` (a traced ``lam`` or tree) those value checks are skipped.
     """
     fr, fv = flatten(receiver_params), flatten(qv)
     check_same_structure(receiver_params, qv, ("receiver_params", "qv"), paths=list(fv))
@@ -72,7 +94,7 @@ def patch(receiver_params: PyTree, qv: PyTree, lam: float = 1.0) -> PyTree:
             raise ValueError(f"{p}: can only patch float leaves, got {fr[p].dtype} + {v.dtype}")
     check_finite(qv, "qv")
     check_finite({p: fr[p] for p in fv}, "receiver_params")
-    lam = jnp.float32(lam)
+    lam = jnp.float32(check_lam(lam))
     new = {p: _axpy(fr[p], fv[p], lam) if p in fv else x for p, x in fr.items()}
     return jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(receiver_params), list(new.values())

@@ -127,7 +127,7 @@ def _cmd_extract(args) -> int:
         )
     same_backbone(qmeta, fmeta, args.qat, args.fp)
     try:
-        qv = q.quantization_vector(qat, fp)
+        qv = q.quantization_vector(qat, fp, require_nonzero=True)
     except ValueError as e:
         raise QvecError(f"{args.qat} vs {args.fp}: {e}") from None
     meta = {
