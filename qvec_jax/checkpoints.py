@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, TypedDict, get_type_hints
 
@@ -25,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qvec_jax.models.vit import ViT, create_model
-from qvec_jax.trees import HEAD_RULE, path_str
+from qvec_jax.trees import HEAD_RULE, flatten, is_float, path_str
 
 META_FILE = "qvec_meta.json"
 _META_ITEM = "meta"
@@ -63,6 +64,7 @@ class CheckpointMeta(TypedDict, total=False):
     global_norm: float  # of the QV (qvec extract)
     patch: dict  # {"qv", "donor", "lam", "zero_shot"} (qvec patch)
     ptq: dict  # {"bits", "granularity"} (qvec ptq)
+    crc32: dict  # {leaf path: CRC-32 of its saved bytes, 8 hex digits}, set by save_params
 
 
 _KINDS = ("params", "qv")
@@ -142,7 +144,14 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:
-    """The validated meta of the checkpoint ``path``, without reading its params."""
+    """The validated meta of the checkpoint ``path``, without reading its params (and
+    without the leaf checksums, which only :func:`restore_params` needs)."""
+    meta = _read_meta(path)
+    meta.pop("crc32", None)
+    return meta
+
+
+def _read_meta(path) -> CheckpointMeta:
     f = meta_file(path)
     try:
         meta = json.loads(f.read_text())
@@ -174,9 +183,15 @@ def _checkpointer(legacy: bool = False) -> ocp.Checkpointer:
 def save_params(path: str | os.PathLike, params, meta: CheckpointMeta | None = None) -> Path:
     """Write ``params`` (any pytree of arrays) and ``meta`` to ``path`` as one checkpoint.
 
-    Refuses to replace a directory that is not a qvec checkpoint. Returns the path."""
+    Refuses params holding NaN/Inf (naming the leaf) and a directory that is not a qvec
+    checkpoint. The meta gets a CRC-32 of every leaf's bytes (``crc32``, replacing any
+    given), which :func:`restore_params` verifies. Returns the path."""
     path = Path(path).absolute()
-    meta = validate_meta({"kind": "params", **(meta or {})}, path)
+    host = {p: np.ascontiguousarray(jax.device_get(x)) for p, x in flatten(params).items()}
+    _check_finite(host, f"refusing to save {path}")
+    meta = {k: v for k, v in (meta or {}).items() if k != "crc32"}
+    meta["crc32"] = {p: _crc32(x) for p, x in host.items()}
+    meta = validate_meta({"kind": "params", **meta}, path)
     try:
         json.dumps(meta)
     except (TypeError, ValueError) as e:
@@ -210,10 +225,51 @@ def _restore_tree(path: Path) -> dict:
     return ckptr.restore(where, args=ocp.args.Composite(params=args))["params"]
 
 
-def restore_params(path: str | os.PathLike) -> tuple[dict, CheckpointMeta]:
-    """-> ``(params, meta)``; params as host numpy arrays with their saved dtypes."""
+def _crc32(x: np.ndarray) -> str:
+    return f"{zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)):08x}"
+
+
+def _check_finite(flat: dict, where: str) -> None:
+    for p, x in flat.items():
+        if is_float(x) and not np.isfinite(x).all():
+            raise CheckpointError(
+                f"{where}: leaf {p} holds NaN or Inf; the run that made these params diverged "
+                "(rerun it, e.g. with a lower optim.lr)"
+            )
+
+
+def verify(path: Path, params, meta: CheckpointMeta) -> None:
+    """Refuse restored ``params`` whose bytes differ from the CRC-32s saved in ``meta``
+    (a corrupt file), or that hold NaN/Inf; the error names the checkpoint and the leaf.
+    Checkpoints saved without checksums (older ones) get the NaN/Inf check only."""
+    flat = flatten(params)
+    sums = meta.get("crc32")
+    if sums is not None:
+        if set(sums) != set(flat):
+            odd = sorted(set(sums) ^ set(flat))[0]
+            raise CheckpointError(
+                f"{path}: leaf {odd} is in {'the checksums' if odd in sums else 'the params'} "
+                "only; the checkpoint is corrupt: re-create it"
+            )
+        for p, x in flat.items():
+            if _crc32(x) != sums[p]:
+                raise CheckpointError(
+                    f"{path}: leaf {p} does not match its saved checksum (crc32 {_crc32(x)}, "
+                    f"saved {sums[p]}); the checkpoint is corrupt: re-create it"
+                )
+    _check_finite(flat, str(path))
+
+
+def restore_params(
+    path: str | os.PathLike, *, verify_data: bool = True
+) -> tuple[dict, CheckpointMeta]:
+    """-> ``(params, meta)``; params as host numpy arrays with their saved dtypes.
+
+    ``verify_data`` (default): check the leaves against the checksums saved with them
+    and for NaN/Inf (:func:`verify`); off only to measure what that costs. The returned
+    meta leaves the checksums out."""
     path = Path(path).absolute()
-    meta = read_meta(path)
+    meta = _read_meta(path)
     try:
         params = _restore_tree(path)
     except Exception as e:
@@ -221,4 +277,7 @@ def restore_params(path: str | os.PathLike) -> tuple[dict, CheckpointMeta]:
             f"{path}: cannot restore params ({type(e).__name__}: {e}); "
             "the checkpoint is incomplete or corrupt"
         ) from e
+    if verify_data:
+        verify(path, params, meta)
+    meta.pop("crc32", None)
     return params, meta
