@@ -15,6 +15,7 @@ form. The last batch is zero-padded and masked, so every example counts exactly 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator
 
 import jax
@@ -26,11 +27,37 @@ from qvec_jax import data as qdata
 from qvec_jax import quant
 from qvec_jax.sharding import make_mesh, put, replicated, round_batch, shard_batch
 
-__all__ = ["EvalError", "EvalSet", "accuracy", "count_correct"]
+__all__ = ["EvalError", "EvalSet", "HeadWarning", "accuracy", "check_head", "count_correct"]
 
 
 class EvalError(ValueError):
     """A split that cannot be evaluated; the message names it."""
+
+
+class HeadWarning(UserWarning):
+    """The model's head has more classes than the evaluated task."""
+
+
+def check_head(model, split) -> None:
+    """Refuse a head with fewer classes than ``split``'s task (labels it cannot predict);
+    warn (:class:`HeadWarning`, both numbers named) when it has more: the accuracy then
+    counts predictions of classes the task does not have."""
+    k, task = getattr(model, "num_classes", None), getattr(split, "task", None)
+    n = getattr(task, "num_classes", None)
+    if not k or not n or k == n:
+        return
+    name = f"{getattr(task, 'name', '?')}/{getattr(split, 'split', '?')}"
+    if k < n:
+        raise EvalError(
+            f"{name}: the task has {n} classes but the model's head only {k}; evaluate a "
+            "checkpoint fine-tuned on this task"
+        )
+    warnings.warn(
+        f"{name}: the model's head has {k} classes but the task only {n}; is this the "
+        "checkpoint of another task? (predictions of the extra classes count as wrong)",
+        HeadWarning,
+        stacklevel=3,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
@@ -109,8 +136,10 @@ def accuracy(
     ``quant.VIT_RULE`` by default); neither: the params as they are. The batch is
     sharded over ``mesh``'s ``"data"`` axis and params replicated; ``batch_size`` is
     rounded up to a multiple of the device count. Streams the split (use
-    :class:`EvalSet` to evaluate one split often).
+    :class:`EvalSet` to evaluate one split often). A head with more classes than the
+    task warns, one with fewer is refused (:func:`check_head`).
     """
     if spec is not None or bits is not None:
         spec = quant.as_spec(spec, bits=bits, granularity=granularity)
+    check_head(model, split)
     return EvalSet(split, batch_size, mesh).accuracy(model, params, spec)

@@ -8,17 +8,31 @@ fsyncs it, renames it onto the target and fsyncs the directory so the rename its
 durable. On any error the temporary file is removed and the target is left untouched.
 
 Orbax checkpoints are not plain files; orbax renames its own directories atomically.
+
+:func:`workdir_lock` keeps two runs out of one workdir: an OS file lock (``flock``) on a
+lock file inside it, released by the kernel when the holder exits or dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
+import json
 import os
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "WorkdirLocked",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "workdir_lock",
+]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -93,3 +107,64 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically (old content or new, never a mix); return the path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+class WorkdirLocked(ValueError):
+    """Another live process holds the workdir's lock; the message says which one."""
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from what the holder wrote into the lock file."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info.get("pid"):
+        return "another process (it has not written its name yet)"
+    who = (
+        f"pid {info['pid']} on host {info.get('host', '?')} since {info.get('started', '?')} "
+        f"({info.get('command', '?')})"
+    )
+    return f"shared runs, among them {who}" if info.get("shared") else who
+
+
+@contextlib.contextmanager
+def workdir_lock(
+    workdir: str | os.PathLike, name: str, *, command: str | None = None, shared: bool = False
+) -> Iterator[Path]:
+    """Hold ``<workdir>/<name>.lock`` for the body; refuse at once if another process does.
+
+    The lock is ``flock`` on that file: the kernel drops it when the holder exits, is
+    killed or crashes, so a stale lock never blocks a rerun. The holder writes its pid,
+    host, command and start time into the file, and :class:`WorkdirLocked` quotes
+    them. ``shared=True`` takes a shared lock: any number of shared holders
+    coexist (e.g. the shards of one grid), while an exclusive holder excludes them all.
+    The lock file is left in place (unlinking it would race with the next locker). The
+    workdir is created if needed.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirLocked(
+                f"{workdir} is in use: {path.name} is held by {_holder(fd)}; wait for that "
+                "run to finish (or stop it), or use another workdir"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command or " ".join(sys.argv),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "shared": shared,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        yield path
+        if not shared:  # no stale name for the next holder's rivals to read
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

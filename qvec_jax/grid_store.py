@@ -22,11 +22,13 @@ order; today that is ``cells.jsonl`` alone, and a per-process or per-shard file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from qvec_jax.files import atomic_write_text
+from qvec_jax.files import atomic_write_text, workdir_lock
 
 CELLS_FILE = "cells.jsonl"
 GRID_META_FILE = "grid.json"
@@ -94,6 +96,26 @@ class GridStore:
     @property
     def meta_path(self) -> Path:
         return self.workdir / GRID_META_FILE
+
+    @contextlib.contextmanager
+    def lock(self, shard: tuple[int, int] | None = None, *, command=None) -> Iterator[None]:
+        """Keep other grid runs out while the body writes (``files.workdir_lock``).
+
+        The whole grid (``shard=None``) holds ``grid.lock`` exclusively. Shard ``(i, n)``
+        holds ``grid.lock`` shared and ``grid.shard-<i>-of-<n>.lock`` exclusively, so the
+        shards of one grid (each writing its own record file) run side by side in one
+        workdir while a second copy of a shard, or an unsharded run, is refused.
+        """
+        if shard is None:
+            with workdir_lock(self.workdir, "grid", command=command):
+                yield
+            return
+        i, n = shard
+        if not 0 <= i < n:
+            raise GridStoreError(f"shard {i}/{n}: need 0 <= i < n")
+        with workdir_lock(self.workdir, "grid", command=command, shared=True):
+            with workdir_lock(self.workdir, f"grid.shard-{i}-of-{n}", command=command):
+                yield
 
     def exists(self) -> bool:
         """Whether the workdir holds a grid (cell records or a ``grid.json``)."""

@@ -28,6 +28,7 @@ per cell); each patched, quantized tree lives on device only while it is evaluat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -197,11 +198,12 @@ def run_grid(
     ("channel" by default). ``runs_dir`` holds the fine-tunes
     (``RUNS/<task>/{fp,qat}/params``); results go to ``workdir`` (``cells.jsonl``,
     ``grid.json``, through a :class:`GridStore`); ``qvec_jax.report.write_report(workdir,
-    cells=...)`` turns them into tables and plots. ``lambdas`` always gets 1.0 added
-    (the zero-shot column and the ceiling need it).
+    cells=...)`` turns them into tables and plots. ``lambdas`` (finite, non-empty) always
+    gets 1.0 added (the zero-shot column and the ceiling need it).
     Raises :class:`MissingCheckpoints` after computing the available cells if a
     checkpoint is missing and not ``allow_missing``; :class:`GridError` if the
-    checkpoints do not share one backbone.
+    checkpoints do not share one backbone; ``files.WorkdirLocked`` (at once) if another
+    grid run holds ``workdir``.
     """
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -209,9 +211,23 @@ def run_grid(
     if spec is None and bits is None:
         raise GridError("no quantizer: pass bits= (and granularity=) or spec=QuantSpec(...)")
     spec = quant.as_spec(spec, bits=bits, granularity=granularity)
-    lambdas = sorted({round(float(lam), 6) for lam in lambdas} | {1.0})
+    lambdas = sorted({round(lam, 6) for lam in trees.check_lambdas(lambdas)} | {1.0})
     store = GridStore(workdir)
-    store.workdir.mkdir(parents=True, exist_ok=True)
+    # Only process 0 writes the workdir today, so only it locks (per shard: GridStore.lock).
+    lock = store.lock(command="qvec grid") if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _run_locked(
+            tasks, runs_dir, store, spec, lambdas, batch_size=batch_size,
+            allow_missing=allow_missing, data_dir=data_dir, progress=progress,
+            device_cache_bytes=device_cache_bytes,
+        )  # fmt: skip
+
+
+def _run_locked(
+    tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, allow_missing,
+    data_dir, progress, device_cache_bytes,
+) -> list[dict]:  # fmt: skip
+    """``run_grid``'s body, run while this process holds the workdir's grid lock."""
     old_meta = store.meta()
     _check_quantizer(store, old_meta, spec)
 
