@@ -26,12 +26,13 @@ deleted once ``params/`` and ``results.json`` are written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import numbers
 import os
 import shutil
 import time
-import zlib
 from typing import Any
 
 import jax
@@ -50,11 +51,25 @@ from qvec_jax.train_step import (  # noqa: F401  (re-exported: train's public AP
     TrainError,
     abstract_state,
     accumulation_steps,
+    all_finite,
+    check_metrics,
+    check_numbers,
     create_state,
+    diverged,
     head_mask,
     loss_fn,
     make_optimizer,
     make_train_step,
+)
+from qvec_jax.train_workdir import (
+    batch_crc,
+    check_config,
+    checkpoint_manager,
+    claim_workdir,
+    lock,
+    restore_state,
+    save_state,
+    truncate_metrics,
 )
 
 INIT_KINDS = ("pretrained", "random")
@@ -100,19 +115,12 @@ def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
     from qvec_jax import pretrained
     from qvec_jax.models import vit
 
-    kind, path = cfg.init.kind, cfg.init.path
-    if kind not in INIT_KINDS:
-        raise TrainError(f"init.kind={kind!r} is not one of {INIT_KINDS}")
+    kind, path = cfg.init.kind, cfg.init.path  # checked by validate()
     if kind == "random":
         model = vit.create_model(
             cfg.model.variant, num_classes=num_classes, image_size=cfg.model.image_size
         )
         return model, vit.init_params(model, jax.random.key(cfg.seed))
-    if not path or not os.path.exists(path):
-        raise TrainError(
-            f"init.path={path!r} does not exist: download the pretrained checkpoint "
-            "(e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) and pass init.path=FILE"
-        )
     return pretrained.load_pretrained(
         path,
         variant=cfg.model.variant,
@@ -122,91 +130,24 @@ def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
     )
 
 
-# --------------------------------------------------------------------------- workdir
-
-
-def _prepare_workdir(cfg, workdir: str, force: bool) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    cfg_path = os.path.join(workdir, "config.json")
-    new = json.loads(qconfig.to_json(cfg))
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        changed = qconfig.diff(old, new)
-        if changed and not force:
-            raise TrainError(
-                f"workdir {workdir!r} holds a run with a different config (differs in: "
-                f"{', '.join(changed)}); use another --workdir, or --force to start over there"
-            )
-        if changed and jax.process_index() == 0:  # --force: drop the old run's files, ours only
-            for name in ("ckpt", "params", "metrics.jsonl", "results.json"):
-                p = os.path.join(workdir, name)
-                shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
-    if jax.process_index() == 0:  # multi-host: workdir is on a shared filesystem
-        atomic_write_text(cfg_path, json.dumps(new, indent=2, sort_keys=True) + "\n")
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop records past ``step`` (written before a crash, about to be redone)."""
-    if not os.path.exists(path) or jax.process_index() != 0:
-        return
-    with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    atomic_write_text(path, "".join(keep))
-
-
-def _batch_crc(crc: int, images, labels) -> int:
-    """Running fingerprint of the data stream (labels + a strided image sample)."""
-    crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
-    return zlib.crc32(np.ascontiguousarray(np.asarray(images).reshape(-1)[::997]).tobytes(), crc)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    """Items: ``state`` (params, opt_state, step; sharded arrays) and ``progress`` (JSON:
-    step and data fingerprint). The data position IS the step (train_batches is O(1))."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True)
-    return ocp.CheckpointManager(
-        os.path.join(workdir, "ckpt"), options=options, item_names=("state", "progress")
-    )
-
-
-def _save(mngr, step: int, state, crc: int) -> None:
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave({"step": step, "crc": crc}),
-        ),
-        force=True,
-    )
-
-
-def _restore(mngr, abstract, shardings):
-    """(state, step, crc) of the latest checkpoint, each array restored with its sharding."""
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    r = mngr.restore(
-        mngr.latest_step(),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
-        ),
-    )
-    return r.state, int(r.progress["step"]), int(r.progress["crc"])
-
-
 # --------------------------------------------------------------------------- the run
 
 
 def validate(cfg: ml_collections.ConfigDict) -> quant.QuantSpec:
-    """Check ``cfg`` once; return its quantizer settings (QAT's, and the final PTQ eval's)."""
+    """Check ``cfg`` once, before anything is written; return its quantizer settings
+    (QAT's, and the final PTQ eval's)."""
     if cfg.mode not in MODES:
         raise TrainError(f"mode={cfg.mode!r}: use --mode fp or --mode qat")
     if not cfg.task:
         raise TrainError("no task: pass --task NAME (see `qvec tasks` / data.list_tasks())")
+    check_numbers(cfg)
+    if cfg.init.kind not in INIT_KINDS:
+        raise TrainError(f"init.kind={cfg.init.kind!r} is not one of {INIT_KINDS}")
+    if cfg.init.kind == "pretrained" and not (cfg.init.path and os.path.exists(cfg.init.path)):
+        raise TrainError(
+            f"init.path={cfg.init.path!r} does not exist: download the pretrained checkpoint "
+            "(e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) and pass init.path=FILE"
+        )
     try:
         return quant.QuantSpec(cfg.quant.bits, cfg.quant.granularity)
     except (TypeError, ValueError) as e:
@@ -227,26 +168,53 @@ def finetune(
 ) -> dict:
     """Run (or resume) the fine-tune described by ``cfg`` in ``workdir``; returns results.
 
-    ``stop_after``: run at most this many steps in this call, checkpoint, and return
-    ``{"stopped_at": step}`` (for time-limited jobs; rerun to continue). A finished run
-    returns its ``results.json`` without training again.
+    ``stop_after``: run at most this many steps (>= 1) in this call, checkpoint, and
+    return ``{"stopped_at": step}`` (for time-limited jobs; rerun to continue). A finished
+    run returns its ``results.json`` without training again. The config is checked and
+    the whole setup built before the workdir is written (a bad config leaves nothing a
+    corrected rerun would trip on); the run holds ``finetune.lock`` in the workdir, so a
+    second run there stops at once (``files.WorkdirLocked``, naming the holder). A NaN/Inf
+    loss or gradient norm stops the run (``TrainError``) with its last good checkpoint kept.
     """
     from qvec_jax import data as qdata
 
     spec = validate(cfg)
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, numbers.Integral)
+        or stop_after < 1
+    ):  # fmt: skip
+        raise TrainError(f"stop_after={stop_after!r}: must be a whole number of steps >= 1")
     task = qdata.get_task(cfg.task)
     workdir = os.path.abspath(workdir)
-    _prepare_workdir(cfg, workdir, force)
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path) and os.path.isdir(os.path.join(workdir, "params")):
-        with open(results_path) as f:
-            return json.load(f)
-    run = _setup(cfg, spec, task, workdir, mesh)
-    end = run.total if stop_after is None else min(run.total, run.start + int(stop_after))
-    _loop(run, end, progress)
-    if end < run.total:
-        return {"stopped_at": end, "total_steps": run.total}
-    return _finalize(run)
+    fresh = not os.path.exists(workdir)
+    with lock(workdir, f"qvec finetune task={cfg.task} mode={cfg.mode}") as lock_file:
+        try:
+            changed = check_config(cfg, workdir, force)
+            results_path = os.path.join(workdir, "results.json")
+            if (
+                not changed
+                and os.path.exists(results_path)
+                and os.path.isdir(os.path.join(workdir, "params"))
+            ):
+                with open(results_path) as f:
+                    return json.load(f)
+            run = _setup(cfg, spec, task, workdir, mesh, claim=lambda: claim_workdir(
+                cfg, workdir, changed))  # fmt: skip
+        except BaseException:
+            if (
+                fresh
+                and lock_file is not None
+                and not os.path.exists(os.path.join(workdir, "config.json"))
+            ):  # nothing of ours but the lock: leave no workdir behind
+                os.remove(lock_file)
+                with contextlib.suppress(OSError):
+                    os.rmdir(workdir)
+            raise
+        end = run.total if stop_after is None else min(run.total, run.start + int(stop_after))
+        _loop(run, end, progress)
+        if end < run.total:
+            return {"stopped_at": end, "total_steps": run.total}
+        return _finalize(run)
 
 
 @dataclasses.dataclass
@@ -273,9 +241,10 @@ class _Run:
         return os.path.join(self.workdir, name)
 
 
-def _setup(cfg, spec, task, workdir: str, mesh) -> _Run:
-    """Data, mesh, optimizer, model, shardings and the jitted step; then the state of the
-    latest checkpoint (resume) or a fresh one, and metrics past it dropped."""
+def _setup(cfg, spec, task, workdir: str, mesh, claim) -> _Run:
+    """Data, mesh, optimizer, model, shardings and the jitted step; then ``claim()`` (the
+    first write to the workdir), the state of the latest checkpoint (resume) or a fresh
+    one, and metrics past it dropped."""
     from qvec_jax import checkpoints
     from qvec_jax import data as qdata
 
@@ -295,12 +264,13 @@ def _setup(cfg, spec, task, workdir: str, mesh) -> _Run:
         model, tx, mesh, shardings, mode=cfg.mode, spec=spec, accum=accum,
         label_smoothing=cfg.label_smoothing,
     )  # fmt: skip
-    mngr = _checkpoint_manager(workdir, cfg.keep_checkpoints)
+    claim()
+    mngr = checkpoint_manager(workdir, cfg.keep_checkpoints)
     if mngr.latest_step() is not None:
-        state, start, crc = _restore(mngr, abstract, shardings)
+        state, start, crc = restore_state(mngr, abstract, shardings)
     else:
         state, start, crc = create_state(host_params, tx, shardings), 0, 0
-    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     return _Run(
         cfg=cfg, spec=spec, task=task, workdir=workdir, mesh=mesh, model=model,
         train_split=split, total=total, schedule=schedule, step_fn=step_fn, mngr=mngr,
@@ -310,7 +280,12 @@ def _setup(cfg, spec, task, workdir: str, mesh) -> _Run:
 
 def _loop(run: _Run, end: int, progress: bool) -> None:
     """Train steps ``run.start .. end``: a metrics record every ``log_every`` steps and a
-    checkpoint every ``checkpoint_every`` steps, both also at ``end``."""
+    checkpoint every ``checkpoint_every`` steps, both also at ``end``.
+
+    Divergence costs no extra host round trip per step: the losses and gradient norms
+    of every step are checked when a record fetches them, and before a checkpoint (one
+    more fetch of the steps since the last record, and one scalar: all params finite),
+    so no checkpoint holds NaN/Inf params."""
     from tqdm.auto import tqdm
 
     from qvec_jax import data as qdata
@@ -321,37 +296,53 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
     bar = tqdm(total=run.total, initial=run.start, disable=not (progress and is_main),
                unit="step", desc=f"{cfg.task} {cfg.mode}", dynamic_ncols=True)  # fmt: skip
     window, t_log, n_log = [], time.perf_counter(), 0
-    with open(run.path("metrics.jsonl"), "a") as mfile:
-        for step in range(run.start, end):
-            images, labels = next(batches)
-            run.crc = _batch_crc(run.crc, images, labels)
-            run.state, m = run.step_fn(run.state, *shard_batch((images, labels), run.mesh))
-            bar.update(1)
-            if step == run.start:  # keep compilation out of the throughput numbers
-                jax.block_until_ready(m)
-                t_log = time.perf_counter()
-            else:
-                n_log += 1
-            window.append(m)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == end:
-                rec = _record(run, done, window, n_log, t_log)
-                if is_main:
-                    mfile.write(json.dumps(rec) + "\n")
-                    mfile.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-                window, t_log, n_log = [], time.perf_counter(), 0
-            if done % cfg.checkpoint_every == 0 or done == end:
-                _save(run.mngr, done, run.state, run.crc)
-    bar.close()
-    run.mngr.wait_until_finished()
-    run.mngr.close()
+    try:
+        with open(run.path("metrics.jsonl"), "a") as mfile:
+            for step in range(run.start, end):
+                images, labels = next(batches)
+                run.crc = batch_crc(run.crc, images, labels)
+                run.state, m = run.step_fn(run.state, *shard_batch((images, labels), run.mesh))
+                bar.update(1)
+                if step == run.start:  # keep compilation out of the throughput numbers
+                    jax.block_until_ready(m)
+                    t_log = time.perf_counter()
+                else:
+                    n_log += 1
+                window.append(m)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == end:
+                    rec = _record(run, done, window, n_log, t_log)
+                    if is_main:
+                        mfile.write(json.dumps(rec) + "\n")
+                        mfile.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                    window, t_log, n_log = [], time.perf_counter(), 0
+                if done % cfg.checkpoint_every == 0 or done == end:
+                    _check_finite(run, done, window)
+                    save_state(run.mngr, done, run.state, run.crc)
+    finally:
+        bar.close()
+        run.mngr.wait_until_finished()
+        run.mngr.close()
+
+
+def _check_finite(run: _Run, done: int, window: list) -> None:
+    """Before a checkpoint: the unrecorded steps' metrics and the params are finite."""
+    last_good = run.mngr.latest_step()
+    check_metrics(jax.device_get(window), done - len(window) + 1, run.cfg.optim.lr,
+                  run.workdir, last_good)  # fmt: skip
+    if not bool(all_finite(run.state["params"])):
+        raise diverged(done, "the params hold NaN or Inf", run.cfg.optim.lr, run.workdir,
+                       last_good)  # fmt: skip
 
 
 def _record(run: _Run, done: int, window: list, n_log: int, t_log: float) -> dict:
-    """One metrics.jsonl record for the steps in ``window`` (the last one is ``done``)."""
+    """One metrics.jsonl record for the steps in ``window`` (the last one is ``done``);
+    a NaN/Inf loss or gradient norm among them stops the run."""
     ms = jax.device_get(window)  # waits for the steps, so the time below includes them
     dt = max(time.perf_counter() - t_log, 1e-9)
+    check_metrics(ms, done - len(ms) + 1, run.cfg.optim.lr, run.workdir,
+                  run.mngr.latest_step())  # fmt: skip
     return {
         "step": done,
         "loss": float(np.mean([w["loss"] for w in ms])),

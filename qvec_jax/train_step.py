@@ -13,6 +13,7 @@ The step runs on a 1-D ``("data",)`` mesh: the batch is sharded over it; the sta
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,48 @@ MODES = ("fp", "qat")
 
 
 class TrainError(ValueError):
-    """Bad config or workdir; the message says what to do."""
+    """Bad config or workdir, or a diverged run; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- config
+
+# (key, lowest, highest, lowest allowed?, integer?) of every number the loop reads.
+_NUMBERS = (
+    ("optim.lr", 0.0, math.inf, False, False),
+    ("optim.head_lr_mult", 0.0, math.inf, True, False),
+    ("optim.weight_decay", 0.0, math.inf, True, False),
+    ("optim.clip_norm", 0.0, math.inf, False, False),
+    ("optim.b1", 0.0, 1.0, True, False),
+    ("optim.b2", 0.0, 1.0, True, False),
+    ("optim.eps", 0.0, math.inf, False, False),
+    ("optim.warmup_steps", 0, math.inf, True, True),
+    ("label_smoothing", 0.0, 1.0, True, False),
+    ("batch_size", 1, math.inf, True, True),
+    ("device_batch_size", 0, math.inf, True, True),
+    ("eval_batch_size", 1, math.inf, True, True),
+    ("log_every", 1, math.inf, True, True),
+    ("checkpoint_every", 1, math.inf, True, True),
+    ("keep_checkpoints", 1, math.inf, True, True),
+)
+
+
+def check_numbers(cfg: ml_collections.ConfigDict) -> None:
+    """Refuse a config number that is not finite or out of range, naming the key, before
+    anything runs or is written (``optim.lr=1e999`` would train to NaN; ``batch_size=0``
+    would fail later, after the workdir is claimed). Missing keys are left to the loop."""
+    for key, lo, hi, lo_ok, integer in _NUMBERS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            continue
+        kind = numbers.Integral if integer else numbers.Real
+        if isinstance(node, bool) or not isinstance(node, kind):
+            raise TrainError(f"{key}={node!r}: must be {'an integer' if integer else 'a number'}")
+        above = node >= lo if lo_ok else node > lo
+        if not (math.isfinite(node) and above and node < hi):
+            where = f"{'[' if lo_ok else '('}{lo}, {hi})"
+            raise TrainError(f"{key}={node!r}: must be finite and in {where}; fix the override")
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -156,6 +198,38 @@ def make_train_step(
 
 
 # --------------------------------------------------------------------------- init
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """One device scalar: whether every float leaf of ``tree`` is finite."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.floating)]  # fmt: skip
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def check_metrics(ms: list[dict], first_step: int, lr: float, workdir: str, last_good) -> None:
+    """Stop the run at the first step whose loss or gradient norm is NaN/Inf.
+
+    ``ms``: host metrics of steps ``first_step, first_step + 1, ...``. ``last_good``:
+    the step of the newest checkpoint (kept; None if there is none)."""
+    for i, m in enumerate(ms):
+        bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+        if bad:
+            raise diverged(first_step + i, f"the {bad[0]} is {float(m[bad[0]])}", lr, workdir,
+                           last_good)  # fmt: skip
+
+
+def diverged(step: int, what: str, lr: float, workdir: str, last_good) -> TrainError:
+    kept = "no checkpoint" if last_good is None else f"the checkpoint of step {last_good}"
+    return TrainError(
+        f"step {step}: {what}; training diverged and stopped. {workdir} keeps {kept}, and no "
+        f"final params were written. Lower optim.lr (now {lr:g}) and rerun with --force "
+        "(or in another --workdir)"
+    )
 
 
 def abstract_state(params, tx) -> dict:

@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     # 3 storage and data: foreign weights, our checkpoints, packed exports, tasks, devices
     "pretrained": 3, "checkpoints": 3, "export": 3, "data": 3, "sharding": 3,
     # 4 computation on models: evaluation, training, GPTQ, lambda selection
-    "evaluate": 4, "train": 4, "train_step": 4, "gptq": 4, "select": 4,
+    "evaluate": 4, "train": 4, "train_step": 4, "train_workdir": 4, "gptq": 4, "select": 4,
     # 5 the transfer grid: its inputs, its store, its driver
     "grid_inputs": 5, "grid_store": 5, "transfer": 5,
     # 6 the report of a grid

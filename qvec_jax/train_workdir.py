@@ -1,0 +1,134 @@
+"""A fine-tune's workdir: its config, its lock, its metrics file and its resumable
+training-state checkpoints (``train.finetune`` drives them; layout in ``train``).
+
+Nothing here writes before :func:`claim_workdir`: :func:`check_config` only reads, so
+a run refused for a bad config or setup leaves no file a corrected rerun would trip on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import zlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qvec_jax import config as qconfig
+from qvec_jax.files import atomic_write_text, workdir_lock
+from qvec_jax.train_step import TrainError
+
+__all__ = [
+    "batch_crc",
+    "check_config",
+    "checkpoint_manager",
+    "claim_workdir",
+    "lock",
+    "restore_state",
+    "save_state",
+    "truncate_metrics",
+]
+
+
+def lock(workdir: str, command: str):
+    """``finetune.lock`` in ``workdir`` (process 0 only: the others share its run)."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return workdir_lock(workdir, "finetune", command=command)
+
+
+def check_config(cfg, workdir: str, force: bool) -> bool:
+    """Whether ``workdir`` holds a run with another config (refused unless ``force``).
+    Reads only: nothing is written before the whole setup has succeeded."""
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        return False
+    try:
+        with open(cfg_path) as f:
+            old = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{cfg_path}: corrupt JSON ({e}); delete it, or use --force") from None
+    changed = qconfig.diff(old, json.loads(qconfig.to_json(cfg)))
+    if changed and not force:
+        raise TrainError(
+            f"workdir {workdir!r} holds a run with a different config (differs in: "
+            f"{', '.join(changed)}); use another --workdir, or --force to start over there"
+        )
+    return bool(changed)
+
+
+def claim_workdir(cfg, workdir: str, changed: bool) -> None:
+    """Write ``config.json``; with a changed config (``--force``) first drop the old run's
+    files (ours only)."""
+    if jax.process_index() != 0:  # multi-host: workdir is on a shared filesystem
+        return
+    if changed:
+        for name in ("ckpt", "params", "metrics.jsonl", "results.json"):
+            p = os.path.join(workdir, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+    text = json.dumps(json.loads(qconfig.to_json(cfg)), indent=2, sort_keys=True) + "\n"
+    atomic_write_text(os.path.join(workdir, "config.json"), text)
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop records past ``step`` (written before a crash, about to be redone) and a torn
+    last line (a kill mid-write); any other unreadable line is an error naming the file."""
+    if not os.path.exists(path) or jax.process_index() != 0:
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines):  # the torn tail of a killed run: redone from the checkpoint
+                break
+            msg = f"{path}:{i}: not a JSON metrics record ({e}); fix or delete it"
+            raise TrainError(msg) from None
+        if rec.get("step", 0) <= step:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
+def batch_crc(crc: int, images, labels) -> int:
+    """Running fingerprint of the data stream (labels + a strided image sample)."""
+    crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
+    return zlib.crc32(np.ascontiguousarray(np.asarray(images).reshape(-1)[::997]).tobytes(), crc)
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """Items: ``state`` (params, opt_state, step; sharded arrays) and ``progress`` (JSON:
+    step and data fingerprint). The data position IS the step (train_batches is O(1))."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True)
+    return ocp.CheckpointManager(
+        os.path.join(workdir, "ckpt"), options=options, item_names=("state", "progress")
+    )
+
+
+def save_state(mngr, step: int, state, crc: int) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave({"step": step, "crc": crc}),
+        ),
+        force=True,
+    )
+
+
+def restore_state(mngr, abstract, shardings):
+    """(state, step, crc) of the latest checkpoint, each array restored with its sharding."""
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    r = mngr.restore(
+        mngr.latest_step(),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()
+        ),
+    )
+    return r.state, int(r.progress["step"]), int(r.progress["crc"])
