@@ -50,6 +50,8 @@ def check_config(cfg, workdir: str, force: bool) -> bool:
         with open(cfg_path) as f:
             old = json.load(f)
     except json.JSONDecodeError as e:
+        if force:  # --force starts over: the old run's files go
+            return True
         raise TrainError(f"{cfg_path}: corrupt JSON ({e}); delete it, or use --force") from None
     changed = qconfig.diff(old, json.loads(qconfig.to_json(cfg)))
     if changed and not force:

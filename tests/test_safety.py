@@ -312,6 +312,15 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         assert np.isfinite(rec["loss"]) and np.isfinite(rec["grad_norm"])
 
 
+def test_a_corrupt_config_json_names_the_file_and_is_left_alone(tmp_path):
+    (tmp_path / "w").mkdir()
+    cfg_file = tmp_path / "w" / "config.json"
+    cfg_file.write_text('{"task": "dig')
+    with pytest.raises(train.TrainError, match=rf"{cfg_file}: corrupt JSON.*--force"):
+        train.finetune(_tiny_cfg(), str(tmp_path / "w"), progress=False)
+    assert cfg_file.read_text() == '{"task": "dig'
+
+
 def test_torn_metrics_tail_is_dropped_and_other_bad_lines_name_the_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.9}\n{"step": 6, "lo')
