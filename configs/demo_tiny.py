@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ""
+    c.data.workers = 0  # grain worker processes for the training input (0: in-process)
 
     c.quant = ml_collections.ConfigDict()
     c.quant.bits = 2

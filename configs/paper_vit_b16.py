@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ""  # "" = the data package's default location
+    c.data.workers = 8  # grain worker processes for the training input (0: in-process)
 
     c.quant = ml_collections.ConfigDict()
     c.quant.bits = 3

@@ -20,7 +20,8 @@ Workdir layout::
     results.json     val and test accuracy, FP and after PTQ at ``quant.bits``
 
 Training-state checkpoints exist to resume an interrupted run (the data position is
-the step: ``train_batches(..., start_step=step)`` replays the same stream); they are
+the step: ``data.loader.TrainLoader(..., start_step=step)`` replays the same stream; each
+process reads only its own rows, in ``data.workers`` grain processes); they are
 deleted once ``params/`` and ``results.json`` are written.
 """
 
@@ -44,8 +45,9 @@ from jax.sharding import Mesh
 
 from qvec_jax import config as qconfig
 from qvec_jax import quant
+from qvec_jax.data.loader import TrainLoader, place_rows
 from qvec_jax.files import atomic_write_text
-from qvec_jax.sharding import make_mesh, replicated, shard_batch, state_shardings
+from qvec_jax.sharding import make_mesh, replicated, state_shardings
 from qvec_jax.train_step import (  # noqa: F401  (re-exported: train's public API)
     MODES,
     TrainError,
@@ -130,6 +132,15 @@ def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
     )
 
 
+def data_workers(cfg: ml_collections.ConfigDict) -> int:
+    """``data.workers``: grain worker processes reading the training input (0: this
+    process; absent in older configs: 0)."""
+    n = cfg.data.get("workers", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise TrainError(f"data.workers={n!r}: use a whole number >= 0 (0 reads in-process)")
+    return n
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -141,6 +152,7 @@ def validate(cfg: ml_collections.ConfigDict) -> quant.QuantSpec:
     if not cfg.task:
         raise TrainError("no task: pass --task NAME (see `qvec tasks` / data.list_tasks())")
     check_numbers(cfg)
+    data_workers(cfg)
     if cfg.init.kind not in INIT_KINDS:
         raise TrainError(f"init.kind={cfg.init.kind!r} is not one of {INIT_KINDS}")
     if cfg.init.kind == "pretrained" and not (cfg.init.path and os.path.exists(cfg.init.path)):
@@ -288,11 +300,9 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
     so no checkpoint holds NaN/Inf params."""
     from tqdm.auto import tqdm
 
-    from qvec_jax import data as qdata
-
     cfg, is_main = run.cfg, jax.process_index() == 0
-    batches = qdata.train_batches(run.train_split, cfg.batch_size, seed=cfg.seed,
-                                  start_step=run.start)  # fmt: skip
+    batches = TrainLoader(run.train_split, cfg.batch_size, seed=cfg.seed, start_step=run.start,
+                          end_step=end, mesh=run.mesh, workers=data_workers(cfg))  # fmt: skip
     bar = tqdm(total=run.total, initial=run.start, disable=not (progress and is_main),
                unit="step", desc=f"{cfg.task} {cfg.mode}", dynamic_ncols=True)  # fmt: skip
     window, t_log, n_log = [], time.perf_counter(), 0
@@ -301,7 +311,8 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
             for step in range(run.start, end):
                 images, labels = next(batches)
                 run.crc = batch_crc(run.crc, images, labels)
-                run.state, m = run.step_fn(run.state, *shard_batch((images, labels), run.mesh))
+                batch = place_rows((images, labels), run.mesh, cfg.batch_size)
+                run.state, m = run.step_fn(run.state, *batch)
                 bar.update(1)
                 if step == run.start:  # keep compilation out of the throughput numbers
                     jax.block_until_ready(m)
@@ -321,6 +332,7 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
                     _check_finite(run, done, window)
                     save_state(run.mngr, done, run.state, run.crc)
     finally:
+        batches.close()
         bar.close()
         run.mngr.wait_until_finished()
         run.mngr.close()

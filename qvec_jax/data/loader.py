@@ -1,0 +1,161 @@
+"""The training input on grain: batches read in worker processes, prefetched, per host.
+
+The stream is a pure function of ``(seed, step)``:
+
+- the order of the examples is grain's index shuffle, reseeded every epoch
+  (``grain.MapDataset.range(n).shuffle(seed).repeat()``): element ``j`` of the stream is
+  a position of the split, computed in O(1) for any ``j`` without materialising a
+  permutation; batch ``s`` holds stream elements ``s*B .. s*B+B-1`` (batches run across
+  epoch boundaries, so every batch is full);
+- a ``grain.MapDataset`` over the *steps* maps step ``s`` to the rows of batch ``s``
+  that this host feeds (``sharding.host_rows``: each process reads only its own rows),
+  so resuming at step ``k`` is ``MapDataset.range(k, end)``: O(1) at any step;
+- ``workers`` > 0 reads and decodes in that many grain worker processes
+  (``mp_prefetch``; the output order does not depend on the worker count), 0 reads in
+  this process; either way ``prefetch`` batches are read ahead by threads.
+
+Each batch is ``split.get(positions)`` (the Split decides the image dtype and size), so
+FP and QAT runs with one seed see the same batches. The order changed once, from NumPy
+epoch permutations (``pipeline.train_positions``) to grain's shuffle: runs started
+before cannot be resumed bit for bit (their checkpoints' data fingerprint names it).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qvec_jax.sharding import host_rows
+
+__all__ = ["TrainLoader", "place_rows", "stream_positions"]
+
+
+def _grain_flags() -> None:
+    """grain 0.2.x reads an absl flag in its worker code; outside an absl app the flags
+    are unparsed and that read raises (google/grain#1355, fixed upstream in #1362).
+    Marking them parsed keeps every flag at its default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _order(n: int, seed: int) -> grain.MapDataset:
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed}: the training order needs 0 <= seed < 2**32")
+    return grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+
+
+def stream_positions(n: int, seed: int, start: int, stop: int) -> np.ndarray:
+    """Positions (0..n-1 in the split) of stream elements ``start .. stop-1``."""
+    return np.fromiter(_order(n, seed)[start:stop], np.int64, stop - start)
+
+
+class _ReadBatch:
+    """Step -> this host's rows of that batch (picklable: it runs in grain workers)."""
+
+    def __init__(self, split, batch_size: int, seed: int, rows: slice):
+        self.split, self.batch_size, self.seed, self.rows = split, batch_size, seed, rows
+        self._order = None
+
+    def __call__(self, step: int):
+        if self._order is None:  # built in the process that reads
+            self._order = _order(len(self.split), self.seed)
+        b0 = int(step) * self.batch_size
+        lo, hi = b0 + self.rows.start, b0 + self.rows.stop
+        positions = np.fromiter(self._order[lo:hi], np.int64, hi - lo)
+        return self.split.get(positions)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_order": None}
+
+
+class TrainLoader:
+    """Iterate ``(images, labels)``: this host's rows of batches ``start_step ..
+    end_step-1`` (``end_step=None``: endless). Use as a context manager or call
+    :meth:`close` (it stops the worker processes).
+
+    ``mesh``: the rows are those of this process's devices (``sharding.host_rows``);
+    None: the whole batch; ``rows`` names them directly instead. ``workers``: grain
+    worker processes (0: read here). ``prefetch``: batches read ahead.
+    """
+
+    def __init__(
+        self,
+        split,
+        batch_size: int,
+        *,
+        seed: int,
+        start_step: int = 0,
+        end_step: int | None = None,
+        mesh: Mesh | None = None,
+        rows: slice | None = None,
+        workers: int = 0,
+        prefetch: int = 2,
+    ):
+        bad = [
+            f"{name}={v!r}"
+            for name, v, lo in (("batch_size", batch_size, 1), ("seed", seed, 0),
+                                ("start_step", start_step, 0), ("workers", workers, 0),
+                                ("prefetch", prefetch, 1))  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo
+        ]
+        if bad or (end_step is not None and end_step < start_step):
+            raise ValueError(
+                f"training input: {', '.join(bad) or f'end_step={end_step!r}'} is out of range; "
+                "need batch_size >= 1, prefetch >= 1, seed/start_step/workers >= 0, "
+                "end_step >= start_step (data.workers in the config)"
+            )
+        _order(1, int(seed))  # the seed's range, checked here rather than in a worker
+        if rows is None:
+            rows = slice(0, batch_size) if mesh is None else host_rows(batch_size, mesh)
+        if not 0 <= (rows.start or 0) <= (rows.stop or 0) <= batch_size:
+            raise ValueError(f"rows {rows} are not rows of a batch of {batch_size}")
+        rows = slice(rows.start or 0, rows.stop)
+        end = sys.maxsize if end_step is None else int(end_step)
+        steps = grain.MapDataset.range(int(start_step), end)
+        ds = steps.map(_ReadBatch(split, int(batch_size), int(seed), rows)).to_iter_dataset(
+            grain.ReadOptions(num_threads=max(1, min(int(prefetch), 8)),
+                              prefetch_buffer_size=int(prefetch))  # fmt: skip
+        )
+        if workers:
+            _grain_flags()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=int(workers), per_worker_buffer_size=int(prefetch)))  # fmt: skip
+        self.rows, self.batch_size = rows, int(batch_size)
+        self._it = iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop the worker processes and free their shared memory."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def place_rows(batch, mesh: Mesh, global_size: int, axis: str = "data"):
+    """Global arrays of ``global_size`` rows, sharded on ``axis``, from this host's rows
+    (what :class:`TrainLoader` yields for ``mesh``)."""
+
+    def one(x):
+        x = np.asarray(x)
+        sharding = NamedSharding(mesh, P(axis, *([None] * (x.ndim - 1))))
+        return jax.make_array_from_process_local_data(sharding, x, (global_size, *x.shape[1:]))
+
+    return jax.tree.map(one, batch)
