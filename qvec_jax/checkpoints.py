@@ -8,6 +8,8 @@ overwrite leaves none, never a partial one). Checkpoints of the first format
 (``<path>/params/`` next to ``<path>/qvec_meta.json``) are still read.
 
 Foreign formats (``.npz``, ``.safetensors``) are imported by :mod:`qvec_jax.pretrained`.
+A packed export (one ``.safetensors`` file written by ``export.export_packed``, its meta
+carried inside) is read by :func:`restore_params` too, dequantized.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qvec_jax.export import ExportError, load_packed
 from qvec_jax.models.vit import ViT, create_model
 from qvec_jax.trees import HEAD_RULE, flatten, is_float, path_str
 
@@ -63,7 +66,8 @@ class CheckpointMeta(TypedDict, total=False):
     fp: str  # the QV's FP checkpoint (qvec extract)
     global_norm: float  # of the QV (qvec extract)
     patch: dict  # {"qv", "donor", "lam", "zero_shot"} (qvec patch)
-    ptq: dict  # {"bits", "granularity"} (qvec ptq)
+    ptq: dict  # {"bits", "granularity", "method", ...} (qvec ptq / qvec export)
+    merge: dict  # {"spec": MergeSpec.to_dict(), "inputs": [{path, task, fingerprint}]}
     crc32: dict  # {leaf path: CRC-32 of its saved bytes, 8 hex digits}, set by save_params
 
 
@@ -267,8 +271,10 @@ def restore_params(
 
     ``verify_data`` (default): check the leaves against the checksums saved with them
     and for NaN/Inf (:func:`verify`); off only to measure what that costs. The returned
-    meta leaves the checksums out."""
+    meta leaves the checksums out. A file is read as a packed export (:func:`restore_packed`)."""
     path = Path(path).absolute()
+    if path.is_file():
+        return restore_packed(path)
     meta = _read_meta(path)
     try:
         params = _restore_tree(path)
@@ -280,4 +286,21 @@ def restore_params(
     if verify_data:
         verify(path, params, meta)
     meta.pop("crc32", None)
+    return params, meta
+
+
+def restore_packed(path: str | os.PathLike) -> tuple[dict, CheckpointMeta]:
+    """``(params, meta)`` of a packed ``.safetensors`` export: the dequantized params (host
+    numpy) and the meta of the checkpoint it was exported from (``export_packed``'s
+    ``meta``), validated like a checkpoint's; NaN/Inf leaves are refused."""
+    try:
+        params, header = load_packed(path)
+    except ExportError as e:
+        raise CheckpointError(str(e)) from None
+    params = jax.tree.map(np.asarray, params)
+    meta = header.get("meta") or {}
+    if isinstance(meta, dict):
+        meta = {k: v for k, v in meta.items() if k != "crc32"}
+    meta = validate_meta(meta, path)
+    _check_finite(flatten(params), str(path))
     return params, meta

@@ -2,7 +2,8 @@
 
 Library modules hold no argparse. :mod:`.common` has what all subcommands share
 (``QvecError``, the output check, checkpoint restore), :mod:`.model_cmds` the commands
-over checkpoints (convert, extract, patch, ptq, eval), :mod:`.run_cmds` the commands
+over checkpoints (convert, extract, patch, eval), :mod:`.quant_cmds` merge, ptq and
+export, :mod:`.run_cmds` the commands
 that run experiments (tasks, finetune, grid, report, demo).
 """
 
@@ -12,7 +13,7 @@ import argparse
 import os
 import sys
 
-from qvec_jax.cli import model_cmds, run_cmds
+from qvec_jax.cli import model_cmds, quant_cmds, run_cmds
 from qvec_jax.cli.common import QvecError
 
 __all__ = [
@@ -33,8 +34,10 @@ COMMANDS = (
     run_cmds.add_tasks,
     run_cmds.add_finetune,
     model_cmds.add_extract,
+    quant_cmds.add_merge,
     model_cmds.add_patch,
-    model_cmds.add_ptq,
+    quant_cmds.add_ptq,
+    quant_cmds.add_export,
     model_cmds.add_eval,
     run_cmds.add_grid,
     run_cmds.add_report,

@@ -184,9 +184,10 @@ def writing(out: str | os.PathLike, what: str) -> Iterator[None]:
 
 
 def restore(path: str):
-    """``(params, meta)`` of the checkpoint directory ``path``, or a QvecError saying why not."""
+    """``(params, meta)`` of the checkpoint directory (or packed ``.safetensors`` export)
+    ``path``, or a QvecError saying why not."""
     if not Path(path).exists():
-        raise QvecError(f"{path}: no such checkpoint directory")
+        raise QvecError(f"{path}: no such checkpoint directory or packed export file")
     try:
         return checkpoints.restore_params(path)
     except checkpoints.CheckpointError as e:
