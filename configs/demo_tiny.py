@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.variant = "demo/4"  # width 96, depth 4, 4 heads, MLP 192, patch 4
     c.model.image_size = 16  # 4x4 patches + cls = 17 tokens
+    # "bfloat16": the ViT computes in bf16 (train and eval); params, optimizer state,
+    # fake-quant, the QV and PTQ stay float32.
+    c.model.compute_dtype = "float32"
 
     # "pretrained": path= a backbone checkpoint (the demo writes runs/demo/pretext/params;
     # anything pretrained.load_pretrained reads works). "random": train from scratch.

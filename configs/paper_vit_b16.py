@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/16"
     c.model.image_size = 224
+    # "bfloat16": the ViT computes in bf16 (train and eval); params, optimizer state,
+    # fake-quant, the QV and PTQ stay float32.
+    c.model.compute_dtype = "float32"
 
     # Google's original ViT-B/16 ImageNet-21k checkpoint (timm: vit_base_patch16_224.orig_in21k),
     # gs://vit_models/imagenet21k/ViT-B_16.npz. kind: "pretrained" (anything

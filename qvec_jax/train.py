@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -122,14 +123,28 @@ def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
         model = vit.create_model(
             cfg.model.variant, num_classes=num_classes, image_size=cfg.model.image_size
         )
-        return model, vit.init_params(model, jax.random.key(cfg.seed))
-    return pretrained.load_pretrained(
-        path,
-        variant=cfg.model.variant,
-        num_classes=num_classes,
-        image_size=cfg.model.image_size,
-        seed=cfg.seed,
-    )
+        params = vit.init_params(model, jax.random.key(cfg.seed))
+    else:
+        model, params = pretrained.load_pretrained(
+            path,
+            variant=cfg.model.variant,
+            num_classes=num_classes,
+            image_size=cfg.model.image_size,
+            seed=cfg.seed,
+        )
+    return model.clone(dtype=compute_dtype(cfg)), params
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(cfg: ml_collections.ConfigDict):
+    """``model.compute_dtype`` ("float32" when absent) as a dtype: the ViT's activations
+    and matmuls; params, optimizer state, fake-quant and PTQ stay float32."""
+    name = cfg.model.get("compute_dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise TrainError(f"model.compute_dtype={name!r}: use one of {COMPUTE_DTYPES}")
+    return jnp.dtype(name)
 
 
 def data_workers(cfg: ml_collections.ConfigDict) -> int:
@@ -152,6 +167,7 @@ def validate(cfg: ml_collections.ConfigDict) -> quant.QuantSpec:
     if not cfg.task:
         raise TrainError("no task: pass --task NAME (see `qvec tasks` / data.list_tasks())")
     check_numbers(cfg)
+    compute_dtype(cfg)
     data_workers(cfg)
     if cfg.init.kind not in INIT_KINDS:
         raise TrainError(f"init.kind={cfg.init.kind!r} is not one of {INIT_KINDS}")
@@ -274,7 +290,7 @@ def _setup(cfg, spec, task, workdir: str, mesh, claim) -> _Run:
     shardings = state_shardings(abstract, mesh, fsdp=cfg.fsdp)
     step_fn = make_train_step(
         model, tx, mesh, shardings, mode=cfg.mode, spec=spec, accum=accum,
-        label_smoothing=cfg.label_smoothing,
+        label_smoothing=cfg.label_smoothing, preprocess=split.preprocessor,
     )  # fmt: skip
     claim()
     mngr = checkpoint_manager(workdir, cfg.keep_checkpoints)

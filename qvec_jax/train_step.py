@@ -133,9 +133,9 @@ def accumulation_steps(batch_size: int, device_batch_size: int, n_devices: int) 
 def loss_fn(params, model, images, labels, *, spec=None, label_smoothing=0.0):
     """Mean softmax cross-entropy. With a ``quant.QuantSpec`` (QAT) the model runs at the
     STE fake-quantized params; with ``spec=None`` (FP) at the params themselves."""
-    if spec is not None:
+    if spec is not None:  # on the float32 params, before the model casts to its dtype
         params = quant.fake_quant_tree(params, spec, ste=True)
-    logits = model.apply({"params": params}, images)
+    logits = model.apply({"params": params}, images).astype(jnp.float32)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
@@ -143,9 +143,15 @@ def loss_fn(params, model, images, labels, *, spec=None, label_smoothing=0.0):
 
 
 def make_train_step(
-    model, tx, mesh, state_sharding, *, mode, spec=None, accum=1, label_smoothing=0.0
-):
+    model, tx, mesh, state_sharding, *, mode, spec=None, accum=1, label_smoothing=0.0,
+    preprocess=None,
+):  # fmt: skip
     """Jitted ``(state, images, labels) -> (state, metrics)``; ``state`` is donated.
+
+    ``preprocess``: a ``data.DevicePreprocess`` run on each (micro-)batch inside the
+    step, so ``images`` arrive as uint8 at their stored size; None: they are model
+    inputs already. The model's ``dtype`` is the compute dtype (bfloat16 halves the
+    activations); params, optimizer state and QAT's fake-quant stay float32.
 
     ``state = {"params", "opt_state", "step"}``; ``spec``: the ``quant.QuantSpec`` QAT
     trains for (unused by FP). With ``accum > 1`` the global batch is split into
@@ -156,7 +162,12 @@ def make_train_step(
         raise TrainError(f"mode {mode!r} is not one of {MODES}")
     if mode == "qat" and not isinstance(spec, quant.QuantSpec):
         raise TrainError(f"mode 'qat' needs spec=quant.QuantSpec(bits, ...), got {spec!r}")
-    grad_fn = jax.value_and_grad(loss_fn)
+    prep = (lambda x: x) if preprocess is None else preprocess
+
+    def lossp(params, model, images, labels, **kw):
+        return loss_fn(params, model, prep(images), labels, **kw)
+
+    grad_fn = jax.value_and_grad(lossp)
     kw = dict(spec=spec if mode == "qat" else None, label_smoothing=label_smoothing)
     batch_sh = NamedSharding(mesh, P("data"))
 

@@ -169,10 +169,12 @@ def test_resize_upscales_bilinear_within_range():
     x = D.load_split("digits", "test", image_size=28)
     assert x.images.shape == (len(x), 28, 28, 3)
     assert x.images.min() >= -1.0 and x.images.max() <= 1.0
-    flat = D.preprocess(np.full((2, 8, 8), 4.0), 16.0, 20)
+    flat = D.device_preprocess(np.full((2, 8, 8), 4, np.uint8), max_value=16.0, image_size=20)
     np.testing.assert_allclose(flat, -0.5, atol=1e-6)  # a constant image stays constant
-    rgb = D.preprocess([np.zeros((5, 9, 3), np.uint8), np.full((7, 4), 255, np.uint8)], 255, 6)
-    assert rgb.shape == (2, 6, 6, 3) and rgb[0].max() == -1.0 and rgb[1].min() == 1.0
+    black = D.device_preprocess(np.zeros((1, 5, 9, 3), np.uint8), max_value=255, image_size=6)
+    white = D.device_preprocess(np.full((1, 7, 4), 255, np.uint8), max_value=255, image_size=6)
+    assert black.shape == white.shape == (1, 6, 6, 3)
+    assert black.max() == -1.0 and np.allclose(white, 1.0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -191,7 +193,7 @@ def test_train_batches_deterministic_epoch_permutations_and_resume():
     steps = -(-2 * n // b)
     stream = np.concatenate([train_positions(n, b, seed=2038, step=s) for s in range(steps)])
     assert sorted(stream[:n]) == list(range(n)) and sorted(stream[n : 2 * n]) == list(range(n))
-    assert all(x.shape == (b, 8, 8, 3) for x, _ in a)
+    assert all(x.shape == (b, 8, 8) and x.dtype == np.uint8 for x, _ in a)  # stored size
     # resuming at step 17 gives the uninterrupted run's batches 17..24
     resumed = list(itertools.islice(D.train_batches(split, b, seed=2038, start_step=17), 8))
     for (xa, ya), (xr, yr) in zip(a[17:], resumed):
@@ -207,9 +209,10 @@ def test_eval_batches_every_example_exactly_once(idx_task):
     seen, n_batches = [], 0
     for x, y, m in D.eval_batches(split, bs):
         n_batches += 1
-        assert x.shape == (bs, 6, 6, 3) and y.shape == (bs,) and m.dtype == bool
+        assert x.shape == (bs, 6, 6) and x.dtype == np.uint8  # as stored, no host resize
+        assert y.shape == (bs,) and m.dtype == bool
         assert np.all(x[~m] == 0)
-        ids = decode_ids(x[m])
+        ids = x[m][:, 0, 0].astype(np.int64) * 256 + x[m][:, 0, 1]
         assert np.array_equal(y[m], labels(ids))
         seen += list(ids)
     assert n_batches == -(-N_TEST // bs)
@@ -261,7 +264,8 @@ def test_image_folder_source_and_undecodable_file(tmp_path):
     task = D.Task("tmp_folder", D.FolderSource("pets"), 2, ("cat", "dog"))
     test = D.load_split(task, "test", image_size=3, data_dir=tmp_path)
     assert len(test) == 4 and list(test.labels) == [0, 0, 1, 1]
-    assert np.all(test.images[test.labels == 1] == 1.0)
+    np.testing.assert_allclose(test.images[test.labels == 1], 1.0, atol=1e-6)
+    assert test.get([0])[0].shape == (1, 5, 7, 3)  # one size: travels as stored, RGB
     with pytest.raises(ValueError, match="'val' is empty"):  # 10% of 8 rounds down to 0
         D.load_split(task, "val", image_size=3, data_dir=tmp_path)
     D.clear_cache()
@@ -393,9 +397,9 @@ SHARD_CODE = textwrap.dedent(
     mesh = Mesh(np.array(jax.devices()), ("data",))
     gx, gy = D.shard_batch((x, y), mesh)
     assert gx.shape == x.shape and gy.shape == y.shape
-    assert gx.sharding.spec == PartitionSpec("data", None, None, None)
+    assert gx.sharding.spec == PartitionSpec("data", None, None)
     assert len(gx.addressable_shards) == 8
-    assert all(s.data.shape == (8, 8, 8, 3) for s in gx.addressable_shards)
+    assert all(s.data.shape == (8, 8, 8) for s in gx.addressable_shards)
     np.testing.assert_array_equal(np.asarray(gx), x)
     np.testing.assert_array_equal(np.asarray(gy), y)
     mesh2 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))

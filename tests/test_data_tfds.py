@@ -75,7 +75,10 @@ def tfds_root(tmp_path_factory):
 
 
 def ids_of(images):
-    px = np.rint((images[:, 0, :2, 0] + 1.0) * 255.0 / 2.0).astype(np.int64)
+    """Ids from uint8 batches (as stored) or model inputs in [-1, 1]."""
+    px = images[:, 0, :2, 0].astype(np.int64)
+    if images.dtype != np.uint8:
+        px = np.rint((images[:, 0, :2, 0] + 1.0) * 255.0 / 2.0).astype(np.int64)
     return px[:, 0] * 256 + px[:, 1]
 
 
@@ -97,7 +100,7 @@ def test_tfds_splits_sizes_disjoint_labels(tfds_root, in_memory):
         x, y, m = zip(*D.eval_batches(s[k], 7))
         x, y, m = np.concatenate(x), np.concatenate(y), np.concatenate(m)
         ids[k] = ids_of(x[m])
-        assert x.shape[1:] == (SIZE, SIZE, 3) and x.min() >= -1 and x.max() <= 1
+        assert x.shape[1:] == (SIZE, SIZE, 3) and x.dtype == np.uint8  # travels as stored
         assert np.array_equal(y[m], [label_of(i) for i in ids[k]])
         assert len(ids[k]) == len(set(ids[k])) == len(s[k])
     assert set(ids["train"]).isdisjoint(ids["val"])
@@ -113,7 +116,8 @@ def test_tfds_streaming_matches_in_memory_and_resizes(tfds_root):
     stream = D.load_split(TASK, "train", image_size=16, data_dir=tfds_root, in_memory=False)
     a = next(D.train_batches(mem, 32, seed=3, start_step=2))
     b = next(D.train_batches(stream, 32, seed=3, start_step=2))
-    assert a[0].shape == (32, 16, 16, 3)
+    assert a[0].shape == (32, SIZE, SIZE, 3) and a[0].dtype == np.uint8  # stored size
+    assert mem.inputs([0, 1]).shape == (2, 16, 16, 3)  # resized on the device
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     D.clear_cache()

@@ -1,5 +1,8 @@
 """Tasks and data: the paper's 22 tasks, offline sources, and a deterministic, shardable pipeline.
 
+Images travel as uint8 at their stored size; :class:`DevicePreprocess` (view, resize,
+grey->RGB, [-1, 1]) runs on the device inside the jitted train step and eval.
+
 Sources (see :mod:`qvec_jax.data.sources`): TFDS datasets prepared as array_record
 (read without TensorFlow), IDX directories (MNIST family; Debian's
 ``dataset-fashion-mnist`` at /usr/share/datasets/fashion-mnist), scikit-learn digits
@@ -8,6 +11,7 @@ Sources (see :mod:`qvec_jax.data.sources`): TFDS datasets prepared as array_reco
 
 from __future__ import annotations
 
+from qvec_jax.data.device import DevicePreprocess, device_preprocess
 from qvec_jax.data.pipeline import (
     SPLITS,
     Split,
@@ -17,7 +21,6 @@ from qvec_jax.data.pipeline import (
     locate,
     num_train_steps,
     open_task,
-    preprocess,
     train_batches,
     val_size,
 )
@@ -45,6 +48,7 @@ from qvec_jax.sharding import shard_batch  # re-exported; placement lives in sha
 
 __all__ = [
     "SPLITS",
+    "DevicePreprocess",
     "TASKS",
     "VIEW_SYNTAX",
     "DigitsSource",
@@ -58,6 +62,7 @@ __all__ = [
     "clear_cache",
     "data_root",
     "derive",
+    "device_preprocess",
     "eval_batches",
     "get_task",
     "list_tasks",
@@ -65,7 +70,6 @@ __all__ = [
     "num_train_steps",
     "open_task",
     "parse_view",
-    "preprocess",
     "read_idx",
     "register_task",
     "shard_batch",

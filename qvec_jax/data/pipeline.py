@@ -1,18 +1,20 @@
-"""Splits, preprocessing and batching: from a source to sharded device arrays.
+"""Splits and batching: from a source to uint8 batches for the device.
 
-Path of one batch: ``reader.read(part, indices)`` (raw images) -> :func:`apply_view` ->
-:func:`preprocess` (resize, grey->RGB, [-1, 1]) -> numpy batch ->
-:func:`qvec_jax.sharding.shard_batch`.
+Path of one batch: ``reader.read(part, indices)`` (raw images) -> uint8 at the stored size
+(:meth:`Split.get`) -> numpy batch -> :func:`qvec_jax.sharding.shard_batch` -> inside the
+jitted step or eval, :class:`qvec_jax.data.device.DevicePreprocess` (view, resize,
+grey->RGB, [-1, 1]). The host never resizes, except images of variable size (which
+cannot be stacked): those are resized to the model size once, as uint8, with PIL.
 
 Splits (as in the paper): ``val`` = 10% of the task's official train (at most 5000),
 drawn with ``np.random.default_rng(SPLIT_SEED=0)`` independently of the run seed;
 ``train`` = the rest of official train; ``test`` = the official test. Indices keep the
 source's order. A class-subset view filters first, so val is 10% of the subset.
 
-Small splits are preprocessed once and held in memory (cached per task, split,
-image_size, data root); when the preprocessed split would exceed
-``$QVEC_DATA_MAX_MB`` (default 2048) MiB it streams: every batch is read, decoded and
-preprocessed on demand from the source (TFDS array_record gives random access).
+Splits are read once and held in memory as uint8 (cached per task, split, image_size,
+data root) unless they would exceed ``$QVEC_DATA_MAX_MB`` (default 2048) MiB of uint8;
+then they stream: every batch is read and decoded on demand from the source (TFDS
+array_record gives random access).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qvec_jax.data.registry import Task, View, get_task
+from qvec_jax.data.device import DevicePreprocess, to_uint8
+from qvec_jax.data.registry import Task, get_task
 from qvec_jax.data.sources import data_root
 
 SPLITS = ("train", "val", "test")
@@ -45,84 +48,42 @@ def split_positions(n: int) -> dict[str, np.ndarray]:
     return {"val": np.sort(perm[:k]), "train": np.sort(perm[k:])}
 
 
-# ----------------------------------------------------------------------------- preprocessing
+# ----------------------------------------------------------------------------- splits
+
+#: Images per device call when a whole split is turned into model inputs (Split.images).
+_CHUNK = 4096
 
 
-def apply_view(images, view: View, max_value: float):
-    """Apply rot90 (counter-clockwise), then hflip, then invert, to raw images (array or list)."""
-    if view.rot90 == 0 and not view.hflip and not view.invert:
-        return images
-
-    def one(x, ax):  # spatial axes start at ``ax``: 0 for one image, 1 for a batch
-        if view.rot90:
-            x = np.rot90(x, view.rot90, axes=(ax, ax + 1))
-        if view.hflip:
-            x = np.flip(x, axis=ax + 1)
-        if view.invert:
-            x = max_value - x.astype(np.float32)
-        return x
-
-    if isinstance(images, list):
-        return [one(x, 0) for x in images]
-    return one(images, 1)
-
-
-def _resize_plane(plane: np.ndarray, size: int) -> np.ndarray:
+def host_resize_uint8(images: list, image_size: int, where: str) -> np.ndarray:
+    """Variable-size images (a list of ``[h, w(, c)]`` uint8) -> uint8 ``[n, s, s, c]``
+    resized on the host with PIL's bilinear filter (the only host resize: images of
+    different sizes cannot share a batch at their stored size). Grey stays one channel."""
     from PIL import Image
 
-    im = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
-    return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.float32)
-
-
-def preprocess(images, max_value: float, image_size: int, *, keep_grey: bool = False) -> np.ndarray:
-    """Raw images (``[n,h,w(,c)]`` or a list of ``[h,w(,c)]``) -> float32 NHWC in [-1, 1].
-
-    Values are divided by ``max_value``; each channel is resized to ``image_size`` x
-    ``image_size`` with PIL's bilinear filter in float32 (PIL widens the filter when
-    downscaling, i.e. antialiased; no aspect-preserving crop); grey becomes 3 channels
-    (or stays 1 with ``keep_grey``, which the in-memory cache uses to save memory).
-    """
-    n = len(images)
-    if isinstance(images, np.ndarray) and images.ndim in (3, 4):
-        arr = images if images.ndim == 4 else images[..., None]
-        grey = arr.shape[-1] == 1
-    else:
-        arr = None
-        grey = all(np.ndim(x) == 2 or np.shape(x)[-1] == 1 for x in images)
-    c_out = 1 if (grey and keep_grey) else 3
-    out = np.empty((n, image_size, image_size, c_out), dtype=np.float32)
-    same_size = arr is not None and arr.shape[1:3] == (image_size, image_size)
-    if same_size and arr.shape[-1] in (1, 3, 4):
-        out[...] = arr[..., :c_out] if arr.shape[-1] != 1 else arr  # broadcasts grey to 3
-    else:
-        for i in range(n):
-            x = np.asarray(images[i], dtype=np.float32)
-            if x.ndim == 2:
-                x = x[..., None]
-            if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
-                raise ValueError(f"image {i} has shape {x.shape}; expected [h, w] or [h, w, 1|3|4]")
-            x = x[..., :3]
-            if x.shape[:2] != (image_size, image_size):
-                x = np.stack([_resize_plane(x[..., c], image_size) for c in range(x.shape[-1])], -1)
-            out[i] = x if x.shape[-1] == c_out else x[..., :1]  # grey broadcasts to 3
-    out *= 2.0 / max_value
-    out -= 1.0
-    return np.clip(out, -1.0, 1.0, out=out)
-
-
-def _rgb(x: np.ndarray) -> np.ndarray:
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-
-# ----------------------------------------------------------------------------- splits
+    out = []
+    for i, x in enumerate(images):
+        x = to_uint8(x, where)
+        if x.ndim == 3 and x.shape[-1] == 1:
+            x = x[..., 0]
+        if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
+            raise ValueError(f"{where}: image {i} has shape {x.shape}; expected [h, w(, 1|3|4)]")
+        x = x[..., :3]
+        if x.shape[:2] != (image_size, image_size):
+            x = np.asarray(Image.fromarray(x).resize((image_size, image_size), Image.BILINEAR))
+        out.append(x)
+    return np.stack(out)
 
 
 @dataclass(eq=False)
 class Split:
     """One split of one task at one image size.
 
-    ``images`` (float32 NHWC in [-1, 1], 3 channels) and ``labels`` (int32) are the whole
-    split as arrays; ``get(positions)`` reads only some examples (streams if large).
+    ``get(positions)`` gives uint8 images at their stored size (``[n, h, w]`` or
+    ``[n, h, w, c]``) and int32 labels: what travels to the device, where
+    :attr:`preprocessor` (resize, view, grey->RGB, [-1, 1]) runs inside the jitted step or
+    eval. ``raw`` is the whole split so; ``images`` the whole split as model inputs.
+    Variable-size sources (image folders, TFDS datasets without a fixed shape) are
+    resized to ``image_size`` on the host, as uint8, since they cannot be stacked.
     """
 
     task: Task
@@ -133,7 +94,7 @@ class Split:
     part: str  # "train" or "test": the official part the indices refer to
     reader: object = field(repr=False)
     in_memory: bool = True
-    _images: np.ndarray | None = field(default=None, repr=False)
+    _raw: np.ndarray | None = field(default=None, repr=False)
     _labels: np.ndarray | None = field(default=None, repr=False)
     _label_map: np.ndarray | None = field(default=None, repr=False)
 
@@ -159,26 +120,57 @@ class Split:
         return self._labels
 
     @property
-    def images(self) -> np.ndarray:
-        """The whole split, preprocessed (materialised once, then cached; read-only view)."""
-        if self._images is None:
-            self._images, self._labels = self._read(np.arange(len(self)), keep_grey=True)
-        x = self._images
-        return np.broadcast_to(x, (*x.shape[:3], 3)) if x.shape[-1] == 1 else x
+    def preprocessor(self) -> DevicePreprocess:
+        """The device preprocess of this split: its size, its task's view, its value range."""
+        v = self.task.view
+        return DevicePreprocess(
+            image_size=self.image_size, max_value=float(self.reader.max_value), rot90=v.rot90,
+            hflip=v.hflip, invert=v.invert,
+        )  # fmt: skip
 
-    def _read(self, positions: np.ndarray, keep_grey: bool = False):
+    @property
+    def raw(self) -> np.ndarray:
+        """The whole split as uint8 at its stored size (read once, then cached, when in memory)."""
+        if self._raw is None:
+            raw, labels = self._read(np.arange(len(self)))
+            if not self.in_memory:
+                return raw
+            self._raw, self._labels = raw, labels
+        return self._raw
+
+    @property
+    def item_bytes(self) -> int:
+        """Bytes of one uint8 example as it travels (what a device cache holds)."""
+        return int(np.prod(self.get(np.arange(1))[0].shape[1:]))
+
+    @property
+    def images(self) -> np.ndarray:
+        """The whole split as model inputs: ``inputs`` of every position (not cached)."""
+        return self.inputs(np.arange(len(self)))
+
+    def inputs(self, positions) -> np.ndarray:
+        """Model inputs at ``positions`` (float32 ``[n, s, s, 3]`` in [-1, 1]), made by
+        :attr:`preprocessor` on the default device; for proxies, calibration and tests
+        (training and eval feed ``get``'s uint8 to the device and preprocess there)."""
+        prep, (raw, _) = self.preprocessor, self.get(positions)
+        chunks = [prep.jitted(raw[i : i + _CHUNK]) for i in range(0, len(raw), _CHUNK)]
+        return np.concatenate([np.asarray(c) for c in chunks]) if chunks else np.zeros(
+            (0, self.image_size, self.image_size, 3), np.float32)  # fmt: skip
+
+    def _read(self, positions: np.ndarray):
         raw_images, raw_labels = self.reader.read(self.part, self.indices[positions])
         labels = self._relabel(np.asarray(raw_labels), f"{self.part} part")
-        mv = self.reader.max_value
-        raw_images = apply_view(raw_images, self.task.view, mv)
-        return preprocess(raw_images, mv, self.image_size, keep_grey=keep_grey), labels
+        where = f"task {self.task.name!r} ({self.source})"
+        if isinstance(raw_images, np.ndarray) or len({np.shape(x) for x in raw_images}) <= 1:
+            if self.reader.image_shape(self.part) is not None:
+                return to_uint8(np.asarray(raw_images), where), labels
+        return host_resize_uint8(list(raw_images), self.image_size, where), labels
 
     def get(self, positions) -> tuple[np.ndarray, np.ndarray]:
-        """``(images, labels)`` at ``positions`` (0..len-1) of this split."""
+        """uint8 ``(images, labels)`` at ``positions`` (0..len-1) of this split."""
         positions = np.asarray(positions, dtype=np.int64)
         if self.in_memory:
-            self.images  # noqa: B018 (materialise the cache)
-            return _rgb(self._images[positions]), self.labels[positions]
+            return self.raw[positions], self.labels[positions]
         return self._read(positions)
 
 
@@ -238,7 +230,7 @@ def load_split(
     data_dir: str | os.PathLike | None = None,
     in_memory: bool | None = None,
 ) -> Split:
-    """One split (``"train"``, ``"val"`` or ``"test"``) of a task, preprocessed to ``image_size``.
+    """One split (``"train"``, ``"val"`` or ``"test"``) of a task, for a model of ``image_size``.
 
     ``in_memory=None`` decides by size (see module docstring); True/False forces it.
     """
@@ -260,7 +252,9 @@ def load_split(
         raise ValueError(f"task {task.name!r}: split {split!r} is empty in {reader.where}")
     if in_memory is None:
         limit = float(os.environ.get("QVEC_DATA_MAX_MB", 2048)) * 2**20
-        in_memory = reader.in_memory or len(indices) * image_size**2 * 3 * 4 <= limit
+        shape = reader.image_shape(part)
+        item = int(np.prod(shape)) if shape is not None else image_size**2 * 3
+        in_memory = reader.in_memory or len(indices) * item <= limit
     label_map = None
     if task.view.classes is not None:
         label_map = np.full(task.source_num_classes, -1, dtype=np.int64)
@@ -314,7 +308,8 @@ def num_train_steps(split: Split | int, batch_size: int, epochs: float) -> int:
 def train_batches(
     split: Split, batch_size: int, *, seed: int, start_step: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Infinite deterministic ``(images, labels)`` stream; batch ``s`` depends only on (seed, s).
+    """Infinite deterministic uint8 ``(images, labels)`` stream; batch ``s`` depends only on
+    (seed, s).
 
     FP and QAT runs with the same seed see the same batches; starting at ``start_step``
     yields exactly what an uninterrupted run sees from that step on.
@@ -357,14 +352,12 @@ def eval_batches(
 __all__ = [
     "SPLITS",
     "Split",
-    "apply_view",
     "clear_cache",
     "epoch_permutation",
     "eval_batches",
     "load_split",
     "num_train_steps",
     "open_task",
-    "preprocess",
     "split_positions",
     "train_batches",
     "train_positions",

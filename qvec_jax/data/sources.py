@@ -7,9 +7,11 @@ A *source* is a small frozen description (hashable, so tasks can be cache keys).
 
 - ``reader.size(part) -> int``
 - ``reader.labels(part) -> int64 array`` of every example (may scan a TFDS split once)
-- ``reader.read(part, indices) -> (images, labels)``; images are an array
-  ``[n, h, w(, c)]`` or a list of ``[h, w(, c)]`` arrays (image folders, TFDS), values in
-  ``[0, reader.max_value]``
+- ``reader.read(part, indices) -> (images, labels)``; images are a uint8 array
+  ``[n, h, w(, c)]`` or a list of uint8 ``[h, w(, c)]`` arrays (image folders, TFDS),
+  values in ``[0, reader.max_value]``
+- ``reader.image_shape(part)``: the shape every image of ``part`` has, or None when
+  sizes vary (those are resized on the host; fixed-size ones travel as they are stored)
 - ``reader.in_memory``: True when everything is already decoded in RAM
 - ``reader.where``: a human-readable location (recorded in each Split)
 
@@ -55,6 +57,15 @@ class ArrayReader:
         self._parts = parts  # part -> (images, labels)
         self.max_value = float(max_value)
         self.where = where
+        self._shapes = {}
+        for part, (images, _) in parts.items():
+            shapes = {np.shape(x) for x in images} if isinstance(images, list) else None
+            one = images.shape[1:] if shapes is None else next(iter(shapes), None)
+            self._shapes[part] = one if shapes is None or len(shapes) == 1 else None
+
+    def image_shape(self, part: str) -> tuple | None:
+        _check_part(part)
+        return self._shapes[part]
 
     def size(self, part: str) -> int:
         _check_part(part)
@@ -106,7 +117,7 @@ class DigitsSource:
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        images = d.images.astype(np.float32)  # [1797, 8, 8], 0..16
+        images = d.images.astype(np.uint8)  # [1797, 8, 8], whole numbers 0..16
         labels = d.target.astype(np.int64)
         n = len(labels)
         perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(n)
@@ -399,6 +410,13 @@ class TfdsReader:
     def size(self, part: str) -> int:
         _check_part(part)
         return len(self._ds[part])
+
+    def image_shape(self, part: str) -> tuple | None:
+        """The image feature's shape when TFDS declares it fully (cifar10: (32, 32, 3)),
+        else None (cars196, food101, ...: sizes vary)."""
+        _check_part(part)
+        shape = getattr(self._builder.info.features[self.source.image_key], "shape", None)
+        return tuple(shape) if shape is not None and None not in shape else None
 
     def labels(self, part: str) -> np.ndarray:
         """All labels of ``part``; scans the split once without decoding images (cached)."""
