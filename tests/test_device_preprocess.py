@@ -113,7 +113,8 @@ def test_demo_inputs_at_16_px_match_the_host_path(task):
 @pytest.fixture(scope="module")
 def small():
     model = vit.create_model("test/4", num_classes=10, image_size=16)
-    return model, model.init_params(jax.random.key(0)), D.load_split("digits", "test", image_size=16)
+    split = D.load_split("digits", "test", image_size=16)
+    return model, model.init_params(jax.random.key(0)), split
 
 
 def test_eval_set_caches_uint8_at_stored_size(small):
