@@ -15,9 +15,11 @@ earlier one. Appends are flushed and fsynced per record, so a killed run loses a
 the cell being written: its torn last line is ignored on read and dropped by
 :meth:`GridStore.repair_tail` before the next append.
 
-Reading goes through :meth:`GridStore.cell_files`, the list of record files merged in
-order; today that is ``cells.jsonl`` alone, and a per-process or per-shard file
-(``cells.<shard>.jsonl``) only needs to be listed there and written by its own writer.
+A grid split over processes or jobs (``qvec grid --shard i/n``, ``jax.distributed``)
+writes one record file per shard, ``cells.shard-<i>-of-<n>.jsonl``, each by its own
+writer (and repaired only by it); :meth:`GridStore.cells` merges ``cells.jsonl`` and
+every shard file. When files disagree on a cell (a cell recomputed after its checkpoints
+changed), the record computed from the checkpoints named in ``grid.json`` wins.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from qvec_jax.files import atomic_write_text, workdir_lock
 
 CELLS_FILE = "cells.jsonl"
+#: Record file of shard ``i`` of ``n``.
+SHARD_CELLS_FILE = "cells.shard-{i}-of-{n}.jsonl"
 GRID_META_FILE = "grid.json"
 #: The splits every cell is evaluated on.
 SPLITS = ("val", "test")
@@ -38,6 +43,7 @@ SPLITS = ("val", "test")
 __all__ = [
     "CELLS_FILE",
     "GRID_META_FILE",
+    "SHARD_CELLS_FILE",
     "SPLITS",
     "CellWriter",
     "GridStore",
@@ -97,6 +103,15 @@ class GridStore:
     def meta_path(self) -> Path:
         return self.workdir / GRID_META_FILE
 
+    def shard_path(self, shard: tuple[int, int] | None) -> Path:
+        """The record file that ``shard`` (``(i, n)``; None: the whole grid) appends to."""
+        if shard is None:
+            return self.cells_path
+        i, n = shard
+        if not 0 <= i < n:
+            raise GridStoreError(f"shard {i}/{n}: need 0 <= i < n")
+        return self.workdir / SHARD_CELLS_FILE.format(i=i, n=n)
+
     @contextlib.contextmanager
     def lock(self, shard: tuple[int, int] | None = None, *, command=None) -> Iterator[None]:
         """Keep other grid runs out while the body writes (``files.workdir_lock``).
@@ -141,40 +156,62 @@ class GridStore:
     # ------------------------------------------------------------------ cells
 
     def cell_files(self) -> list[Path]:
-        """The record files merged by :meth:`cells`, in order (later records win)."""
-        return [self.cells_path]
+        """The record files merged by :meth:`cells`, in order (later records win):
+        ``cells.jsonl``, then the shard files by shard count and index."""
+        shards = []
+        for path in self.workdir.glob(SHARD_CELLS_FILE.format(i="*", n="*")):
+            m = re.fullmatch(r"cells\.shard-(\d+)-of-(\d+)\.jsonl", path.name)
+            if m:
+                shards.append((int(m[2]), int(m[1]), path))
+        return [self.cells_path] + [p for _, _, p in sorted(shards)]
 
-    def cells(self) -> list[dict]:
-        """Every stored cell, one per :func:`cell_key`; a later record replaces an earlier.
+    def cells(self, fingerprints: set[str] | None = None) -> list[dict]:
+        """Every stored cell, one per :func:`cell_key`, merged over :meth:`cell_files`.
 
-        A truncated last line (a run killed mid-write) is ignored; any other bad line is
-        an error naming the file and line.
+        Of several records of one cell, one computed from current checkpoints (every
+        value of its ``sources`` in ``fingerprints``; default: the fingerprints of the
+        checkpoints ``grid.json`` names) wins; among equals, the later one. A truncated
+        last line (a run killed mid-write, or a shard still appending) is ignored; any
+        other bad line is an error naming the file and line.
         """
+        if fingerprints is None:
+            named = (self.meta().get("checkpoints") or {}).values()
+            fingerprints = {c.get("fingerprint") for c in named if isinstance(c, dict)}
         cells: dict[tuple, dict] = {}
         for path in self.cell_files():
             for cell in _read_records(path):
-                cells[cell_key(cell)] = cell
+                key, old = cell_key(cell), cells.get(cell_key(cell))
+                if old is None or _current(cell, fingerprints) >= _current(old, fingerprints):
+                    cells[key] = cell
         return list(cells.values())
 
-    def repair_tail(self) -> None:
-        """Drop a torn last line (a run killed mid-append) so new records start on a
-        fresh line. Call it before appending, from the one process that writes."""
-        for path in self.cell_files():
-            if not path.exists():
-                continue
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode())
+    def repair_tail(self, shard: tuple[int, int] | None = None) -> None:
+        """Drop a torn last line (a run killed mid-append) of ``shard``'s record file so
+        new records start on a fresh line. Call it before appending, from the one process
+        that writes that file (never on another shard's file: it may be appending)."""
+        path = self.shard_path(shard)
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode())
 
-    def writer(self) -> CellWriter:
-        """An appending :class:`CellWriter` on ``cells.jsonl`` (use it as a context manager)."""
+    def writer(self, shard: tuple[int, int] | None = None) -> CellWriter:
+        """An appending :class:`CellWriter` on ``shard``'s record file (``cells.jsonl``
+        for the whole grid); use it as a context manager."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        return CellWriter(self.cells_path)
+        return CellWriter(self.shard_path(shard))
 
     def append(self, record: dict) -> None:
         """Append one record (opens the file for it; use :meth:`writer` for many)."""
         with self.writer() as w:
             w.append(record)
+
+
+def _current(cell: dict, fingerprints: set[str]) -> bool:
+    """Whether ``cell`` was computed from checkpoints with these fingerprints."""
+    sources = cell.get("sources") or {}
+    return bool(sources) and all(v in fingerprints for v in sources.values())
 
 
 def _read_records(path: Path) -> list[dict]:

@@ -20,6 +20,15 @@ Missing checkpoints are listed in ``grid.json`` and never skipped silently:
 :class:`MissingCheckpoints` is raised after the available cells are done, unless
 ``allow_missing``.
 
+Scale-out: the cells split over processes and jobs. ``shard=(i, n)`` (``qvec grid
+--shard i/n``: a Slurm array, separate TPU VMs) computes only the cells of shard ``i``
+(:func:`shard_of`: by receiver, so each receiver's splits are read by one shard);
+in a ``jax.distributed`` run of P processes each process takes one shard of its own
+(shard ``i*P + p`` of ``n*P``). Each shard evaluates on its process's local devices,
+appends to its own ``cells.shard-<i>-of-<n>.jsonl`` and holds its own lock
+(:meth:`GridStore.lock`); :meth:`GridStore.cells` merges all record files, so
+``qvec report`` (or a final ``run_grid`` without a shard) reports the whole grid.
+
 Efficiency: params are jit *arguments*. ``PTQ(FP_R + lam * QV_D)`` is built by one
 jitted function of ``(fp, qv, lam)`` and evaluated by one jitted function of
 ``(params, batch)``, so the whole grid compiles once per receiver model shape (not
@@ -28,11 +37,11 @@ per cell); each patched, quantized tree lives on device only while it is evaluat
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +73,7 @@ __all__ = [
     "plan_cells",
     "ptq_jit",
     "run_grid",
+    "shard_of",
 ]
 
 #: The paper's lambda grid (METHOD.md).
@@ -123,6 +133,38 @@ def plan_cells(tasks, lambdas, ckpts, done: dict[tuple, dict]) -> _Plan:
             if old is None or old.get("sources") != cell["sources"]:
                 plan.todo.append(cell)
     return plan
+
+
+def shard_of(cell: dict, tasks: Sequence[str], n: int) -> int:
+    """The shard (0..n-1) that computes ``cell`` of the grid over ``tasks``.
+
+    By receiver: the receiver at position k of ``tasks`` belongs to shard ``k % n``, so
+    each receiver's val and test splits are read and cached by one shard. With more
+    shards than receivers, receiver k's cells spread over the shards ``k, k+R, ...``
+    (R receivers) by a CRC-32 of the cell's key. Depends only on the cell and the
+    request, never on which cells are done (every shard agrees at any time).
+    """
+    k, r = list(tasks).index(cell["receiver"]), len(tasks)
+    if n <= r:
+        return k % n
+    owners = range(k, n, r)
+    h = zlib.crc32("|".join(cell_key(cell)).encode())
+    return owners[h % len(owners)]
+
+
+def _process_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    """This process's shard: ``shard`` itself in one process; in a ``jax.distributed``
+    run of P processes, shard ``i*P + p`` of ``n*P`` (``shard=None`` is ``(0, 1)``)."""
+    if shard is not None:
+        i, n = shard
+        if isinstance(i, bool) or isinstance(n, bool) or not 0 <= int(i) < int(n):
+            raise GridError(f"shard {i}/{n}: need whole numbers 0 <= i < n")
+        shard = (int(i), int(n))
+    p, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return shard
+    i, n = shard or (0, 1)
+    return (i * count + p, n * count)
 
 
 def _quantizer(bits, granularity, rule_note: str | None) -> str:
@@ -191,6 +233,7 @@ def run_grid(
     data_dir: str | None = None,
     progress: bool = True,
     device_cache_bytes: int = 1 << 30,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict]:
     """Compute every missing cell of the grid over ``tasks``; return all stored cells.
 
@@ -200,10 +243,13 @@ def run_grid(
     ``grid.json``, through a :class:`GridStore`); ``qvec_jax.report.write_report(workdir,
     cells=...)`` turns them into tables and plots. ``lambdas`` (finite, non-empty) always
     gets 1.0 added (the zero-shot column and the ceiling need it).
+    ``shard=(i, n)``: only the cells of shard ``i`` of ``n`` (module docstring); in a
+    ``jax.distributed`` run the processes split the cells (of the shard) among them,
+    wait for each other, and return the merged cells.
     Raises :class:`MissingCheckpoints` after computing the available cells if a
     checkpoint is missing and not ``allow_missing``; :class:`GridError` if the
     checkpoints do not share one backbone; ``files.WorkdirLocked`` (at once) if another
-    grid run holds ``workdir``.
+    grid run holds ``workdir`` (or this shard of it).
     """
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -213,21 +259,28 @@ def run_grid(
     spec = quant.as_spec(spec, bits=bits, granularity=granularity)
     lambdas = sorted({round(lam, 6) for lam in trees.check_lambdas(lambdas)} | {1.0})
     store = GridStore(workdir)
-    # Only process 0 writes the workdir today, so only it locks (per shard: GridStore.lock).
-    lock = store.lock(command="qvec grid") if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock:
-        return _run_locked(
-            tasks, runs_dir, store, spec, lambdas, batch_size=batch_size,
-            allow_missing=allow_missing, data_dir=data_dir, progress=progress,
-            device_cache_bytes=device_cache_bytes,
+    mine = _process_shard(shard)
+    with store.lock(mine, command="qvec grid"):  # every process locks its own shard
+        missing = _run_locked(
+            tasks, runs_dir, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
+            progress=progress, device_cache_bytes=device_cache_bytes, shard=mine,
         )  # fmt: skip
+    if jax.process_count() > 1:  # the merged cells once every process has written its own
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("qvec grid: all shards done")
+    cells = store.cells()
+    if missing and not allow_missing:
+        raise MissingCheckpoints(missing, cells)
+    return cells
 
 
 def _run_locked(
-    tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, allow_missing,
-    data_dir, progress, device_cache_bytes,
-) -> list[dict]:  # fmt: skip
-    """``run_grid``'s body, run while this process holds the workdir's grid lock."""
+    tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, data_dir, progress,
+    device_cache_bytes, shard,
+) -> list[str]:  # fmt: skip
+    """``run_grid``'s body, run while this process holds its shard's lock; computes the
+    shard's missing cells and returns the missing checkpoints."""
     old_meta = store.meta()
     _check_quantizer(store, old_meta, spec)
 
@@ -235,22 +288,22 @@ def _run_locked(
     warnings = check_compatible(ckpts)
     meta = _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings)
     _check_backbone(store, old_meta, meta["backbone_id"])
-    plan = plan_cells(tasks, lambdas, ckpts, {cell_key(c): c for c in store.cells()})
+    fingerprints = {c.fingerprint for c in ckpts.values()}
+    done = {cell_key(c): c for c in store.cells(fingerprints)}
+    plan = plan_cells(tasks, lambdas, ckpts, done)
+    if shard is not None:
+        plan.todo = [c for c in plan.todo if shard_of(c, tasks, shard[1]) == shard[0]]
     is_main = jax.process_index() == 0
-    if is_main:
+    if is_main:  # grid.json: a function of the request, the same from every shard
         store.write_meta(meta)
     for w in warnings:
         print(f"warning: {w}")
 
     if plan.todo:
-        if is_main:
-            store.repair_tail()
+        store.repair_tail(shard)
         run = _GridRun(ckpts, spec, data_dir=data_dir)
-        run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, is_main)
-    cells = store.cells()
-    if missing and not allow_missing:
-        raise MissingCheckpoints(missing, cells)
-    return cells
+        run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, shard)
+    return missing
 
 
 class _GridRun:
@@ -259,7 +312,7 @@ class _GridRun:
 
     def __init__(self, ckpts: dict, spec: quant.QuantSpec, *, data_dir):
         self.ckpts, self.spec, self.data_dir = ckpts, spec, data_dir
-        self.mesh = make_mesh()
+        self.mesh = make_mesh(jax.local_devices())  # this process's cells, its devices
         self.replicated = replicated(self.mesh)
         self.host: dict[str, dict] = {}  # host copies of FP params, by task
         self.qvs: dict[str, dict] = {}  # host QVs, by donor (kept for the whole run)
@@ -311,8 +364,9 @@ class _GridRun:
             for s in SPLITS
         }
 
-    def compute(self, todo, store: GridStore, batch_size, cache_bytes, progress, is_main):
-        """Evaluate ``todo`` receiver by receiver, appending each record as it finishes."""
+    def compute(self, todo, store: GridStore, batch_size, cache_bytes, progress, shard):
+        """Evaluate ``todo`` receiver by receiver, appending each record to ``shard``'s
+        record file as it finishes."""
         by_receiver: dict[str, list[dict]] = {}
         for cell in todo:
             by_receiver.setdefault(cell["receiver"], []).append(cell)
@@ -321,19 +375,17 @@ class _GridRun:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
             unit="cell",
             desc="grid",
-            disable=not progress or not is_main,
+            disable=not progress,
             dynamic_ncols=True,
         )
-        with store.writer() as out:
+        with store.writer(shard) as out:
             for r, cells in by_receiver.items():
                 model = checkpoints.model_from_meta(self.ckpts[(r, "fp")].meta)
                 evals = self.eval_sets(r, batch_size, cache_bytes)
                 self.host[r] = self.fp_params(r)
                 fp_dev = put(self.host[r], self.replicated)
                 for cell in cells:
-                    record = self.evaluate(cell, model, fp_dev, evals, bar)
-                    if is_main:
-                        out.append(record)
+                    out.append(self.evaluate(cell, model, fp_dev, evals, bar))
                     bar.update(1)
                 self.qv_dev = self.qv_donor = fp_dev = None
                 self.host.pop(r, None)  # still reloadable if r is a later donor

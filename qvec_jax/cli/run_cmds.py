@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+
 from qvec_jax import config as qconfig
 from qvec_jax import data, demo, report, train, transfer
 from qvec_jax.cli.common import (
@@ -190,9 +192,38 @@ def add_grid(sub) -> None:
         action="store_true",
         help="exit 0 even if some checkpoints are missing (still listed)",
     )
+    p.add_argument(
+        "--shard",
+        type=shard_spec,
+        default=None,
+        metavar="I/N",
+        help="compute only shard I of N (0 <= I < N; by receiver) into "
+        "cells.shard-I-of-N.jsonl, for N independent jobs (Slurm array, TPU VMs) over one "
+        "workdir; no report: run `qvec report WORKDIR` once every shard is done",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize(): the processes split the cells, each on its "
+        "local devices; process 0 writes the report",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_grid)
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    i, sep, n = text.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        i = n = None
+    if not sep or i is None or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give I/N with whole numbers 0 <= I < N, e.g. 0/4 for the first of 4"
+        )
+    return i, n
 
 
 def _grid_settings(args) -> tuple:
@@ -234,6 +265,7 @@ def task_names(text: str, option: str, *, one: bool = False) -> list[str]:
 
 
 def _cmd_grid(args) -> int:
+    train.maybe_initialize_distributed(args.distributed)
     tasks = task_names(args.tasks, "--tasks")
     bits, gran, batch, data_dir = _grid_settings(args)
     lambdas = transfer.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
@@ -254,12 +286,20 @@ def _cmd_grid(args) -> int:
                 allow_missing=args.allow_missing,
                 data_dir=data_dir,
                 progress=not args.no_progress,
+                shard=args.shard,
             )
         except transfer.MissingCheckpoints as e:
             missing, cells = e, e.cells
         except transfer.GridError as e:
             raise QvecError(str(e)) from None
-        print_headline(report.write_report(workdir, cells=cells))
+        if args.shard is not None:
+            expected = report.load_grid_meta(workdir).get("expected_cells", "?")
+            print(
+                f"shard {args.shard[0]}/{args.shard[1]} done; {workdir} holds {len(cells)} of "
+                f"{expected} cells; once every shard is done: qvec report {workdir}"
+            )
+        elif jax.process_index() == 0:
+            print_headline(report.write_report(workdir, cells=cells))
     if missing is not None:
         print(f"qvec grid: error: {missing}", file=sys.stderr)
         return 1

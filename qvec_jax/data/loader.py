@@ -100,9 +100,13 @@ class TrainLoader:
     ):
         bad = [
             f"{name}={v!r}"
-            for name, v, lo in (("batch_size", batch_size, 1), ("seed", seed, 0),
-                                ("start_step", start_step, 0), ("workers", workers, 0),
-                                ("prefetch", prefetch, 1))  # fmt: skip
+            for name, v, lo in (
+                ("batch_size", batch_size, 1),
+                ("seed", seed, 0),
+                ("start_step", start_step, 0),
+                ("workers", workers, 0),
+                ("prefetch", prefetch, 1),
+            )  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo
         ]
         if bad or (end_step is not None and end_step < start_step):
@@ -120,8 +124,9 @@ class TrainLoader:
         end = sys.maxsize if end_step is None else int(end_step)
         steps = grain.MapDataset.range(int(start_step), end)
         ds = steps.map(_ReadBatch(split, int(batch_size), int(seed), rows)).to_iter_dataset(
-            grain.ReadOptions(num_threads=max(1, min(int(prefetch), 8)),
-                              prefetch_buffer_size=int(prefetch))  # fmt: skip
+            grain.ReadOptions(
+                num_threads=max(1, min(int(prefetch), 8)), prefetch_buffer_size=int(prefetch)
+            )  # fmt: skip
         )
         if workers:
             _grain_flags()
