@@ -20,6 +20,7 @@ from qvec_jax import checkpoints, cli, gptq, merge, select
 IMAGE = 16
 META = {"variant": "test/4", "num_classes": 10, "image_size": IMAGE, "backbone_id": "b0"}
 TASKS = ("digits", "digits_rot90", "digits_inv")
+GPTQ_NOISE = ("--method", "gptq", "--calib", "noise", "--calib-size", "8")
 
 
 def _nudge(params, seed, scale):
@@ -217,6 +218,15 @@ def test_auto_lambda_refusals_name_the_option(capsys, ck, tmp_path):
         ["patch", fp, qv, out, "--lam", "auto", "--proxy", "digts"],
         ["--proxy", "digts"],
     )
+    # a merged QV has no single donor task to default to
+    merged = [ck / "qv_digits_rot90", ck / "qv_digits_inv", tmp_path / "m"]
+    assert cli.main(["merge", *map(str, merged)]) == 0
+    refused(
+        capsys,
+        ck,
+        ["patch", fp, tmp_path / "m", out, "--lam", "auto"],
+        ["--proxy", "no single donor task"],
+    )
     # neither the receiver's config nor the QV's FP checkpoint names a pretext
     bare = {"kind": "qv", "task": "digits_rot90", "backbone_id": "b0", "bits": 2}
     checkpoints.save_params(tmp_path / "qv_bare", _p(qv)[0], bare)
@@ -243,12 +253,7 @@ def test_ptq_rtn_is_the_default_and_gptq_uses_the_named_calibration(capsys, ck, 
         tmp_path / "g",
         "--bits",
         "2",
-        "--method",
-        "gptq",
-        "--calib",
-        "noise",
-        "--calib-size",
-        "8",
+        *GPTQ_NOISE,
     )
     assert "GPTQ calibration data: 8 synthetic noise images (no data)" in out
     model = checkpoints.model_from_meta(meta)
@@ -324,12 +329,7 @@ def test_gptq_export_keeps_gptq_codes(capsys, ck, tmp_path):
         f,
         "--bits",
         "3",
-        "--method",
-        "gptq",
-        "--calib",
-        "noise",
-        "--calib-size",
-        "8",
+        *GPTQ_NOISE,
     )
     params, meta = _p(ck / "digits_fp")
     codes = gptq.gptq_quantize(

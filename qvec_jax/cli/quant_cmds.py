@@ -158,8 +158,10 @@ _CALIB_HELP = (
 )
 
 
-def _quant_options(p) -> None:
-    """``--bits --granularity --method --calib --calib-size --data-dir`` (ptq, export)."""
+def _quant_options(p, out_help: str) -> None:
+    """``IN OUT --bits --granularity --method --calib --calib-size --data-dir``."""
+    p.add_argument("inp", metavar="IN", help="input checkpoint")
+    p.add_argument("out", help=out_help)
     p.add_argument("--bits", type=bit_width, required=True, help="bit width, 2..8")
     p.add_argument("--granularity", default="channel", choices=("channel", "tensor"))
     p.add_argument(
@@ -219,9 +221,7 @@ def add_ptq(sub) -> None:
         "--method gptq picks the codes by GPTQ on --calib images (same grid). For a file "
         "one can ship, use `qvec export` (GPTQ's codes are not recovered from this output).",
     )
-    p.add_argument("inp", metavar="IN", help="input checkpoint")
-    p.add_argument("out", help="output checkpoint dir")
-    _quant_options(p)
+    _quant_options(p, "output checkpoint dir")
     p.set_defaults(func=_cmd_ptq)
 
 
@@ -256,9 +256,7 @@ def add_export(sub) -> None:
         "unquantized leaves and the checkpoint's meta in one safetensors file (layout: "
         "qvec_jax/export.py). `qvec eval` and checkpoints.restore_params read it directly.",
     )
-    p.add_argument("inp", metavar="IN", help="input checkpoint")
-    p.add_argument("out", help="output file, e.g. model_w2.safetensors")
-    _quant_options(p)
+    _quant_options(p, "output file, e.g. model_w2.safetensors")
     p.set_defaults(func=_cmd_export)
 
 
