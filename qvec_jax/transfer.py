@@ -234,6 +234,7 @@ def run_grid(
     progress: bool = True,
     device_cache_bytes: int = 1 << 30,
     shard: tuple[int, int] | None = None,
+    extras=None,
 ) -> list[dict]:
     """Compute every missing cell of the grid over ``tasks``; return all stored cells.
 
@@ -250,6 +251,8 @@ def run_grid(
     checkpoint is missing and not ``allow_missing``; :class:`GridError` if the
     checkpoints do not share one backbone; ``files.WorkdirLocked`` (at once) if another
     grid run holds ``workdir`` (or this shard of it).
+    ``extras``: a ``grid_extras.Extras`` (lambda-strategy measurements, leave-one-out
+    merges), computed after the main cells, under the same lock and shard.
     """
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -264,6 +267,7 @@ def run_grid(
         missing = _run_locked(
             tasks, runs_dir, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=mine,
+            extras=extras,
         )  # fmt: skip
     if jax.process_count() > 1:  # the merged cells once every process has written its own
         from jax.experimental import multihost_utils
@@ -277,7 +281,7 @@ def run_grid(
 
 def _run_locked(
     tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, data_dir, progress,
-    device_cache_bytes, shard,
+    device_cache_bytes, shard, extras=None,
 ) -> list[str]:  # fmt: skip
     """``run_grid``'s body, run while this process holds its shard's lock; computes the
     shard's missing cells and returns the missing checkpoints."""
@@ -303,6 +307,11 @@ def _run_locked(
         store.repair_tail(shard)
         run = _GridRun(ckpts, spec, data_dir=data_dir)
         run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, shard)
+    if extras is not None:  # grid_extras.Extras: its cells after the main ones
+        extras.run(
+            tasks, ckpts, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
+            progress=progress, device_cache_bytes=device_cache_bytes, shard=shard,
+        )  # fmt: skip
     return missing
 
 

@@ -43,6 +43,7 @@ from qvec_jax.select.base import (
     UndeclaredDataError,
     pick,
 )
+from qvec_jax.select.images import train_images
 from qvec_jax.select.proxy import Proxy, ValBest, noise_images
 from qvec_jax.select.weights import Alignment, ModelStock, NormRatio, RtnError, weight_stats
 
@@ -71,6 +72,7 @@ __all__ = [
     "noise_images",
     "pick",
     "select_lambda",
+    "train_images",
     "weight_stats",
 ]
 
