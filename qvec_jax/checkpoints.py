@@ -66,7 +66,7 @@ class CheckpointMeta(TypedDict, total=False):
     fp: str  # the QV's FP checkpoint (qvec extract)
     global_norm: float  # of the QV (qvec extract)
     patch: dict  # {"qv", "donor", "lam", "zero_shot"} (qvec patch)
-    ptq: dict  # {"bits", "granularity", "method", ...} (qvec ptq / qvec export)
+    ptq: dict  # {"bits", "granularity"} (qvec ptq), + "method", "calib" (gptq), "packed" (export)
     merge: dict  # {"spec": MergeSpec.to_dict(), "inputs": [{path, task, fingerprint}]}
     crc32: dict  # {leaf path: CRC-32 of its saved bytes, 8 hex digits}, set by save_params
 

@@ -16,6 +16,7 @@ from vit_layouts import random_params
 
 import qvec_jax as q
 from qvec_jax import checkpoints, cli, gptq, merge, select
+from qvec_jax.cli import model_cmds
 
 IMAGE = 16
 META = {"variant": "test/4", "num_classes": 10, "image_size": IMAGE, "backbone_id": "b0"}
@@ -300,10 +301,8 @@ def test_export_then_eval_equals_eval_of_the_fake_quantized_params(capsys, ck, t
     assert f"size_report {size['total_bytes']:,} bytes" in out
     got, gmeta = checkpoints.restore_params(f)
     assert_trees_equal(got, q.ptq(params, 2))
-    assert gmeta == {
-        **meta,
-        "ptq": {"bits": 2, "granularity": "channel", "method": "rtn", "packed": True},
-    }
+    ptq = {"bits": 2, "granularity": "channel", "method": "rtn", "packed": True}
+    assert gmeta == {**meta, "ptq": ptq}
     run_ok(capsys, "eval", f, "--splits", "test", "--json", tmp_path / "a.json")
     run_ok(
         capsys,
@@ -344,3 +343,14 @@ def test_a_file_that_is_not_an_export_is_refused_by_eval(capsys, ck, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     refused(capsys, tmp_path, ["eval", bad, "--splits", "test"], [str(bad)])
+
+
+def test_help_of_each_new_command_ends_with_an_example(capsys):
+    for cmd in ("merge", "patch", "ptq", "export"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([cmd, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "example:" in text and f"qvec {cmd} " in text, cmd
+        if cmd == "patch":  # the --lam auto default is named (the DEV-set study sets it)
+            assert f"default {model_cmds.DEFAULT_AUTO_STRATEGY}" in " ".join(text.split())

@@ -186,7 +186,7 @@ def _quantize(args, params, meta):
     """``(tree, record)``: the RTN or GPTQ ``QTensor`` tree of ``params`` and what made it
     (method, spec, calibration data), printed and stored in the output's meta."""
     spec = q.QuantSpec(args.bits, args.granularity)
-    record = {"bits": args.bits, "granularity": args.granularity, "method": args.method}
+    record = {"bits": args.bits, "granularity": args.granularity}  # RTN's, as before GPTQ
     if args.method == "rtn":
         return q.quantize(params, spec), record
     model = checkpoints.model_from_meta(meta)
@@ -207,7 +207,7 @@ def _quantize(args, params, meta):
         tree = gptq.gptq_quantize(params, model, calib.images, spec, timings=timings)
     except gptq.GPTQError as e:
         raise QvecError(f"{args.inp}: {e}") from None
-    return tree, record | {"calib": calib.to_dict(), "seconds": timings}
+    return tree, record | {"method": "gptq", "calib": calib.to_dict(), "seconds": timings}
 
 
 def add_ptq(sub) -> None:
@@ -268,8 +268,9 @@ def _cmd_export(args) -> int:
     params, meta = _model_input(args)
     tree, record = _quantize(args, params, meta)
     spec = q.QuantSpec(args.bits, args.granularity)
+    record |= {"method": args.method, "packed": True}
     with writing(out, "output"):
-        disk = export_packed(tree, out, spec, meta={**meta, "ptq": record | {"packed": True}})
+        disk = export_packed(tree, out, spec, meta={**meta, "ptq": record})
     size = q.size_report(params, spec)
     fp32, total = size["fp32_bytes"], size["total_bytes"]
     print(f"wrote {out}")
