@@ -246,7 +246,9 @@ class _ExtrasRun(_GridRun):
                 if c["kind"] == "merge":
                     yield self.merge_record(c, model, fp_dev, qv_dev, evals)
                 else:
-                    x = jnp.concatenate([self.train_images(t, self.ex.proxy_n, size) for t in donors])
+                    x = jnp.concatenate(
+                        [self.train_images(t, self.ex.proxy_n, size) for t in donors]
+                    )
                     yield self.scores_record(c, model, fp_dev, qv_dev, inputs | {"donor": x}, t0)
                 t0 = time.perf_counter()
             del qv_dev

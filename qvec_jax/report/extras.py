@@ -1,0 +1,74 @@
+"""The report's extras: lambda strategies and leave-one-out merges, from the ``scores``
+and ``merge`` cells of :mod:`qvec_jax.grid_extras` (absent cells: no extras at all, so
+``summary.md`` is then exactly the report without them).
+
+The strategy of the heatmap and of the merge rows is fixed in advance: ``strategy=``,
+else the one the grid ran with (``extras.json``), else ``grid_extras.DEFAULT_STRATEGY``;
+never chosen on the tasks being reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qvec_jax.grid_extras import (
+    DEFAULT_STRATEGY,
+    EXTRA_KINDS,
+    measured_strategies,
+    read_extras_settings,
+)
+from qvec_jax.report.merges import merge_metrics, merge_section
+from qvec_jax.report.strategies import plot_strategy_heatmap, strategy_metrics, strategy_section
+
+#: The extras' figure, by the name ``write_report`` returns it under.
+STRATEGY_FIGURE = "heatmap_delta_strategy"
+
+
+def _strategies(cells: list[dict]) -> list:
+    """The strategies the ``scores`` cells measured (their proxy sizes from the setup)."""
+    setup = next((c.get("setup") or {} for c in cells if c["kind"] == "scores"), {})
+    return measured_strategies(setup.get("proxy_n", 256), setup.get("rx_shots", (32, 128)))
+
+
+def extras_metrics(cells: list[dict], metrics: dict, workdir, strategy=None):
+    """``{"strategies", "merges"}`` (fractions) from the grid's cells (``metrics``: of its
+    main cells), or None if it has no extras cells."""
+    if not any(c["kind"] in EXTRA_KINDS for c in cells):
+        return None
+    strategies = _strategies(cells)
+    fixed = strategy or read_extras_settings(workdir).get("strategy") or DEFAULT_STRATEGY
+    by_name = {s.name: s for s in strategies}
+    if fixed not in by_name:
+        raise ValueError(
+            f"strategy {fixed!r} is not one the grid measured: use one of {sorted(by_name)}"
+        )
+    sm = strategy_metrics(cells, metrics, strategies, fixed)
+    return {"strategies": sm, "merges": merge_metrics(cells, metrics, sm, by_name[fixed])}
+
+
+def extras_markdown(em: dict | None) -> list[str]:
+    """The ``summary.md`` lines of the extras (none without extras)."""
+    return [] if em is None else strategy_section(em["strategies"]) + merge_section(em["merges"])
+
+
+def write_extras_figures(em: dict | None, metrics: dict, meta: dict, out: Path) -> dict:
+    """The strategy heatmap (``{name: path}``; nothing without extras)."""
+    if em is None:
+        return {}
+    bits = f"{meta.get('bits', '?')}-bit {meta.get('granularity', '')}".strip()
+    path = out / f"{STRATEGY_FIGURE}.png"
+    plot_strategy_heatmap(em["strategies"], metrics["tasks"], path, bits)
+    return {STRATEGY_FIGURE: path}
+
+
+def extras_json(em: dict | None) -> dict:
+    """The extras for ``summary.json``: rows with per-pair picks as lists."""
+    if em is None:
+        return {}
+    rows = [
+        {**{k: v for k, v in r.items() if k != "pairs"},
+         "pairs": [{"donor": d, "receiver": rr, **p} for (d, rr), p in r["pairs"].items()]}
+        for r in em["strategies"]["rows"]
+    ]  # fmt: skip
+    sm = {k: v for k, v in em["strategies"].items() if k != "rows"} | {"rows": rows}
+    return {"extras": {"strategies": sm, "merges": em["merges"]}}
