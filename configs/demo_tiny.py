@@ -79,4 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.demo.fallback_tasks = "digits_rot90,digits_inv,digits_flip,digits_a"
     c.demo.lambdas = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.05, 1.2, 1.35, 1.5)  # the paper's
     c.demo.grid_batch_size = 1000
+    # Grid extras (qvec_jax/grid_extras.py): every lambda strategy measured per cross-task
+    # pair (proxy inputs: proxy_size train images of the donor, of the pretext task, noise,
+    # and 32/128 unlabelled receiver train images) and leave-one-out QV merges.
+    c.demo.extras = True
+    # The no-receiver-data strategy of the report's heatmap and merge rows: fixed in
+    # advance, never chosen on the tasks reported (choose it on a DEV task set).
+    c.demo.select_strategy = "proxy-donor-kl"
+    c.demo.merge_methods = "mean,ties,dare,model_stock"
+    c.demo.proxy_size = 256
     return c

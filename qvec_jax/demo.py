@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from qvec_jax import data as qdata
-from qvec_jax import report, train, transfer
+from qvec_jax import grid_extras, report, train, transfer
 from qvec_jax.config import apply_overrides, load_config
 from qvec_jax.files import atomic_write_text
 
@@ -37,6 +37,7 @@ QUICK = (
     "demo.tasks=digits_rot90,digits_inv,digits_flip",
     "demo.fallback_tasks=digits_rot90,digits_inv,digits_flip",
     "demo.lambdas=(0.5, 1.0)",
+    "demo.merge_methods=ties",
     "total_steps=12",
     "optim.warmup_steps=2",
     "checkpoint_every=6",
@@ -113,8 +114,21 @@ def _finetune_all(cfg, workdir: Path, tasks: list[str], progress: bool) -> Path:
     return runs
 
 
-def _grid(cfg, workdir: Path, runs: Path, tasks: list[str], progress: bool) -> list[dict]:
-    """Stage 3: the donor x receiver x lambda grid; its cells."""
+def extras_of(cfg, pretext: str) -> grid_extras.Extras | None:
+    """The grid's extras of the demo config (None when ``demo.extras`` is off)."""
+    d = cfg.demo
+    if not d.extras:
+        return None
+    return grid_extras.Extras(
+        strategy=d.select_strategy,
+        methods=tuple(m for m in d.merge_methods.split(",") if m),
+        pretext=pretext,
+        proxy_n=int(d.proxy_size),
+    )
+
+
+def _grid(cfg, workdir: Path, runs: Path, tasks: list[str], progress: bool, extras):
+    """Stage 3: the donor x receiver x lambda grid (and its extras); its cells."""
     lambdas = [float(x) for x in cfg.demo.lambdas]
     print(
         f"[demo] 3/4 grid: {len(tasks)} donors x {len(tasks)} receivers x "
@@ -130,6 +144,7 @@ def _grid(cfg, workdir: Path, runs: Path, tasks: list[str], progress: bool) -> l
         batch_size=int(cfg.demo.grid_batch_size),
         data_dir=cfg.data.data_dir or None,
         progress=progress,
+        extras=extras,
     )
 
 
@@ -143,6 +158,7 @@ def run_demo(
     pretext, pretext_epochs, tasks, note = choose_tasks(cfg)
     if note:
         print(f"note: {note}")
+    extras = extras_of(cfg, pretext)  # its settings checked before any training
     t0, times = time.perf_counter(), {}
 
     def stage(name):
@@ -157,9 +173,9 @@ def run_demo(
     print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
     runs = _finetune_all(cfg, workdir, tasks, progress)
     stage("finetune")
-    cells = _grid(cfg, workdir, runs, tasks, progress)
+    cells = _grid(cfg, workdir, runs, tasks, progress, extras)
     stage("grid")
-    out = report.write_report(workdir / "grid", cells=cells)
+    out = report.write_report(workdir / "grid", cells=cells, extras=bool(cfg.demo.extras))
     stage("report")
     info = {
         "pretext": pretext,

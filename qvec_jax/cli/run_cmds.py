@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 
 from qvec_jax import config as qconfig
-from qvec_jax import data, demo, report, train, transfer
+from qvec_jax import data, demo, grid_extras, report, select, train, transfer
 from qvec_jax.cli.common import (
     QvecError,
     add_parser,
@@ -207,9 +207,65 @@ def add_grid(sub) -> None:
         help="call jax.distributed.initialize(): the processes split the cells, each on its "
         "local devices; process 0 writes the report",
     )
+    add_extras_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_grid)
+
+
+def add_extras_options(p) -> None:
+    """``qvec grid``'s extras: lambda-strategy measurements and leave-one-out merges."""
+    p.add_argument(
+        "--extras",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also measure every lambda strategy per cross-task pair and run leave-one-out "
+        "QV merges (report sections 'Lambda strategies' and 'Leave-one-out merges'; "
+        "default off)",
+    )
+    p.add_argument(
+        "--pretext",
+        default=None,
+        metavar="TASK",
+        help="--extras: the pretext task (its train images feed the proxy-pretext-* "
+        "strategies; without it they are listed as not measured)",
+    )
+    p.add_argument(
+        "--strategy",
+        default=grid_extras.DEFAULT_STRATEGY,
+        help="--extras: the no-receiver-data lambda strategy of the heatmap and the merge "
+        f"rows, fixed in advance (choose it on a DEV task set; default "
+        f"{grid_extras.DEFAULT_STRATEGY})",
+    )
+    p.add_argument(
+        "--merge-methods",
+        default=",".join(grid_extras.DEFAULT_METHODS),
+        help="--extras: comma-separated merge methods of the leave-one-out rows "
+        f"(default {','.join(grid_extras.DEFAULT_METHODS)}; 'sum' also exists)",
+    )
+    p.add_argument(
+        "--proxy-size",
+        type=positive_int,
+        default=256,
+        help="--extras: donor / pretext / noise proxy images per pair (default 256)",
+    )
+
+
+def extras_of(args) -> grid_extras.Extras | None:
+    """The ``grid_extras.Extras`` the options ask for (None without --extras)."""
+    given = [o for o in ("pretext",) if getattr(args, o) is not None]
+    if not args.extras:
+        if given:
+            raise QvecError(f"--{given[0]} applies with --extras only; add --extras")
+        return None
+    pretext = task_names(args.pretext, "--pretext", one=True)[0] if args.pretext else None
+    methods = tuple(m for m in args.merge_methods.split(",") if m)
+    try:
+        return grid_extras.Extras(
+            strategy=args.strategy, methods=methods, pretext=pretext, proxy_n=args.proxy_size
+        )
+    except ValueError as e:
+        raise QvecError(f"--extras: {e}") from None
 
 
 def shard_spec(text: str) -> tuple[int, int]:
@@ -268,6 +324,7 @@ def _cmd_grid(args) -> int:
     train.maybe_initialize_distributed(args.distributed)
     tasks = task_names(args.tasks, "--tasks")
     bits, gran, batch, data_dir = _grid_settings(args)
+    extras = extras_of(args)
     lambdas = transfer.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
     workdir, runs = Path(args.workdir), args.runs or args.workdir
     inputs = [checkpoint_path(runs, t, m) for t in tasks for m in MODES]
@@ -287,6 +344,7 @@ def _cmd_grid(args) -> int:
                 data_dir=data_dir,
                 progress=not args.no_progress,
                 shard=args.shard,
+                extras=extras,
             )
         except transfer.MissingCheckpoints as e:
             missing, cells = e, e.cells
@@ -299,7 +357,7 @@ def _cmd_grid(args) -> int:
                 f"{expected} cells; once every shard is done: qvec report {workdir}"
             )
         elif jax.process_index() == 0:
-            print_headline(report.write_report(workdir, cells=cells))
+            print_headline(report.write_report(workdir, cells=cells, extras=args.extras))
     if missing is not None:
         print(f"qvec grid: error: {missing}", file=sys.stderr)
         return 1
@@ -315,6 +373,17 @@ def add_report(sub) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="grid workdir holding cells.jsonl")
     p.add_argument("--out", default=None, help="folder for the report files (default: RUN_DIR)")
+    p.add_argument(
+        "--extras",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the lambda-strategy and merge sections, if the grid has their cells (default on)",
+    )
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="the fixed strategy of those sections (default: the one the grid ran with)",
+    )
     p.set_defaults(func=_cmd_report)
 
 
@@ -324,7 +393,13 @@ def _cmd_report(args) -> int:
     out = args.out or args.run_dir
     check_folder(out, inputs, "--out")
     with writing(out, "--out"):
-        print_headline(report.write_report(args.run_dir, args.out))
+        try:
+            res = report.write_report(
+                args.run_dir, args.out, extras=args.extras, strategy=args.strategy
+            )
+        except select.SelectError as e:
+            raise QvecError(f"--strategy: {e}") from None
+        print_headline(res)
     return 0
 
 

@@ -19,6 +19,7 @@ from qvec_jax.grid_extras import (
 )
 from qvec_jax.report.merges import merge_metrics, merge_section
 from qvec_jax.report.strategies import plot_strategy_heatmap, strategy_metrics, strategy_section
+from qvec_jax.select import SelectError
 
 #: The extras' figure, by the name ``write_report`` returns it under.
 STRATEGY_FIGURE = "heatmap_delta_strategy"
@@ -39,7 +40,7 @@ def extras_metrics(cells: list[dict], metrics: dict, workdir, strategy=None):
     fixed = strategy or read_extras_settings(workdir).get("strategy") or DEFAULT_STRATEGY
     by_name = {s.name: s for s in strategies}
     if fixed not in by_name:
-        raise ValueError(
+        raise SelectError(
             f"strategy {fixed!r} is not one the grid measured: use one of {sorted(by_name)}"
         )
     sm = strategy_metrics(cells, metrics, strategies, fixed)
