@@ -15,7 +15,7 @@ from test_cli_safety import refused
 from vit_layouts import random_params
 
 import qvec_jax as q
-from qvec_jax import checkpoints, cli, gptq, merge, select
+from qvec_jax import checkpoints, cli, data, gptq, merge, select
 from qvec_jax.cli import model_cmds
 
 IMAGE = 16
@@ -186,17 +186,25 @@ def test_auto_lambda_prints_the_choice_and_data_and_patches_with_it(capsys, ck, 
         ),
     ],
 )
-def test_auto_lambda_names_its_proxy_data(capsys, ck, tmp_path, proxy, says, zero_shot):
+def test_auto_lambda_names_its_proxy_data(
+    capsys, ck, tmp_path, monkeypatch, proxy, says, zero_shot
+):
+    loaded, load_split = [], data.load_split
+    monkeypatch.setattr(
+        data, "load_split", lambda t, *a, **k: loaded.append(t) or load_split(t, *a, **k)
+    )
     out, _, meta = _auto(
         capsys, ck, tmp_path, *proxy, "--proxy-size", "8", "--strategy", "proxy-agree"
     )
     assert f"data: 8 train images of {says}" in out
+    assert ("digits" in loaded) is not zero_shot  # the receiver's task is read only if named
     assert ("not zero-shot" in out) is not zero_shot
     assert meta["patch"]["zero_shot"] is zero_shot
     assert meta["patch"]["select"]["inputs"]["n"] == 8
 
 
-def test_auto_lambda_weight_only_strategy_uses_no_data(capsys, ck, tmp_path):
+def test_auto_lambda_weight_only_strategy_uses_no_data(capsys, ck, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "load_split", None)  # any read of a split would fail
     out, _, meta = _auto(capsys, ck, tmp_path, "--strategy", "norm-ratio")
     fp, qv = _p(ck / "digits_fp")[0], _p(ck / "qv_digits_rot90")[0]
     want = select.select_lambda(fp, qv, 2, strategy="norm-ratio")
