@@ -325,6 +325,7 @@ def test_export_then_eval_equals_eval_of_the_fake_quantized_params(capsys, ck, t
     )
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert a["test"] == b["test"] and a["n_test"] == b["n_test"] > 0
+    assert a["quantized"] == ptq and "quantized" not in b
 
 
 def test_gptq_export_keeps_gptq_codes(capsys, ck, tmp_path):

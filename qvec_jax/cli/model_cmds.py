@@ -375,6 +375,8 @@ def _cmd_eval(args) -> int:
         "bits": args.bits,
         "granularity": args.granularity if args.bits else None,
     }
+    if meta.get("ptq"):  # already quantized (qvec ptq / a packed export): say how
+        out["quantized"] = meta["ptq"]
     for split in splits:
         s = data.load_split(
             task, split, image_size=int(meta["image_size"]), data_dir=args.data_dir or None
