@@ -31,15 +31,14 @@ merged checkpoint can record how it was made.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from . import topk
 from .paths import PyTree, Rule, check_same_structure, flatten, is_float, unflatten
 from .trees import HEAD_RULE
 
@@ -186,9 +185,7 @@ def ties_merge(qvs, density=0.2, weights=None, *, scope="global", exclude=HEAD_R
        ``|v| >= kthvalue``), zero the rest. ``scope="global"`` (default, the paper's
        reference implementation): ``n = d``, one threshold per vector over all merged
        leaves; ``scope="leaf"`` (mergekit): ``n`` = the leaf's size, one per leaf.
-       The global threshold is exact: the m-th largest ``|v_i|`` found by a radix select
-       over the IEEE-754 bit patterns of ``|v_i|`` (ordered like the values for x >= 0),
-       16 bits per pass, each pass a leaf-streamed histogram (2 passes for float32).
+       The global threshold is exact, found leaf-streamed by ``topk.kth_largest_abs``.
     2. elect: ``g = sign(sum_i w_i trim(v_i))`` per coordinate (the paper: ``sign`` of
        the summed trimmed values, its "mass" election; weights default uniform).
     3. disjoint mean: ``sum_{i in A} w_i trim(v_i) / sum_{i in A} w_i`` over
@@ -306,14 +303,7 @@ def _map_blocks(flats, paths, fn, leaf_state=lambda p: None) -> dict:
 
 
 def _leaf_dtype(flats, path) -> np.dtype:
-    return _compute_dtype(tuple(np.dtype(f[path].dtype) for f in flats))
-
-
-@functools.lru_cache(maxsize=64)
-def _compute_dtype(dtypes: tuple) -> np.dtype:
-    """The dtype a merge computes and returns in: the inputs' promoted, at least float32."""
-    dt = functools.reduce(jnp.promote_types, dtypes, np.dtype(np.float32))
-    return np.dtype(jax.dtypes.canonicalize_dtype(dt))  # float64 only under jax_enable_x64
+    return topk.compute_dtype(tuple(np.dtype(f[path].dtype) for f in flats))
 
 
 def _weighted_sum(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -416,48 +406,9 @@ def _stock_t(gram: np.ndarray) -> float:
     return k * c / (1 + (k - 1) * c)
 
 
-_SMALL = 1 << 20  # entries up to which a global threshold concatenates (4 MiB at fp32)
+_SMALL = topk.SMALL  # entries up to which a global threshold concatenates (patchable)
 
 
 def _kth_largest_abs(arrays: list, m: int):
-    """The exact m-th largest ``|x|`` over the entries of ``arrays`` (1 <= m <= total).
-
-    Radix select, 16 bits per pass, most significant first: for non-negative IEEE-754
-    floats the unsigned bit pattern orders like the value, so each pass histograms the
-    next 16 bits of the entries whose higher bits equal the prefix found so far, and
-    picks the bucket holding the m-th largest. Streams the arrays (on the host, small
-    ones batched); extra memory: a 65536-bin histogram and the bit patterns of one
-    array (or of about 2**20 entries of small ones).
-    Up to ``_SMALL`` entries in all, ``np.partition`` of their concatenation instead.
-    """
-    dt = _compute_dtype(tuple(np.dtype(a.dtype) for a in arrays))
-    if sum(np.size(a) for a in arrays) <= _SMALL:  # small: one np.partition is faster
-        flat = np.concatenate([np.abs(np.asarray(a, dt)).ravel() for a in arrays])
-        return -np.partition(-flat, m - 1)[m - 1]
-    nbits = dt.itemsize * 8
-    udt = np.dtype(f"uint{nbits}")
-    prefix = 0
-    for shift in range(nbits - 16, -1, -16):
-        hist = np.zeros(1 << 16, np.int64)
-        for key in _abs_bits(arrays, dt, udt):
-            if shift + 16 < nbits:
-                key = key[(key >> (shift + 16)) == prefix]
-            hist += np.bincount(((key >> shift) & 0xFFFF).astype(np.intp), minlength=1 << 16)
-        above = np.cumsum(hist[::-1])  # above[j]: entries whose digit is >= 0xFFFF - j
-        j = int(np.searchsorted(above, m))
-        m -= int(above[j - 1]) if j else 0
-        prefix = (prefix << 16) | (0xFFFF - j)
-    return np.asarray(prefix, udt).view(dt)
-
-
-def _abs_bits(arrays, dt, udt, batch: int = 1 << 20):
-    """The bit patterns of ``|x|``, array by array, small arrays joined up to ``batch``."""
-    pending, size = [], 0
-    for a in arrays:
-        pending.append(np.abs(np.asarray(a, dt)).view(udt).ravel())
-        size += pending[-1].size
-        if size >= batch:
-            yield np.concatenate(pending)
-            pending, size = [], 0
-    if pending:
-        yield np.concatenate(pending)
+    """The exact m-th largest ``|x|`` over ``arrays``: ``topk.kth_largest_abs``."""
+    return topk.kth_largest_abs(arrays, m, small=_SMALL)
