@@ -194,6 +194,30 @@ def restore(path: str):
         raise QvecError(str(e)) from None
 
 
+def restore_qv(path: str):
+    """``(qv, meta)`` of a quantization vector checkpoint (``qvec extract`` / ``merge``),
+    or a QvecError when ``path`` holds something else (a model)."""
+    qv, meta = restore(path)
+    if meta.get("kind") != "qv":
+        raise QvecError(
+            f"{path} is not a quantization vector (kind={meta.get('kind')!r}); make one with "
+            "`qvec extract QAT FP OUT`"
+        )
+    return qv, meta
+
+
+def restore_model(path: str):
+    """``(params, meta)`` of a model checkpoint, or a QvecError when ``path`` holds a
+    quantization vector (a difference of weights, not a model one can run or quantize)."""
+    params, meta = restore(path)
+    if meta.get("kind") == "qv":
+        raise QvecError(
+            f"{path} is a quantization vector, not a model; patch it into one first "
+            "(`qvec patch FP QV OUT`)"
+        )
+    return params, meta
+
+
 def same_backbone(meta_a: dict, meta_b: dict, a: str, b: str) -> None:
     """Refuse to combine checkpoints fine-tuned from different pretrained backbones."""
     ia, ib = meta_a.get("backbone_id"), meta_b.get("backbone_id")

@@ -24,6 +24,8 @@ from qvec_jax.cli.common import (
     nonnegative_int,
     positive_int,
     restore,
+    restore_model,
+    restore_qv,
     same_backbone,
     save,
     writing,
@@ -35,13 +37,13 @@ from qvec_jax.files import atomic_write_text
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser(
+    p = add_parser(
+        sub,
         "convert",
-        help="convert a pretrained ViT (.npz / .safetensors) into a qvec orbax checkpoint",
-        description=(
-            "Convert a Google .npz (original or big_vision layout), timm or Hugging Face "
-            ".safetensors ViT into a qvec params checkpoint with qvec_meta.json."
-        ),
+        "convert a pretrained ViT (.npz / .safetensors) into a qvec orbax checkpoint",
+        "qvec convert ViT-B_16.npz runs/pretrained/b16 --num-classes 0",
+        "Convert a Google .npz (original or big_vision layout), timm or Hugging Face "
+        ".safetensors ViT into a qvec params checkpoint with qvec_meta.json.",
     )
     p.add_argument("input", help="checkpoint file (or Hugging Face model directory)")
     p.add_argument("output", help="output checkpoint directory")
@@ -223,12 +225,7 @@ def _cmd_patch(args) -> int:
     _check_patch_options(args)
     out = check_output(args.out, [args.fp, args.qv], args.overwrite)
     fp, fmeta = restore(args.fp)
-    qv, vmeta = restore(args.qv)
-    if vmeta.get("kind") != "qv":
-        raise QvecError(
-            f"{args.qv} is not a quantization vector (kind={vmeta.get('kind')!r}); make one "
-            "with `qvec extract QAT FP OUT`"
-        )
+    qv, vmeta = restore_qv(args.qv)
     same_backbone(fmeta, vmeta, args.fp, args.qv)
     info = {"qv": str(Path(args.qv).resolve()), "donor": _donor(vmeta)}
     if args.lam == "auto":
@@ -361,9 +358,7 @@ def _check_json(args) -> None:
 def _cmd_eval(args) -> int:
     splits = _eval_splits(args.splits)
     _check_json(args)
-    params, meta = restore(args.ckpt)
-    if meta.get("kind") == "qv":
-        raise QvecError(f"{args.ckpt} is a quantization vector, not a model; patch it first")
+    params, meta = restore_model(args.ckpt)
     task = args.task or meta.get("task")
     if not task:
         raise QvecError(f"{args.ckpt} names no task in its meta; pass --task")

@@ -25,7 +25,8 @@ from qvec_jax.cli.common import (
     finite_floats,
     nonnegative_int,
     positive_int,
-    restore,
+    restore_model,
+    restore_qv,
     same_backbone,
     save,
     writing,
@@ -94,12 +95,7 @@ def _cmd_merge(args) -> int:
     out = check_output(args.out, args.qvs, args.overwrite)
     qvs, metas = [], []
     for path in args.qvs:
-        qv, meta = restore(path)
-        if meta.get("kind") != "qv":
-            raise QvecError(
-                f"{path} is not a quantization vector (kind={meta.get('kind')!r}); make one with "
-                "`qvec extract QAT FP OUT`"
-            )
+        qv, meta = restore_qv(path)
         if metas:
             same_backbone(metas[0], meta, args.qvs[0], path)
         qvs.append(qv)
@@ -225,17 +221,10 @@ def add_ptq(sub) -> None:
     p.set_defaults(func=_cmd_ptq)
 
 
-def _model_input(args):
-    params, meta = restore(args.inp)
-    if meta.get("kind") == "qv":
-        raise QvecError(f"{args.inp} is a quantization vector; quantization applies to models")
-    return params, meta
-
-
 def _cmd_ptq(args) -> int:
     _check_calib(args)
     out = check_output(args.out, [args.inp], args.overwrite)
-    params, meta = _model_input(args)
+    params, meta = restore_model(args.inp)
     tree, record = _quantize(args, params, meta)
     size = q.size_report(params, args.bits, granularity=args.granularity)
     save(out, q.dequantize(tree), {**meta, "ptq": record})
@@ -265,7 +254,7 @@ def _cmd_export(args) -> int:
     if Path(args.out).is_dir():
         raise QvecError(f"output {args.out} is a directory; name a file (e.g. model.safetensors)")
     out = check_output(args.out, [args.inp], args.overwrite)
-    params, meta = _model_input(args)
+    params, meta = restore_model(args.inp)
     tree, record = _quantize(args, params, meta)
     spec = q.QuantSpec(args.bits, args.granularity)
     record |= {"method": args.method, "packed": True}
