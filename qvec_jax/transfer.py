@@ -252,7 +252,8 @@ def run_grid(
     checkpoints do not share one backbone; ``files.WorkdirLocked`` (at once) if another
     grid run holds ``workdir`` (or this shard of it).
     ``extras``: a ``grid_extras.Extras`` (lambda-strategy measurements, leave-one-out
-    merges), computed after the main cells, under the same lock and shard.
+    merges), a ``grid_gptq.GptqCells`` (GPTQ rows), or a sequence of them, computed in
+    order after the main cells, under the same lock and shard.
     """
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -307,8 +308,9 @@ def _run_locked(
         store.repair_tail(shard)
         run = _GridRun(ckpts, spec, data_dir=data_dir)
         run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, shard)
-    if extras is not None:  # grid_extras.Extras: its cells after the main ones
-        extras.run(
+    stages = extras if isinstance(extras, (list, tuple)) else () if extras is None else (extras,)
+    for stage in stages:  # Extras, GptqCells: their cells after the main ones, in order
+        stage.run(
             tasks, ckpts, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=shard,
         )  # fmt: skip

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "evaluate": 4, "train": 4, "train_step": 4, "train_workdir": 4, "gptq": 4, "select": 4,
     # 5 the transfer grid: its inputs, its store, its driver
     "grid_inputs": 5, "grid_store": 5, "transfer": 5, "grid_extras": 5,
+    "grid_gptq": 5,
     # 6 the report of a grid
     "report": 6,
     # 7 entry points: the CLI, the demo, and the package root (the public facade)

@@ -18,6 +18,13 @@ from pathlib import Path
 
 from qvec_jax.files import atomic_write_text
 from qvec_jax.grid_store import CELLS_FILE, GRID_META_FILE, SPLITS, GridStore, cell_key, lam_key
+from qvec_jax.report.baselines import gptq_sections, needs_gives
+from qvec_jax.report.extras import (
+    extras_json,
+    extras_markdown,
+    extras_metrics,
+    write_extras_figures,
+)
 from qvec_jax.report.markdown import headline, report_status, summary_markdown
 from qvec_jax.report.metrics import (
     BASELINE_KINDS,
@@ -99,6 +106,8 @@ def write_report(
     out_dir: str | os.PathLike | None = None,
     *,
     cells: list[dict] | None = None,
+    extras: bool = True,
+    strategy: str | None = None,
 ) -> dict:
     """Regenerate every report file of a grid workdir from its stored cells.
 
@@ -107,6 +116,9 @@ def write_report(
     ``heatmap_recovery.png`` and ``lambda_curves.png`` into ``out_dir`` (default: the
     workdir). ``cells``: the grid's cells when the caller already holds them (as
     :func:`qvec_jax.transfer.run_grid` returns them); read from the workdir otherwise.
+    ``extras``: add the lambda-strategy and merge sections (and
+    ``heatmap_delta_strategy.png``) when the grid has their cells (``report.extras``;
+    ``strategy``: the fixed strategy they use, default the grid's).
     Returns ``{"paths": {name: Path}, "summary": markdown text, "metrics": ...}``;
     :func:`headline` of the metrics is what to print after a run.
     """
@@ -119,8 +131,12 @@ def write_report(
     out = Path(out_dir) if out_dir else store.workdir
     out.mkdir(parents=True, exist_ok=True)
     meta = store.meta()
-    cells = store.cells() if cells is None else cells
+    every = store.cells() if cells is None else cells
+    # the RTN grid's cells; other kinds (GPTQ, ...) have sections of their own
+    cells = [c for c in every if c["kind"] in (*BASELINE_KINDS, "patch")]
     metrics = compute_metrics(cells, tasks=meta.get("tasks"), lambdas=meta.get("lambdas"))
+    needs = needs_gives(every, metrics)
+    em = extras_metrics(every, metrics, store.workdir, strategy) if extras else None
     paths = {
         "grid_csv": out / "grid.csv",
         "summary_md": out / "summary.md",
@@ -128,9 +144,12 @@ def write_report(
         **{name: out / f"{name}.png" for name in FIGURES},
     }
     atomic_write_text(paths["grid_csv"], _csv_text(tidy_rows(cells, metrics, meta)))
-    summary = summary_markdown(metrics, meta)
+    more = [*gptq_sections(every, metrics, needs), *extras_markdown(em)]
+    summary = summary_markdown(metrics, meta, more)
     atomic_write_text(paths["summary_md"], summary)
-    js = json.dumps(jsonable(metrics, meta), indent=1, default=str) + "\n"
+    js_obj = jsonable(metrics, meta) | ({"needs_gives": needs} if needs else {}) | extras_json(em)
+    js = json.dumps(js_obj, indent=1, default=str) + "\n"
     atomic_write_text(paths["summary_json"], js)
     write_figures(metrics, meta, paths)
+    paths |= write_extras_figures(em, metrics, meta, out)
     return {"paths": paths, "summary": summary, "metrics": metrics}

@@ -7,6 +7,7 @@ exactly as they appear in ``summary.md``, for printing after a run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from qvec_jax.report.metrics import BASELINE_KINDS, CURVE, LAMBDA_BEST, ZERO_SHOT
@@ -215,9 +216,12 @@ def _matrix_section(metrics: dict) -> list[str]:
     ]
 
 
-def summary_markdown(metrics: dict, meta: dict | None = None) -> str:
-    """The human summary: one table per lambda mode, baselines, donors, missing tasks."""
+def summary_markdown(metrics: dict, meta: dict | None = None, extra: Sequence[str] = ()) -> str:
+    """The human summary: one table per lambda mode, baselines, donors, missing tasks.
+    ``extra``: lines of further sections (e.g. ``report.baselines.gptq_sections``), placed
+    after the lambda modes; without them the summary is the RTN grid's alone."""
     meta = meta or {}
     lines = _intro(metrics, meta) + _missing_and_warnings(meta) + _mode_sections(metrics)
+    lines += list(extra)
     lines += _baseline_section(metrics) + _donor_section(metrics) + _matrix_section(metrics)
     return "\n".join(lines) + "\n"

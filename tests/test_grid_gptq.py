@@ -1,0 +1,193 @@
+"""GPTQ rows of the grid (issue 15) on tiny random ViT checkpoints: a cell per calibration
+source and per GPTQ+QV pair, cells equal to GPTQ evaluated directly, receiver calibration
+from the train split only, the needs/gives table, resume, and a summary without GPTQ."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_transfer import make_runs
+
+import qvec_jax as q
+from qvec_jax import checkpoints, evaluate, gptq, grid_extras, grid_gptq, quant, select, transfer
+from qvec_jax import data as qdata
+from qvec_jax import report as rp
+from qvec_jax.grid_gptq import GptqCells
+from qvec_jax.grid_inputs import GridError, checkpoint_path, find_checkpoints
+from qvec_jax.grid_store import GridStore, cell_key
+from qvec_jax.report import baselines
+
+TASKS = ("digits", "digits_rot90")
+OPTS = GptqCells(calib_size=16, pretext="digits", strategy="norm-ratio")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("runs"), TASKS)
+
+
+def grid(runs, workdir, extras=OPTS, **kw):
+    kw = {"bits": 2, "lambdas": (0.5, 1.0), "batch_size": 64, "progress": False, **kw}
+    return transfer.run_grid(list(TASKS), runs, workdir, extras=extras, **kw)
+
+
+@pytest.fixture(scope="module")
+def done(runs, tmp_path_factory):
+    """A grid with its GPTQ cells: (workdir, cells)."""
+    workdir = tmp_path_factory.mktemp("grid")
+    return workdir, grid(runs, workdir)
+
+
+def by_key(cells):
+    return {cell_key(c): c for c in cells}
+
+
+def test_a_cell_for_every_source_and_pair(done):
+    _, cells = done
+    mine = [c for c in cells if grid_gptq.is_gptq_cell(c)]
+    kinds = {(c["kind"], c["receiver"], c["donor"]) for c in mine}
+    for r, d in (("digits", "digits_rot90"), ("digits_rot90", "digits")):
+        for src in grid_gptq.SOURCES:
+            assert (f"gptq:{src}", r, None) in kinds
+        assert ("gptq+qv:donor", r, d) in kinds
+        assert ("gptq+qv:donor@norm-ratio", r, d) in kinds
+    assert len(mine) == 2 * (4 + 2)
+    for c in mine:
+        assert set(c["acc"]) == {"val", "test"} and all(0 <= a <= 1 for a in c["acc"].values())
+        assert c["calib"]["n"] == 16 and c["bits"] == 2
+    rule = {c["receiver"]: c["calib"]["task"] for c in mine if c["kind"] == "gptq:donor"}
+    assert rule == {"digits": "digits_rot90", "digits_rot90": "digits"}  # the next task
+    flagged = {(c["kind"], c["receiver"]) for c in mine if c["calib_used"]["receiver_images"]}
+    # the receiver's own images, and the pretext set (digits) for the digits receiver
+    assert flagged == {
+        ("gptq:receiver", "digits"),
+        ("gptq:receiver", "digits_rot90"),
+        ("gptq:pretext", "digits"),
+    }
+    for c in (c for c in mine if "@" in c["kind"]):
+        assert c["choice"]["strategy"] == "norm-ratio" and c["lam"] == c["choice"]["lam"]
+        assert c["lam"] in (0.0, 0.5, 1.0)  # 0 and the grid's lambdas
+
+
+def _direct(runs, r, calib, tree_of=lambda fp: fp):
+    fp, meta = checkpoints.restore_params(checkpoint_path(runs, r, "fp"))
+    model = checkpoints.model_from_meta(meta)
+    images = grid_gptq.calib_images(calib, 28)
+    params = gptq.gptq(tree_of(fp), model, images, quant.QuantSpec(2))
+    return evaluate.accuracy(model, params, qdata.load_split(r, "test", image_size=28))
+
+
+def test_cells_equal_gptq_evaluated_directly(runs, done):
+    _, cells = done
+    cells = by_key(cells)
+    cell = cells[("gptq:receiver", "", "digits_rot90", "")]
+    assert cell["acc"]["test"] == pytest.approx(_direct(runs, "digits_rot90", cell["calib"]))
+    fp_d, _ = checkpoints.restore_params(checkpoint_path(runs, "digits", "fp"))
+    qat_d, _ = checkpoints.restore_params(checkpoint_path(runs, "digits", "qat"))
+    qv = q.quantization_vector(qat_d, fp_d)
+    cell = cells[("gptq+qv:donor", "digits", "digits_rot90", "1")]
+    assert cell["calib"]["task"] == "digits"  # the QV donor's images
+    acc = _direct(runs, "digits_rot90", cell["calib"], lambda fp: q.patch(fp, qv, 1.0))
+    assert cell["acc"]["test"] == pytest.approx(acc)
+
+
+def test_receiver_calibration_reads_only_the_train_split(done, monkeypatch):
+    _, cells = done
+    cell = by_key(cells)[("gptq:receiver", "", "digits", "")]
+    assert cell["calib_used"] == {"n": 16, "split": "train", "receiver_images": True}
+    asked = []
+    real = qdata.load_split
+
+    def spy(task, split, **kw):
+        asked.append((str(getattr(task, "name", task)), split))
+        return real(task, split, **kw)
+
+    monkeypatch.setattr(qdata, "load_split", spy)
+    images = grid_gptq.calib_images(cell["calib"], 28)
+    assert asked == [("digits", "train")]
+    train = real("digits", "train", image_size=28).images
+    # every calibration image is one of the train split's inputs
+    rows = {x.tobytes() for x in np.asarray(train)}
+    assert len(images) == 16 and all(x.tobytes() in rows for x in np.asarray(images))
+
+
+def test_needs_gives_table(done):
+    workdir, cells = done
+    out = rp.write_report(workdir, cells=cells)
+    rows = baselines.needs_gives(cells, out["metrics"])
+    text = out["summary"]
+    assert f"## {baselines.TITLE}" in text and "| " + " | ".join(baselines.HEADER) + " |" in text
+    names = [r["approach"] for r in rows]
+    assert names[0] == "RTN(FP_R)" and len(rows) == 1 + 2 + 4 + 2
+    rtn = {r: out["metrics"]["baselines"][r]["ptq_fp"]["test"] for r in TASKS}
+    mine = [c for c in cells if grid_gptq.is_gptq_cell(c)]
+    for row in rows:
+        assert row["receiver_labels"] == "no"
+        is_qv = "QV" in row["approach"]
+        assert row["donor_qat"] == ("yes" if is_qv else "no")
+        assert row["over"] == ("pairs" if is_qv else "receivers")
+    for src in grid_gptq.SOURCES:
+        row = next(r for r in rows if r["approach"].startswith(f"GPTQ(FP_R), calibration: {src}"))
+        accs = [(c["acc"]["test"], rtn[c["receiver"]]) for c in mine if c["kind"] == f"gptq:{src}"]
+        assert row["mean_test_acc"] == pytest.approx(np.mean([a for a, _ in accs]))
+        assert (row["wins"], row["compared"]) == (sum(a > b for a, b in accs), 2)
+        want = {"receiver": "16 unlabelled (train split)", "pretext": "none by design, but "
+                "1/2 calibration sets hold receiver images"}.get(src, "none")  # fmt: skip
+        assert row["receiver_images"] == want
+    js = json.loads((workdir / "summary.json").read_text())
+    assert [r["approach"] for r in js["needs_gives"]] == names
+
+
+def test_resume_computes_nothing_new(runs, done, tmp_path):
+    workdir, cells = done
+    store = GridStore(workdir)
+    before = store.cells_path.read_bytes()
+    ckpts = find_checkpoints(TASKS, runs)[0]
+    assert OPTS.run(list(TASKS), ckpts, store, quant.QuantSpec(2), [0.5, 1.0]) == 0
+    grid(runs, workdir)
+    assert store.cells_path.read_bytes() == before
+    # a run killed after some GPTQ cells: the rerun computes exactly the missing ones
+    lines = before.decode().splitlines(keepends=True)
+    (tmp_path / "cells.jsonl").write_text("".join(lines[:-3]))
+    (tmp_path / "grid.json").write_bytes((workdir / "grid.json").read_bytes())
+    again = grid(runs, tmp_path)
+    assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == len(lines)
+    assert {k: c["acc"] for k, c in by_key(again).items()} == {
+        k: c["acc"] for k, c in by_key(cells).items()
+    }
+
+
+def test_without_gptq_the_summary_is_the_rtn_grids(runs, done, tmp_path):
+    workdir, cells = done
+    plain = grid(runs, tmp_path, extras=None)
+    assert not any(grid_gptq.is_gptq_cell(c) for c in plain)
+    summary = rp.write_report(tmp_path, cells=plain)["summary"]
+    assert baselines.TITLE not in summary
+    with_gptq = rp.write_report(workdir, cells=cells)["summary"]
+    section = "\n" + "\n".join(baselines.gptq_sections(cells, rp.compute_metrics(plain)))
+    assert with_gptq.replace(section, "", 1) == summary  # the GPTQ section is all that differs
+
+
+def test_options_are_checked_before_any_work():
+    with pytest.raises(GridError, match="receiver data"):
+        GptqCells(strategy="val-best")
+    with pytest.raises(GridError, match="qv_source"):
+        GptqCells(qv_source="receiver")
+    with pytest.raises(GridError, match="calib_size"):
+        GptqCells(calib_size=0)
+    with pytest.raises(select.SelectError):
+        GptqCells(strategy="no-such")
+
+
+def test_strategy_lambda_comes_from_the_grids_scores_cells(runs, tmp_path):
+    scores = grid_extras.Extras(strategy="proxy-donor16-kl", methods=(), proxy_n=16, rx_shots=(8,))
+    opts = GptqCells(calib_size=16, sources=("noise",), qv_at_one=False, strategy=scores.strategy)
+    cells = grid(runs, tmp_path, extras=[scores, opts])
+    picks = {(c["receiver"], c["donor"]): c["scores"] for c in cells if c["kind"] == "scores"}
+    mine = [c for c in cells if c["kind"] == "gptq+qv:donor@proxy-donor16-kl"]
+    assert len(mine) == 2 and len(picks) == 2
+    for c in mine:
+        want = picks[(c["receiver"], c["donor"])]["choices"]["proxy-donor16-kl"]
+        assert c["choice"] == want | {"from": "the grid's scores cell"} and c["lam"] == want["lam"]
