@@ -22,13 +22,17 @@ SMALL = 1 << 20  # entries up to which kth_largest_abs concatenates (4 MiB at fp
 _DIGIT = 16  # bits per radix pass: 2 passes for float32, 4 for float64
 
 
-@functools.lru_cache(maxsize=64)
-def compute_dtype(dtypes: tuple) -> np.dtype:
+def compute_dtype(dtypes) -> np.dtype:
     """The dtype to compute in for inputs of ``dtypes``: their promotion, at least float32.
 
     float64 only under ``jax_enable_x64`` (JAX's canonical dtype), so host results match
     what the same computation would give as ``jax.Array``s.
     """
+    return _compute_dtype(tuple(dtypes), bool(jax.config.jax_enable_x64))
+
+
+@functools.lru_cache(maxsize=64)
+def _compute_dtype(dtypes: tuple, x64: bool) -> np.dtype:  # x64: the cache key's mode
     dt = functools.reduce(jnp.promote_types, dtypes, np.dtype(np.float32))
     return np.dtype(jax.dtypes.canonicalize_dtype(dt))
 
