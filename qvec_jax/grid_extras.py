@@ -110,7 +110,8 @@ class Extras:
         object.__setattr__(self, "rx_shots", tuple(int(k) for k in self.rx_shots))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"methods": list(self.methods)}
+        """The settings as JSON reads them back (lists, not tuples)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def scores_setup(self, candidates) -> dict:
         """What a ``scores`` cell's numbers depend on besides its checkpoints."""
@@ -171,7 +172,7 @@ def plan_extras(ex: Extras, tasks, ckpts, lambdas, cands, done: dict) -> list[di
                 cells.append(("scores", r, d, None, _src(ckpts, r, [d], False), setup))
         loo = [d for d in donors if d != r]
         for m in ex.methods if loo else ():
-            recipe = {"merge": merge.MergeSpec(m).to_dict(), "donors": loo}
+            recipe = json.loads(json.dumps({"merge": merge.MergeSpec(m).to_dict(), "donors": loo}))
             src = _src(ckpts, r, loo, True)
             cells.append(("scores", r, loo_donor(m), None, src, setup | recipe))
             cells += [("merge", r, loo_donor(m), float(lam), src, recipe) for lam in lambdas]

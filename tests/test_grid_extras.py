@@ -1,0 +1,225 @@
+"""The grid's extras on tiny random checkpoints: lambda-strategy measurements (scores
+cells) and leave-one-out merges (merge cells), their report sections, resume, and
+``--no-extras``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from test_transfer import LAMBDAS, TASKS, make_runs
+
+import qvec_jax as q
+from qvec_jax import checkpoints, cli, grid_extras, merge, select, transfer
+from qvec_jax import data as qdata
+from qvec_jax import report as rp
+from qvec_jax.evaluate import accuracy
+from qvec_jax.grid_inputs import checkpoint_path, find_checkpoints
+from qvec_jax.grid_store import GridStore, cell_key, lam_key
+from qvec_jax.report import extras as rx
+from qvec_jax.report import strategies as rs
+
+METHODS = ("mean", "ties")
+EXTRAS = grid_extras.Extras(methods=METHODS, pretext="digits_b")
+KW = {"bits": 2, "lambdas": LAMBDAS, "batch_size": 64, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def grids(tmp_path_factory):
+    """``(runs, main-only workdir, workdir with extras)``: one main grid, copied, then the
+    extras computed in the copy."""
+    tmp = tmp_path_factory.mktemp("extras")
+    runs = make_runs(tmp / "runs")
+    transfer.run_grid(list(TASKS), runs, tmp / "main", **KW)
+    shutil.copytree(tmp / "main", tmp / "ext")
+    transfer.run_grid(list(TASKS), runs, tmp / "ext", extras=EXTRAS, **KW)
+    return runs, tmp / "main", tmp / "ext"
+
+
+def _cells(workdir, kind):
+    return [c for c in GridStore(workdir).cells() if c["kind"] == kind]
+
+
+def _by_key(workdir):
+    return {cell_key(c): c for c in GridStore(workdir).cells()}
+
+
+def test_extras_cells_exist_and_are_complete(grids):
+    _, _, ext = grids
+    scores, merges = _cells(ext, "scores"), _cells(ext, "merge")
+    pairs = {(d, r) for d in TASKS for r in TASKS if d != r}
+    loo = {(grid_extras.loo_donor(m), r) for m in METHODS for r in TASKS}
+    assert {(c["donor"], c["receiver"]) for c in scores} == pairs | loo
+    assert len(scores) == len(pairs | loo)
+    want = {(grid_extras.loo_donor(m), r, lam_key(lam)) for m in METHODS for r in TASKS
+            for lam in LAMBDAS}  # fmt: skip
+    assert {(c["donor"], c["receiver"], lam_key(c["lam"])) for c in merges} == want
+    assert all(set(c["acc"]) == {"val", "test"} for c in merges)
+    measured = {s.name for s in grid_extras.measured_strategies()}
+    for c in scores:
+        rec = c["scores"]
+        assert rec["candidates"] == [0.0, *LAMBDAS]
+        assert set(rec["choices"]) == measured  # every strategy, pretext included
+        assert set(rec["not_measured"]) == {"val-best"}
+        n_donor = 256 * (len(TASKS) - 1 if c["donor"].startswith("loo:") else 1)
+        assert c["inputs"] == {"unlabelled receiver": 128, "pretext": 256, "donor": n_donor}
+        # the receiver proxy reads only train images: as many as it asked for, no more
+        assert rec["proxy/unlabelled receiver/n=32/seed=0"]["n"] == 32
+
+
+def test_proxy_images_are_a_seeded_train_sample():
+    split = qdata.load_split("digits_rot90", "train", image_size=28)
+    x = select.train_images("digits_rot90", 32, image_size=28, seed=0)
+    pos = np.sort(np.random.default_rng(0).choice(len(split), 32, replace=False))
+    np.testing.assert_array_equal(x, split.inputs(pos))
+    assert x.shape == (32, 28, 28, 3)
+
+
+def test_strategy_score_is_the_patch_cell_at_its_pick(grids):
+    _, _, ext = grids
+    cells = GridStore(ext).cells()
+    main = [c for c in cells if c["kind"] in ("fp", "ptq_fp", "ptq_qat", "patch")]
+    metrics = rp.compute_metrics(main)
+    strategies = grid_extras.measured_strategies()
+    sm = rs.strategy_metrics(cells, metrics, strategies, "proxy-donor-kl")
+    by = _by_key(ext)
+    picks = 0
+    for s in strategies:
+        row = rs.row_of(sm, s.name)
+        assert row["measured"], s.name
+        deltas = []
+        for (d, r), got in row["pairs"].items():
+            lam = select.choose(s, by[("scores", d, r, "")]["scores"]).lam
+            base = by[("ptq_fp", "", r, "")]["acc"]["test"]
+            cell = by[("ptq_fp", "", r, "")] if lam == 0 else by[("patch", d, r, lam_key(lam))]
+            assert got["lam"] == lam and got["acc"] == cell["acc"]["test"], (s.name, d, r)
+            deltas.append(cell["acc"]["test"] - base)
+            picks += lam == 0
+        assert row["stats"]["mean_delta"] == pytest.approx(np.mean(deltas))
+        regret = max(
+            metrics["pairs"][k]["delta_best"] - p["delta"] for k, p in row["pairs"].items()
+        )
+        assert row["stats"]["worst_regret"] == pytest.approx(regret)
+    assert picks > 0  # lam = 0 was picked somewhere and read from ptq_fp
+    one = rs.row_of(sm, "lam=1")["stats"]
+    assert one["mean_delta"] == pytest.approx(metrics["modes"][rp.ZERO_SHOT]["mean_delta"])
+    assert rs.row_of(sm, rp.LAMBDA_BEST)["stats"]["captured"] == pytest.approx(1.0)
+
+
+def test_loo_merge_excludes_the_receiver(grids):
+    runs, _, ext = grids
+    ckpts, _ = find_checkpoints(list(TASKS), runs)
+    run = grid_extras._ExtrasRun(EXTRAS, ckpts, q.QuantSpec(2), (0.0, *LAMBDAS), {})
+    r = "digits_rot90"
+    cell = _by_key(ext)[("merge", "loo:ties", r, lam_key(0.5))]
+    others = [t for t in TASKS if t != r]
+    assert cell["setup"]["donors"] == others
+    qvs = []
+    for d in others:
+        qat, _ = checkpoints.restore_params(checkpoint_path(runs, d, "qat"))
+        fp, _ = checkpoints.restore_params(checkpoint_path(runs, d, "fp"))
+        qvs.append(q.quantization_vector(qat, fp))
+    want = merge.merge_qvs(qvs, "ties", density=0.2)
+    got = run.merged_qv(cell)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    # and the cell is PTQ(FP_R + 0.5 * merged) on R's test split
+    fp_r, meta = checkpoints.restore_params(checkpoint_path(runs, r, "fp"))
+    test = qdata.load_split(r, "test", image_size=28)
+    acc = accuracy(checkpoints.model_from_meta(meta), q.ptq(q.patch(fp_r, want, 0.5), 2), test)
+    assert cell["acc"]["test"] == pytest.approx(acc, abs=1e-9)
+
+
+def test_report_has_a_row_per_strategy_and_merge(grids, tmp_path):
+    _, _, ext = grids
+    out = rp.write_report(ext, tmp_path)
+    text = out["summary"]
+    for s in grid_extras.measured_strategies():
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| `{s.name}` |"))
+        assert f"| {rs.DATA_LABELS[s.data]} |" in line
+    assert f"| `{rp.LAMBDA_BEST}` | {rs.DATA_LABELS['labelled receiver']} |" in text
+    for m in METHODS:
+        assert f"| `loo:{m}` | receivers |" in text
+    assert "| average single donor | pairs |" in text
+    assert "(no receiver data) | receivers |" in text
+    assert "| oracle best single donor (uses receiver test labels) | receivers |" in text
+    assert "Fixed in advance (not chosen on these tasks): **`proxy-donor-kl`**" in text
+    assert out["paths"][rx.STRATEGY_FIGURE].is_file()
+    js = json.loads(out["paths"]["summary_json"].read_text())
+    assert js["extras"]["strategies"]["fixed"] == "proxy-donor-kl"
+
+
+def test_unmeasured_strategies_are_listed_not_dropped(grids):
+    """A grid without pretext images: the pretext rows say so (records edited as such a
+    grid stores them)."""
+    _, _, ext = grids
+    cells = json.loads(json.dumps(GridStore(ext).cells()))
+    for c in cells:
+        if c["kind"] == "scores":
+            del c["scores"]["proxy/pretext/n=256/seed=0"]
+            c["scores"]["not_measured"]["proxy-pretext-kl"] = "no pretext inputs given"
+    main = [c for c in cells if c["kind"] in ("fp", "ptq_fp", "ptq_qat", "patch")]
+    em = rx.extras_metrics(cells, rp.compute_metrics(main), ext, "proxy-noise-kl")
+    row = rs.row_of(em["strategies"], "proxy-pretext-kl")
+    assert not row["measured"] and row["reason"] == "no pretext inputs given"
+    text = "\n".join(rx.extras_markdown(em))
+    assert "| `proxy-pretext-kl` | pretext train images | not measured: no pretext inputs" in text
+
+
+def test_resume_computes_nothing_new(grids, tmp_path):
+    runs, _, ext = grids
+    before = {p.name: p.read_text() for p in GridStore(ext).cell_files() if p.exists()}
+    transfer.run_grid(list(TASKS), runs, ext, extras=EXTRAS, **KW)
+    after = {p.name: p.read_text() for p in GridStore(ext).cell_files() if p.exists()}
+    assert after == before
+    # a run killed during the extras: only the lost extras are recomputed
+    work = tmp_path / "killed"
+    shutil.copytree(ext, work)
+    lines = (work / "cells.jsonl").read_text().splitlines(keepends=True)
+    lost = [json.loads(x) for x in lines[-3:]]
+    assert all(c["kind"] in grid_extras.EXTRA_KINDS for c in lost)
+    (work / "cells.jsonl").write_text("".join(lines[:-3]) + lines[-3][:20])  # torn tail
+    transfer.run_grid(list(TASKS), runs, work, extras=EXTRAS, **KW)
+    new = (work / "cells.jsonl").read_text().splitlines()
+    assert new[:-3] == [x.rstrip("\n") for x in lines[:-3]]
+    assert {cell_key(json.loads(x)) for x in new[-3:]} == {cell_key(c) for c in lost}
+
+
+def test_changed_setup_recomputes_the_scores_cells(grids):
+    runs, _, ext = grids
+    ckpts, _ = find_checkpoints(list(TASKS), runs)
+    done = {cell_key(c): c for c in GridStore(ext).cells()}
+    cands = (0.0, *LAMBDAS)
+    assert grid_extras.plan_extras(EXTRAS, list(TASKS), ckpts, LAMBDAS, cands, done) == []
+    other = grid_extras.Extras(methods=METHODS, pretext="digits_b", seed=1)
+    todo = grid_extras.plan_extras(other, list(TASKS), ckpts, LAMBDAS, cands, done)
+    assert {c["kind"] for c in todo} == {"scores"} and len(todo) == len(_cells(ext, "scores"))
+
+
+def test_no_extras_leaves_summary_identical(grids, tmp_path):
+    _, main, ext = grids
+    plain = rp.write_report(main, tmp_path / "plain")["summary"]
+    off = rp.write_report(ext, tmp_path / "off", extras=False)
+    assert off["summary"] == plain
+    assert rx.STRATEGY_FIGURE not in off["paths"]
+    on = rp.write_report(ext, tmp_path / "on")["summary"]
+    assert on != plain and "## Lambda strategies" in on
+    assert (tmp_path / "off" / "grid.csv").read_text() == (
+        tmp_path / "plain" / "grid.csv"
+    ).read_text()
+
+
+def test_cli_refuses_bad_extras_options(grids, tmp_path, capsys):
+    runs, _, ext = grids
+    base = ["grid", "--tasks", ",".join(TASKS), "--runs", str(runs), "--bits", "2"]
+    rc = cli.main([*base, "--workdir", str(tmp_path / "a"), "--pretext", "digits_b"])
+    assert rc != 0 and "--pretext applies with --extras only" in capsys.readouterr().err
+    rc = cli.main(
+        [*base, "--workdir", str(tmp_path / "b"), "--extras", "--strategy", "proxy-rx32-kl"]
+    )
+    assert rc != 0 and "uses unlabelled receiver data" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    rc = cli.main(["report", str(ext), "--out", str(tmp_path / "r"), "--strategy", "nope"])
+    assert rc != 0 and "not one the grid measured" in capsys.readouterr().err
