@@ -88,4 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.demo.select_strategy = "proxy-donor-kl"
     c.demo.merge_methods = "mean,ties,dare,model_stock"
     c.demo.proxy_size = 256
+    # GPTQ rows (qvec_jax/grid_gptq.py): GPTQ(FP_R) calibrated on receiver train / another
+    # task / pretext / noise images, and GPTQ(FP_R + lam QV_D) on the donor's images at
+    # lam=1 and at select_strategy's lam; gptq_calib_size images per calibration set.
+    c.demo.gptq = True
+    c.demo.gptq_calib_size = 128
     return c

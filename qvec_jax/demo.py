@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from qvec_jax import data as qdata
-from qvec_jax import grid_extras, report, train, transfer
+from qvec_jax import grid_extras, grid_gptq, report, train, transfer
 from qvec_jax.config import apply_overrides, load_config
 from qvec_jax.files import atomic_write_text
 
@@ -127,6 +127,16 @@ def extras_of(cfg, pretext: str) -> grid_extras.Extras | None:
     )
 
 
+def gptq_of(cfg, pretext: str) -> grid_gptq.GptqCells | None:
+    """The grid's GPTQ rows of the demo config (None when ``demo.gptq`` is off)."""
+    d = cfg.demo
+    if not d.gptq:
+        return None
+    return grid_gptq.GptqCells(
+        calib_size=int(d.gptq_calib_size), strategy=d.select_strategy, pretext=pretext
+    )
+
+
 def _grid(cfg, workdir: Path, runs: Path, tasks: list[str], progress: bool, extras):
     """Stage 3: the donor x receiver x lambda grid (and its extras); its cells."""
     lambdas = [float(x) for x in cfg.demo.lambdas]
@@ -158,7 +168,8 @@ def run_demo(
     pretext, pretext_epochs, tasks, note = choose_tasks(cfg)
     if note:
         print(f"note: {note}")
-    extras = extras_of(cfg, pretext)  # its settings checked before any training
+    # the extras' and GPTQ rows' settings are checked before any training
+    extras = [s for s in (extras_of(cfg, pretext), gptq_of(cfg, pretext)) if s is not None]
     t0, times = time.perf_counter(), {}
 
     def stage(name):

@@ -191,3 +191,25 @@ def test_strategy_lambda_comes_from_the_grids_scores_cells(runs, tmp_path):
     for c in mine:
         want = picks[(c["receiver"], c["donor"])]["choices"]["proxy-donor16-kl"]
         assert c["choice"] == want | {"from": "the grid's scores cell"} and c["lam"] == want["lam"]
+
+
+def test_cli_gptq_adds_only_its_section(runs, tmp_path, capsys):
+    from qvec_jax import cli
+
+    common = ["grid", "--tasks", ",".join(TASKS), "--runs", str(runs), "--bits", "2"]
+    common += ["--lambdas", "0.5,1", "--batch-size", "64", "--no-progress", "--workdir"]
+    assert cli.main([*common, str(tmp_path / "plain"), "--no-gptq"]) == 0
+    argv = [*common, str(tmp_path / "g"), "--gptq", "--calib-size", "8", "--strategy", "lam=1"]
+    assert cli.main(argv) == 0
+    plain = (tmp_path / "plain" / "summary.md").read_text()
+    with_gptq = (tmp_path / "g" / "summary.md").read_text()
+    assert baselines.TITLE not in plain and f"## {baselines.TITLE}" in with_gptq
+    start = with_gptq.index(f"\n\n## {baselines.TITLE}")
+    end = with_gptq.index("\n\n## Per-receiver baselines")
+    assert with_gptq[:start] + with_gptq[end:] == plain
+    cells = GridStore(tmp_path / "g").cells()
+    assert {c["calib"]["n"] for c in cells if grid_gptq.is_gptq_cell(c)} == {8}
+    assert not any(c["kind"] == "gptq:pretext" for c in cells)  # no --pretext, no pretext rows
+    capsys.readouterr()
+    assert cli.main([*common, str(tmp_path / "x"), "--calib-size", "8"]) == 1
+    assert "--calib-size applies with --gptq only" in capsys.readouterr().err

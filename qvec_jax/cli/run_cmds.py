@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 
 from qvec_jax import config as qconfig
-from qvec_jax import data, demo, grid_extras, report, select, train, transfer
+from qvec_jax import data, demo, grid_extras, grid_gptq, report, select, train, transfer
 from qvec_jax.cli.common import (
     QvecError,
     add_parser,
@@ -208,6 +208,7 @@ def add_grid(sub) -> None:
         "local devices; process 0 writes the report",
     )
     add_extras_options(p)
+    add_gptq_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_grid)
@@ -228,13 +229,15 @@ def add_extras_options(p) -> None:
         default=None,
         metavar="TASK",
         help="--extras: the pretext task (its train images feed the proxy-pretext-* "
-        "strategies; without it they are listed as not measured)",
+        "strategies; without it they are listed as not measured); --gptq: its train images "
+        "calibrate the 'pretext' rows (without it there are none)",
     )
     p.add_argument(
         "--strategy",
         default=grid_extras.DEFAULT_STRATEGY,
         help="--extras: the no-receiver-data lambda strategy of the heatmap and the merge "
-        f"rows, fixed in advance (choose it on a DEV task set; default "
+        "rows (--gptq: and of the GPTQ+QV and RTN+QV strategy rows), fixed in advance "
+        "(choose it on a DEV task set; default "
         f"{grid_extras.DEFAULT_STRATEGY})",
     )
     p.add_argument(
@@ -255,8 +258,8 @@ def extras_of(args) -> grid_extras.Extras | None:
     """The ``grid_extras.Extras`` the options ask for (None without --extras)."""
     given = [o for o in ("pretext",) if getattr(args, o) is not None]
     if not args.extras:
-        if given:
-            raise QvecError(f"--{given[0]} applies with --extras only; add --extras")
+        if given and not getattr(args, "gptq", False):
+            raise QvecError(f"--{given[0]} applies with --extras or --gptq only; add one")
         return None
     pretext = task_names(args.pretext, "--pretext", one=True)[0] if args.pretext else None
     methods = tuple(m for m in args.merge_methods.split(",") if m)
@@ -266,6 +269,40 @@ def extras_of(args) -> grid_extras.Extras | None:
         )
     except ValueError as e:
         raise QvecError(f"--extras: {e}") from None
+
+
+def add_gptq_options(p) -> None:
+    """``qvec grid``'s GPTQ rows (``grid_gptq``): ``--gptq/--no-gptq``, ``--calib-size``."""
+    p.add_argument(
+        "--gptq",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also GPTQ rows: GPTQ(FP_R) calibrated on the receiver's train images, another "
+        "task's, --pretext's and noise, and GPTQ(FP_R + lam QV_D) on the donor's images at "
+        "lam=1 and at --strategy's lam (report section 'What each approach needs and what "
+        "it gives'; default off)",
+    )
+    p.add_argument(
+        "--calib-size",
+        type=positive_int,
+        default=None,
+        help="--gptq: images per calibration set (default 128)",
+    )
+
+
+def gptq_of(args) -> grid_gptq.GptqCells | None:
+    """The ``grid_gptq.GptqCells`` the options ask for (None without --gptq)."""
+    if not args.gptq:
+        if args.calib_size is not None:
+            raise QvecError("--calib-size applies with --gptq only; add --gptq")
+        return None
+    pretext = task_names(args.pretext, "--pretext", one=True)[0] if args.pretext else None
+    try:
+        return grid_gptq.GptqCells(
+            calib_size=args.calib_size or 128, strategy=args.strategy, pretext=pretext
+        )
+    except ValueError as e:
+        raise QvecError(f"--gptq: {e}") from None
 
 
 def shard_spec(text: str) -> tuple[int, int]:
@@ -324,7 +361,7 @@ def _cmd_grid(args) -> int:
     train.maybe_initialize_distributed(args.distributed)
     tasks = task_names(args.tasks, "--tasks")
     bits, gran, batch, data_dir = _grid_settings(args)
-    extras = extras_of(args)
+    extras = [s for s in (extras_of(args), gptq_of(args)) if s is not None] or None
     lambdas = transfer.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
     workdir, runs = Path(args.workdir), args.runs or args.workdir
     inputs = [checkpoint_path(runs, t, m) for t in tasks for m in MODES]
