@@ -66,15 +66,17 @@ def check_head(model, split) -> None:
 
 @functools.partial(jax.jit, static_argnames=("model", "spec", "prep"))
 def count_correct(params, images, labels, mask, *, model, spec: quant.QuantSpec | None,
-                  prep=None):  # fmt: skip
+                  prep=None, view=None):  # fmt: skip
     """Correct predictions among the real (``mask``) rows; ``PTQ(params)`` under ``spec``
     (a ``quant.QuantSpec``, or None for the params as they are). ``prep``: a
     ``data.DevicePreprocess`` applied to ``images`` (uint8) first, or None for images
-    that are model inputs already."""
+    that are model inputs already; ``view``: its view as data (``prep.view_code``, with
+    ``prep.without_view()``), so the views of one stored shape share one compile."""
     if spec is not None:
         params = quant.fake_quant_tree(params, spec)
     if prep is not None:
-        images = prep(images)
+        images = prep(images) if view is None else qdata.device_preprocess(
+            images, image_size=prep.image_size, max_value=prep.max_value, view=view)  # fmt: skip
     logits = model.apply({"params": params}, images)
     hit = (jnp.argmax(logits, axis=-1) == labels) & mask
     return jnp.sum(hit.astype(jnp.int32))
@@ -106,9 +108,13 @@ class EvalSet:
             name = f"{getattr(split, 'task', '?')}/{getattr(split, 'split', split)}"
             raise EvalError(f"{name}: the split has no examples; evaluate another split")
         self.prep = getattr(split, "preprocessor", None)
+        self.view = None
         self.cached = None
         if _item_bytes(split) * self.n <= cache_bytes:
             self.cached = list(self._stream())
+        shape = np.shape(split.get(np.arange(1))[0]) if self.prep is not None else ()
+        if len(shape) >= 3 and shape[1] == shape[2]:  # square: the view travels as data
+            self.prep, self.view = self.prep.without_view(), self.prep.view_code
 
     def _stream(self) -> Iterator:
         for images, labels, mask in qdata.eval_batches(self.split, self.batch_size):
@@ -129,7 +135,7 @@ class EvalSet:
         total = jnp.zeros((), jnp.int32)
         for x, y, m in self.batches():
             total = total + count_correct(params, x, y, m, model=model, spec=spec,
-                                          prep=self.prep)  # fmt: skip
+                                          prep=self.prep, view=self.view)  # fmt: skip
         return int(total) / self.n
 
 

@@ -71,6 +71,11 @@ def test_views_are_numpy_rot90_flip_invert(rot90, hflip, invert):
         np.testing.assert_array_equal(np.asarray(prep.jitted(x)), want / 127.5 - 1.0)
     resized = D.DevicePreprocess(6, 255.0, rot90=rot90, hflip=hflip, invert=invert).jitted(x)
     np.testing.assert_allclose(resized, host_before(x, 255.0, 6, rot90, hflip, invert), atol=TOL)
+    # the same view as data (one compile for every view of a square stored shape)
+    sq = _u8((2, 6, 6, 3), seed=rot90)
+    prep = D.DevicePreprocess(9, 255.0, rot90=rot90, hflip=hflip, invert=invert)
+    as_data = jax.jit(lambda x, v: D.device_preprocess(x, image_size=9, max_value=255.0, view=v))
+    np.testing.assert_array_equal(as_data(sq, prep.view_code), prep.jitted(sq))
 
 
 def test_grey_becomes_three_equal_channels():
@@ -129,6 +134,14 @@ def test_eval_set_caches_uint8_at_stored_size(small):
     want = float(np.mean(np.argmax(np.asarray(logits), -1) == split.labels))
     assert es.accuracy(model, params) == pytest.approx(want, abs=1e-12)
     assert evaluate.EvalSet(split, 64, cache_bytes=len(split) * 64 - 1).cached is None
+    # another view of the same stored shape: the same compiled eval, the view as data
+    rot = D.load_split("digits_rot90", "test", image_size=16)
+    before = evaluate.count_correct._cache_size()
+    got = evaluate.EvalSet(rot, 64, cache_bytes=1 << 20).accuracy(model, params)
+    assert evaluate.count_correct._cache_size() == before
+    logits = jax.jit(model.apply)({"params": params}, rot.images)
+    want = float(np.mean(np.argmax(np.asarray(logits), -1) == rot.labels))
+    assert got == pytest.approx(want, abs=1e-12)
 
 
 def _step(model, params, mode, preprocess, spec=None):

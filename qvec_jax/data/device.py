@@ -24,12 +24,13 @@ the bilinear weights sum to one, so inverting commutes with it too).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DevicePreprocess", "device_preprocess", "to_uint8"]
+__all__ = ["DevicePreprocess", "device_preprocess", "to_uint8", "traced_view"]
 
 
 def device_preprocess(
@@ -40,12 +41,15 @@ def device_preprocess(
     rot90: int = 0,
     hflip: bool = False,
     invert: bool = False,
+    view=None,
 ) -> jax.Array:
     """uint8 ``[n, h, w]`` or ``[n, h, w, c]`` (c in 1, 3, 4) -> float32 ``[n, s, s, 3]`` in
     [-1, 1] (``s = image_size``): view, bilinear resize (PIL's), grey->RGB, scaling.
 
-    A pure function of traced ``images`` (every other argument is static), so it traces
-    into the jitted train step and eval; see the module docstring for the exact steps.
+    A pure function of traced ``images`` (every other argument is static, but ``view``),
+    so it traces into the jitted train step and eval; see the module docstring for the
+    exact steps. ``view``: an optional int array ``(rot90, hflip, invert)`` applied after
+    the static view, as data (:func:`traced_view`; square images only).
     """
     x = jnp.asarray(images)
     if x.ndim == 3:
@@ -62,12 +66,27 @@ def device_preprocess(
         x = jnp.flip(x, axis=2)
     if invert:
         x = max_value - x
+    if view is not None:
+        x = traced_view(x, view, max_value)
     n, h, w, c = x.shape
     if (h, w) != (image_size, image_size):
         x = jax.image.resize(x, (n, image_size, image_size, c), "bilinear", antialias=True)
     if c == 1:
         x = jnp.broadcast_to(x, (n, image_size, image_size, 3))
     return jnp.clip(x * (2.0 / max_value) - 1.0, -1.0, 1.0)
+
+
+def traced_view(x, view, max_value: float) -> jax.Array:
+    """The view ``(rot90, hflip, invert)`` given as (traced) data on square float images
+    ``[n, h, h, c]``: one compiled function serves every view of a stored shape (the
+    grid evaluates ``digits`` and ``digits@rot90=1`` with one compile)."""
+    if x.shape[1] != x.shape[2]:
+        raise ValueError(f"a traced view needs square images, got shape {tuple(x.shape)}")
+    view = jnp.asarray(view, jnp.int32)
+    turns = [functools.partial(jnp.rot90, k=k, axes=(1, 2)) for k in range(4)]
+    x = jax.lax.switch(view[0] % 4, turns, x)
+    x = jnp.where(view[1] != 0, jnp.flip(x, axis=2), x)
+    return jnp.where(view[2] != 0, max_value - x, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +106,16 @@ class DevicePreprocess:
             images, image_size=self.image_size, max_value=self.max_value, rot90=self.rot90,
             hflip=self.hflip, invert=self.invert,
         )  # fmt: skip
+
+    @property
+    def view_code(self) -> np.ndarray:
+        """This view as data, int32 ``(rot90, hflip, invert)`` (see :func:`traced_view`)."""
+        return np.array([self.rot90, self.hflip, self.invert], np.int32)
+
+    def without_view(self) -> DevicePreprocess:
+        """The same resize and scaling with the identity view (static part of a split's
+        preprocess when its view travels as data)."""
+        return dataclasses.replace(self, rot90=0, hflip=False, invert=False)
 
     def jitted(self, images) -> jax.Array:
         """This preprocess alone under jit (outside a train step or eval)."""
