@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from qvec_jax import data as qdata
 from qvec_jax import grid_extras, grid_gptq, report, train, transfer
 from qvec_jax.config import apply_overrides, load_config
 from qvec_jax.files import atomic_write_text
+from qvec_jax.grid_store import GridStore
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_tiny.py"
 
@@ -34,8 +36,6 @@ QUICK = (
     "demo.fallback_pretext_epochs=3.0",
     "demo.pretext_epochs=3.0",
     "demo.pretext_warmup_steps=5",
-    "demo.tasks=digits_rot90,digits_inv,digits_flip",
-    "demo.fallback_tasks=digits_rot90,digits_inv,digits_flip",
     "demo.lambdas=(0.5, 1.0)",
     "demo.merge_methods=ties",
     "total_steps=12",
@@ -44,25 +44,80 @@ QUICK = (
 )
 
 
-def choose_tasks(cfg) -> tuple[str, float, list[str], str]:
-    """(pretext task, its epochs, downstream tasks, note): the Fashion-MNIST set when its
-    files are present, else the digits-only fallback, said out loud."""
-    data_dir = cfg.data.data_dir or None
-    pretext, tasks = cfg.demo.pretext_task, qdata.split_task_names(cfg.demo.tasks)
-    missing = [t for t in [pretext, *tasks] if not qdata.availability(t, data_dir)[0]]
+#: ``--quick``'s tasks (digits views, none of them in a test set).
+QUICK_TASKS = "digits_rot90,digits_inv,digits_flip"
+#: The task sets named in the config (``demo.<name>_tasks``, ``demo.fallback_<name>_tasks``;
+#: issue 12, ``data/task_sets.py``) and what the report says of each.
+TASK_SETS = {
+    "test": "never used for choices",
+    "dev": "where the recipe and its constants are chosen",
+}
+
+
+@dataclass(frozen=True)
+class DemoTasks:
+    """What the demo runs on: the pretext task, its epochs, the downstream tasks, the task
+    set (``{"name", "about"}``: grid.json's ``task_set``, the report's intro line) and a
+    note to print (why it fell back to digits), if any."""
+
+    pretext: str
+    pretext_epochs: float
+    tasks: list[str]
+    task_set: dict
+    note: str = ""
+
+
+def choose_tasks(cfg, which: str = "test") -> DemoTasks:
+    """The demo's tasks for ``which``: a set of the config (``test``, ``dev``), ``quick``,
+    or a comma list of task names (``custom``). Without the pretext's or a named set's
+    files, the digits-only fallback (pretext and set), said out loud in the note."""
+    d, data_dir = cfg.demo, cfg.data.data_dir or None
+    named = {"quick": QUICK_TASKS, **{k: d[f"{k}_tasks"] for k in TASK_SETS}}
+    tasks = qdata.split_task_names(named.get(which, which))
+    missing = [t for t in [d.pretext_task, *tasks] if not qdata.availability(t, data_dir)[0]]
     if not missing:
-        return pretext, float(cfg.demo.pretext_epochs), tasks, ""
+        label = task_set_label(cfg, which, fallback=False)
+        return DemoTasks(d.pretext_task, float(d.pretext_epochs), tasks, label)
+    if which in TASK_SETS:
+        tasks = qdata.split_task_names(d[f"fallback_{which}_tasks"])
+    fell_back = f" and its digits-only {which} set" if which in TASK_SETS else ""
     note = (
         f"{', '.join(missing)} not available on this machine, so the demo falls back to "
-        f"digits-only tasks. For the Fashion-MNIST demo: `apt-get install "
+        f"the digits pretext{fell_back}. For the Fashion-MNIST demo: `apt-get install "
         f"dataset-fashion-mnist`, or put its IDX files in $QVEC_DATA_DIR/fashion-mnist."
     )
-    pretext, tasks = cfg.demo.fallback_pretext_task, qdata.split_task_names(cfg.demo.fallback_tasks)
-    for t in [pretext, *tasks]:
+    for t in [d.fallback_pretext_task, *tasks]:
         ok, _, why = qdata.availability(t, data_dir)
         if not ok:
             raise FileNotFoundError(f"demo task {t!r} is not available: {why}")
-    return pretext, float(cfg.demo.fallback_pretext_epochs), tasks, note
+    label = task_set_label(cfg, which, fallback=True)
+    return DemoTasks(d.fallback_pretext_task, float(d.fallback_pretext_epochs), tasks, label, note)
+
+
+def task_set_label(cfg, which: str, *, fallback: bool) -> dict:
+    """``{"name", "about"}`` of the tasks ``which`` names; a config set overridden on the
+    command line is ``custom``, not the fixed set."""
+    if which == "quick":
+        return {"name": "quick", "about": "digits only, a few steps: checks the pipeline"}
+    if which not in TASK_SETS:
+        return {"name": "custom", "about": "tasks named with --tasks, not a fixed set"}
+    key = f"{'fallback_' if fallback else ''}{which}_tasks"
+    if cfg.demo[key] != load_config(CONFIG).demo[key]:
+        return {"name": "custom", "about": f"demo.{key} overridden, not the fixed {which} set"}
+    where = "digits-only fallback, " if fallback else ""
+    return {"name": which, "about": f"{where}fixed in configs/{CONFIG.name}, {TASK_SETS[which]}"}
+
+
+def set_line(task_set: dict) -> str:
+    """``task set: NAME (ABOUT)``: how the output and the report name the task set."""
+    return f"task set: {task_set['name']} ({task_set['about']})"
+
+
+def label_grid(grid_dir: Path, task_set: dict) -> None:
+    """Record the task set in the grid's ``grid.json`` (``qvec grid`` rewrites that file
+    without it, so a grid recomputed by hand is not labelled with a set it may not be)."""
+    store = GridStore(grid_dir)
+    store.write_meta(store.meta() | {"task_set": task_set})
 
 
 def pretext_config(cfg, task: str, epochs: float):
@@ -159,15 +214,24 @@ def _grid(cfg, workdir: Path, runs: Path, tasks: list[str], progress: bool, extr
 
 
 def run_demo(
-    workdir: str | os.PathLike, overrides=(), *, quick: bool = False, progress: bool = True
+    workdir: str | os.PathLike,
+    overrides=(),
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    tasks: str | None = None,
 ) -> dict:
-    """Run (or resume) the demo in ``workdir``; returns the report's paths and summary."""
+    """Run (or resume) the demo in ``workdir``; returns the report's paths and summary.
+    ``tasks``: ``"test"`` (the default; ``"quick"`` with ``quick``), ``"dev"`` or a comma
+    list of task names (see :func:`choose_tasks`)."""
     cfg = _load(overrides, quick)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    pretext, pretext_epochs, tasks, note = choose_tasks(cfg)
+    chosen = choose_tasks(cfg, tasks or ("quick" if quick else "test"))
+    pretext, tasks, note = chosen.pretext, chosen.tasks, chosen.note
     if note:
         print(f"note: {note}")
+    print(f"[demo] {set_line(chosen.task_set)}: {', '.join(tasks)}")
     # the extras' and GPTQ rows' settings are checked before any training
     extras = [s for s in (extras_of(cfg, pretext), gptq_of(cfg, pretext)) if s is not None]
     t0, times = time.perf_counter(), {}
@@ -178,19 +242,23 @@ def run_demo(
 
     print(f"[demo] 1/4 pretext: {cfg.model.variant} from scratch on {pretext}")
     pre = train.finetune(
-        pretext_config(cfg, pretext, pretext_epochs), str(workdir / "pretext"), progress=progress
+        pretext_config(cfg, pretext, chosen.pretext_epochs),
+        str(workdir / "pretext"),
+        progress=progress,
     )
     stage("pretext")
     print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
     runs = _finetune_all(cfg, workdir, tasks, progress)
     stage("finetune")
     cells = _grid(cfg, workdir, runs, tasks, progress, extras)
+    label_grid(workdir / "grid", chosen.task_set)
     stage("grid")
     out = report.write_report(workdir / "grid", cells=cells, extras=bool(cfg.demo.extras))
     stage("report")
     info = {
         "pretext": pretext,
         "tasks": tasks,
+        "task_set": chosen.task_set,
         "note": note,
         "seconds": times,
         "report": {k: str(v) for k, v in out["paths"].items()},
@@ -198,5 +266,6 @@ def run_demo(
     atomic_write_text(workdir / "demo.json", json.dumps(info, indent=1) + "\n")
     print("\n" + out["summary"])
     print(f"[demo] report: {workdir / 'grid'}  (summary.md, grid.csv, *.png)")
+    print(f"[demo] {set_line(chosen.task_set)}")
     print(f"[demo] total {sum(times.values()):.0f} s")
     return {**out, **info}

@@ -83,16 +83,19 @@ def test_unavailable_demo_tasks_fall_back_to_digits_and_say_so(tmp_path, monkeyp
     from qvec_jax.config import load_config
 
     monkeypatch.setenv("QVEC_DATA_DIR", str(tmp_path))  # no TFDS data here
-    cfg = load_config(demo.CONFIG, ["demo.tasks=cifar10,digits"])
-    pretext, epochs, tasks, note = demo.choose_tasks(cfg)
-    assert (pretext, epochs) == (cfg.demo.fallback_pretext_task, cfg.demo.fallback_pretext_epochs)
-    assert tasks == cfg.demo.fallback_tasks.split(",")
-    assert "cifar10" in note and "dataset-fashion-mnist" in note
+    cfg = load_config(demo.CONFIG, ["demo.dev_tasks=cifar10,digits"])
+    chosen = demo.choose_tasks(cfg, "dev")
+    assert (chosen.pretext, chosen.pretext_epochs) == (
+        cfg.demo.fallback_pretext_task,
+        cfg.demo.fallback_pretext_epochs,
+    )
+    assert chosen.tasks == cfg.demo.fallback_dev_tasks.split(",")
+    assert "cifar10" in chosen.note and "dataset-fashion-mnist" in chosen.note
 
-    cfg = load_config(demo.CONFIG, ["demo.fallback_tasks=cifar10"])
-    cfg.demo.tasks = "cifar10"
+    cfg = load_config(demo.CONFIG, ["demo.fallback_dev_tasks=cifar10"])
+    cfg.demo.dev_tasks = "cifar10"
     with pytest.raises(FileNotFoundError, match="cifar10"):
-        demo.choose_tasks(cfg)
+        demo.choose_tasks(cfg, "dev")
 
 
 @pytest.mark.slow
