@@ -161,12 +161,18 @@ def _per_receiver(cells: list[dict], metrics: dict) -> list[str]:
             accs = [c["acc"]["test"] for c in mine if c["kind"] == k and c["receiver"] == r]
             row.append(_pct(statistics.fmean(accs)) if accs else "-")
         rows.append(row)
-    header = [
-        "receiver",
-        "RTN(FP_R)",
-        *[k.replace(QV_KIND, "GPTQ+QV (mean over D)") for k in kinds],
-    ]
-    return ["", "Per receiver (test accuracy, %):", "", table(header, rows)]
+    return ["", "Per receiver (test accuracy, %):", "", table(_column_names(kinds), rows)]
+
+
+def _column_names(kinds: list[str]) -> list[str]:
+    """``gptq:donor`` -> ``GPTQ, donor``; ``gptq+qv:donor@s`` -> ``GPTQ+QV mean over D,
+    donor, lambda by s``."""
+    out = ["receiver", "RTN(FP_R)"]
+    for k in kinds:
+        kind, _, rest = k.partition(":")
+        name = "GPTQ" if kind == KIND else "GPTQ+QV mean over D"
+        out.append(f"{name}, {rest.replace('@', ', lambda by ')}")
+    return out
 
 
 def gptq_sections(cells: list[dict], metrics: dict, rows: list[dict] | None = None) -> list[str]:
