@@ -146,6 +146,7 @@ class TrainLoader:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+        self._it = iter(())  # drop grain's iterator now, not at interpreter exit
 
     def __enter__(self) -> TrainLoader:
         return self
