@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from qvec_jax import checkpoints, gptq, select, trees
 from qvec_jax import data as qdata
+from qvec_jax.grid_extras import DEFAULT_STRATEGY
 from qvec_jax.grid_inputs import GridError
 from qvec_jax.grid_store import GridStore, cell_key
 from qvec_jax.sharding import put
@@ -68,9 +69,6 @@ KIND = "gptq"
 QV_KIND = "gptq+qv"
 SOURCES = ("receiver", "donor", "pretext", "noise")
 QV_SOURCES = ("donor", "pretext", "noise")
-#: The no-receiver-data lambda strategy when none is configured: logit KL to FP_R on
-#: donor images (``qvec patch --lam auto``'s default with its default ``--proxy donor``).
-DEFAULT_STRATEGY = "proxy-donor-kl"
 _RECEIVER_DATA = ("unlabelled receiver", "labelled receiver")
 
 
@@ -99,7 +97,8 @@ class GptqCells:
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
-        if isinstance(self.calib_size, bool) or not int(self.calib_size) >= 1:
+        n = self.calib_size
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise GridError(f"gptq calib_size must be a whole number >= 1, got {self.calib_size}")
         bad = [s for s in self.sources if s not in SOURCES]
         if bad or not self.sources:
@@ -111,6 +110,8 @@ class GptqCells:
             )
         if self.pretext is not None:
             qdata.get_task(self.pretext)  # a typo fails here, with did-you-mean
+        elif self.qv_source == "pretext":
+            raise GridError("gptq qv_source 'pretext' needs the pretext task: pass pretext=")
         if self.strategy is not None:
             data = strategy_of(self.strategy).data
             if data in _RECEIVER_DATA:

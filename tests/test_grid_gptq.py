@@ -175,8 +175,13 @@ def test_options_are_checked_before_any_work():
         GptqCells(strategy="val-best")
     with pytest.raises(GridError, match="qv_source"):
         GptqCells(qv_source="receiver")
-    with pytest.raises(GridError, match="calib_size"):
-        GptqCells(calib_size=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(GridError, match="calib_size"):
+            GptqCells(calib_size=bad)
+    with pytest.raises(GridError, match="pretext"):
+        GptqCells(qv_source="pretext")
+    with pytest.raises(GridError, match="sources"):
+        GptqCells(sources=("receiver", "val"))
     with pytest.raises(select.SelectError):
         GptqCells(strategy="no-such")
 
