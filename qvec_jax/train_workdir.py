@@ -104,7 +104,8 @@ def batch_crc(crc: int, images, labels) -> int:
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     """Items: ``state`` (params, opt_state, step; sharded arrays) and ``progress`` (JSON:
-    step and data fingerprint). The data position IS the step (train_batches is O(1))."""
+    step and data fingerprint). The data position IS the step (the TrainLoader resumes at
+    any step in O(1))."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True)
     return ocp.CheckpointManager(
         os.path.join(workdir, "ckpt"), options=options, item_names=("state", "progress")

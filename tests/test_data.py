@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from qvec_jax import data as D
-from qvec_jax.data.pipeline import split_positions, train_positions
+from qvec_jax.data.loader import TrainLoader, stream_positions
+from qvec_jax.data.pipeline import split_positions
 from qvec_jax.data.registry import UnknownTaskError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,24 +181,26 @@ def test_resize_upscales_bilinear_within_range():
 # ----------------------------------------------------------------------------- batching
 
 
-def test_train_batches_deterministic_epoch_permutations_and_resume():
+def test_training_stream_is_a_function_of_the_seed_at_stored_size():
+    """The training input is data.loader.TrainLoader (grain), the one training order.
+    Here: two loaders with one seed agree batch for batch, another seed differs, every
+    batch is uint8 at the stored size. tests/test_loader.py asserts the rest against the
+    same loader: every epoch a permutation, O(1) resume at any step, per-host rows,
+    worker processes changing nothing."""
     split = D.load_split("digits", "train", image_size=8)
     n, b = len(split), 128
-    a = list(itertools.islice(D.train_batches(split, b, seed=2038), 25))
-    c = list(itertools.islice(D.train_batches(split, b, seed=2038), 25))
-    for (xa, ya), (xc, yc) in zip(a, c):
+
+    def stream(seed, k=25):
+        with TrainLoader(split, b, seed=seed) as it:
+            return list(itertools.islice(it, k))
+
+    a, c = stream(2038), stream(2038)
+    for (xa, ya), (xc, yc) in zip(a, c, strict=True):
         assert np.array_equal(xa, xc) and np.array_equal(ya, yc)
-    other = next(D.train_batches(split, b, seed=7))
-    assert not np.array_equal(other[1], a[0][1])
-    # the stream is a sequence of full permutations of the split
-    steps = -(-2 * n // b)
-    stream = np.concatenate([train_positions(n, b, seed=2038, step=s) for s in range(steps)])
-    assert sorted(stream[:n]) == list(range(n)) and sorted(stream[n : 2 * n]) == list(range(n))
+    assert not np.array_equal(stream(7, 1)[0][1], a[0][1])
     assert all(x.shape == (b, 8, 8) and x.dtype == np.uint8 for x, _ in a)  # stored size
-    # resuming at step 17 gives the uninterrupted run's batches 17..24
-    resumed = list(itertools.islice(D.train_batches(split, b, seed=2038, start_step=17), 8))
-    for (xa, ya), (xr, yr) in zip(a[17:], resumed):
-        assert np.array_equal(xa, xr) and np.array_equal(ya, yr)
+    pos = stream_positions(n, 2038, 0, 25 * b).reshape(25, b)  # 25 batches > 2 epochs
+    assert all(np.array_equal(y, split.labels[p]) for (_, y), p in zip(a, pos, strict=True))
     assert D.num_train_steps(split, b, 15) == -(-15 * n // b)
 
 
@@ -393,7 +396,7 @@ SHARD_CODE = textwrap.dedent(
     from qvec_jax import data as D
     assert jax.device_count() == 8, jax.devices()
     split = D.load_split("digits", "val", image_size=8)
-    x, y = next(D.train_batches(split, 64, seed=0))
+    x, y = split.get(np.arange(64))
     mesh = Mesh(np.array(jax.devices()), ("data",))
     gx, gy = D.shard_batch((x, y), mesh)
     assert gx.shape == x.shape and gy.shape == y.shape

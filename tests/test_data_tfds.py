@@ -18,6 +18,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("array_record")
 
 from qvec_jax import data as D  # noqa: E402
+from qvec_jax.data.loader import TrainLoader  # noqa: E402
 
 pytestmark = pytest.mark.tfds
 
@@ -114,8 +115,7 @@ def test_tfds_splits_sizes_disjoint_labels(tfds_root, in_memory):
 def test_tfds_streaming_matches_in_memory_and_resizes(tfds_root):
     mem = D.load_split(TASK, "train", image_size=16, data_dir=tfds_root, in_memory=True)
     stream = D.load_split(TASK, "train", image_size=16, data_dir=tfds_root, in_memory=False)
-    a = next(D.train_batches(mem, 32, seed=3, start_step=2))
-    b = next(D.train_batches(stream, 32, seed=3, start_step=2))
+    a, b = (next(TrainLoader(s, 32, seed=3, start_step=2, end_step=3)) for s in (mem, stream))
     assert a[0].shape == (32, SIZE, SIZE, 3) and a[0].dtype == np.uint8  # stored size
     assert mem.inputs([0, 1]).shape == (2, 16, 16, 3)  # resized on the device
     np.testing.assert_array_equal(a[0], b[0])

@@ -21,7 +21,6 @@ from qvec_jax.data.pipeline import (
     locate,
     num_train_steps,
     open_task,
-    train_batches,
     val_size,
 )
 from qvec_jax.data.registry import (
@@ -74,7 +73,6 @@ __all__ = [
     "register_task",
     "shard_batch",
     "split_task_names",
-    "train_batches",
     "val_size",
 ]
 

@@ -16,7 +16,7 @@ The stream is a pure function of ``(seed, step)``:
 
 Each batch is ``split.get(positions)`` (the Split decides the image dtype and size), so
 FP and QAT runs with one seed see the same batches. The order changed once, from NumPy
-epoch permutations (``pipeline.train_positions``) to grain's shuffle: runs started
+epoch permutations (the former ``pipeline.train_positions``) to grain's shuffle: runs started
 before cannot be resumed bit for bit (their checkpoints' data fingerprint names it).
 """
 

@@ -15,6 +15,9 @@ Splits are read once and held in memory as uint8 (cached per task, split, image_
 data root) unless they would exceed ``$QVEC_DATA_MAX_MB`` (default 2048) MiB of uint8;
 then they stream: every batch is read and decoded on demand from the source (TFDS
 array_record gives random access).
+
+Batching: :func:`eval_batches` (split order, padded and masked) for evaluation; the
+training stream (its order, resume and per-host rows) is :class:`qvec_jax.data.loader.TrainLoader`.
 """
 
 from __future__ import annotations
@@ -279,51 +282,10 @@ def load_split(
 # ----------------------------------------------------------------------------- batching
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch ``epoch``: ``np.random.default_rng([seed, epoch]).permutation(n)``."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def train_positions(n: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
-    """Positions of the examples in batch ``step`` of the training stream (O(1) in ``step``).
-
-    The stream is the concatenation of epoch permutations; batches run across epoch
-    boundaries, so every batch is full and no example is dropped.
-    """
-    pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, n)
-    out = np.empty_like(pos)
-    for e in np.unique(epochs):
-        sel = epochs == e
-        out[sel] = epoch_permutation(n, seed, int(e))[offsets[sel]]
-    return out
-
-
 def num_train_steps(split: Split | int, batch_size: int, epochs: float) -> int:
     """Optimizer steps for ``epochs`` passes over ``split`` at ``batch_size``: ceil(epochs*n/b)."""
     n = split if isinstance(split, int) else len(split)
     return max(1, math.ceil(epochs * n / batch_size))
-
-
-def train_batches(
-    split: Split, batch_size: int, *, seed: int, start_step: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Infinite deterministic uint8 ``(images, labels)`` stream; batch ``s`` depends only on
-    (seed, s).
-
-    FP and QAT runs with the same seed see the same batches; starting at ``start_step``
-    yields exactly what an uninterrupted run sees from that step on.
-    """
-    if batch_size < 1 or seed < 0 or start_step < 0:
-        raise ValueError(
-            "need batch_size >= 1, seed >= 0, start_step >= 0; "
-            f"got {batch_size}, {seed}, {start_step}"
-        )
-    n = len(split)
-    step = start_step
-    while True:
-        yield split.get(train_positions(n, batch_size, seed=seed, step=step))
-        step += 1
 
 
 def eval_batches(
@@ -353,13 +315,10 @@ __all__ = [
     "SPLITS",
     "Split",
     "clear_cache",
-    "epoch_permutation",
     "eval_batches",
     "load_split",
     "num_train_steps",
     "open_task",
     "split_positions",
-    "train_batches",
-    "train_positions",
     "val_size",
 ]
