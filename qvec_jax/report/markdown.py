@@ -222,9 +222,8 @@ def _matrix_section(metrics: dict) -> list[str]:
 def summary_markdown(metrics: dict, meta: dict | None = None, extra: Sequence[str] = ()) -> str:
     """The human summary: one table per lambda mode, baselines, donors, missing tasks.
     ``extra``: lines of further sections (e.g. ``report.baselines.gptq_sections``), placed
-    after the lambda modes; without them the summary is the RTN grid's alone."""
+    after the RTN grid's; without them the summary is the RTN grid's alone."""
     meta = meta or {}
     lines = _intro(metrics, meta) + _missing_and_warnings(meta) + _mode_sections(metrics)
-    lines += list(extra)
     lines += _baseline_section(metrics) + _donor_section(metrics) + _matrix_section(metrics)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + list(extra)) + "\n"
