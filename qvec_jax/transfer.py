@@ -64,6 +64,7 @@ from qvec_jax.grid_inputs import (
 )
 from qvec_jax.grid_store import SPLITS, GridStore, cell_key
 from qvec_jax.sharding import make_mesh, put, replicated
+from qvec_jax.train import COMPUTE_DTYPES
 
 __all__ = [
     "DEFAULT_LAMBDAS",
@@ -188,6 +189,27 @@ def _check_quantizer(store: GridStore, meta: dict, spec: quant.QuantSpec) -> Non
         )
 
 
+def _compute_dtype(compute_dtype) -> str:
+    """``run_grid``'s ``compute_dtype`` (a name or a dtype) as its name."""
+    try:
+        name = jnp.dtype(compute_dtype).name
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        raise GridError(f"compute_dtype={compute_dtype!r}: use one of {COMPUTE_DTYPES}")
+    return name
+
+
+def _check_compute_dtype(store: GridStore, meta: dict, name: str) -> None:
+    """Refuse a workdir that holds a grid computed in another dtype."""
+    old = meta.get("compute_dtype", "float32")
+    if meta and old != name:
+        raise GridError(
+            f"{store.workdir} holds a grid computed in {old}, not {name}; use another "
+            "--workdir for another compute dtype"
+        )
+
+
 def _check_backbone(store: GridStore, meta: dict, backbone: str | None) -> None:
     """Refuse a workdir that holds a grid over another backbone."""
     if meta.get("backbone_id") not in (None, backbone) and backbone is not None:
@@ -197,9 +219,11 @@ def _check_backbone(store: GridStore, meta: dict, backbone: str | None) -> None:
         )
 
 
-def _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings) -> dict:
-    """What ``grid.json`` records about a grid request."""
+def _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings, dtype) -> dict:
+    """What ``grid.json`` records about a grid request (the rule and the compute dtype
+    only when not the default)."""
     rule = {} if _rule_note(spec) is None else {"rule": _rule_note(spec)}
+    rule |= {} if dtype == "float32" else {"compute_dtype": dtype}
     return {
         "version": 1,
         "tasks": tasks,
@@ -235,6 +259,7 @@ def run_grid(
     device_cache_bytes: int = 1 << 30,
     shard: tuple[int, int] | None = None,
     extras=None,
+    compute_dtype="float32",
 ) -> list[dict]:
     """Compute every missing cell of the grid over ``tasks``; return all stored cells.
 
@@ -254,6 +279,9 @@ def run_grid(
     ``extras``: a ``grid_extras.Extras`` (lambda-strategy measurements, leave-one-out
     merges), a ``grid_gptq.GptqCells`` (GPTQ rows), or a sequence of them, computed in
     order after the main cells, under the same lock and shard.
+    ``compute_dtype``: "float32" or "bfloat16", the model's activations and matmuls in
+    every evaluation; params, QVs, the patch and PTQ stay float32 (PTQ before the cast).
+    ``grid.json`` names a non-default one; a rerun in another dtype is refused.
     """
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -262,13 +290,19 @@ def run_grid(
         raise GridError("no quantizer: pass bits= (and granularity=) or spec=QuantSpec(...)")
     spec = quant.as_spec(spec, bits=bits, granularity=granularity)
     lambdas = sorted({round(lam, 6) for lam in trees.check_lambdas(lambdas)} | {1.0})
+    dtype = _compute_dtype(compute_dtype)
+    if dtype != "float32" and extras:
+        raise GridError(
+            f"compute_dtype={dtype}: the extras and GPTQ rows compute in float32 only; run "
+            "them in a float32 grid (or drop --extras/--gptq)"
+        )
     store = GridStore(workdir)
     mine = _process_shard(shard)
     with store.lock(mine, command="qvec grid"):  # every process locks its own shard
         missing = _run_locked(
             tasks, runs_dir, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=mine,
-            extras=extras,
+            extras=extras, dtype=dtype,
         )  # fmt: skip
     if jax.process_count() > 1:  # the merged cells once every process has written its own
         from jax.experimental import multihost_utils
@@ -282,16 +316,17 @@ def run_grid(
 
 def _run_locked(
     tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, data_dir, progress,
-    device_cache_bytes, shard, extras=None,
+    device_cache_bytes, shard, extras=None, dtype="float32",
 ) -> list[str]:  # fmt: skip
     """``run_grid``'s body, run while this process holds its shard's lock; computes the
     shard's missing cells and returns the missing checkpoints."""
     old_meta = store.meta()
     _check_quantizer(store, old_meta, spec)
+    _check_compute_dtype(store, old_meta, dtype)
 
     ckpts, missing = find_checkpoints(tasks, runs_dir)
     warnings = check_compatible(ckpts)
-    meta = _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings)
+    meta = _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings, dtype)
     _check_backbone(store, old_meta, meta["backbone_id"])
     fingerprints = {c.fingerprint for c in ckpts.values()}
     done = {cell_key(c): c for c in store.cells(fingerprints)}
@@ -306,7 +341,7 @@ def _run_locked(
 
     if plan.todo:
         store.repair_tail(shard)
-        run = _GridRun(ckpts, spec, data_dir=data_dir)
+        run = _GridRun(ckpts, spec, data_dir=data_dir, compute_dtype=dtype)
         run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, shard)
     stages = extras if isinstance(extras, (list, tuple)) else () if extras is None else (extras,)
     for stage in stages:  # Extras, GptqCells: their cells after the main ones, in order
@@ -321,8 +356,9 @@ class _GridRun:
     """The cells of one grid call: checkpoints loaded (and checked) on demand, one
     receiver's FP params and one donor's QV on device at a time."""
 
-    def __init__(self, ckpts: dict, spec: quant.QuantSpec, *, data_dir):
+    def __init__(self, ckpts: dict, spec: quant.QuantSpec, *, data_dir, compute_dtype="float32"):
         self.ckpts, self.spec, self.data_dir = ckpts, spec, data_dir
+        self.dtype = compute_dtype  # of the model; params stay float32
         self.mesh = make_mesh(jax.local_devices())  # this process's cells, its devices
         self.replicated = replicated(self.mesh)
         self.host: dict[str, dict] = {}  # host copies of FP params, by task
@@ -338,6 +374,11 @@ class _GridRun:
             self.ref.update(sig=sig, name=c.name)
         check_same_backbone(sig, self.ref["sig"], c.name, self.ref["name"])
         return params
+
+    def model(self, r: str):
+        """Receiver ``r``'s model, computing in the grid's dtype."""
+        model = checkpoints.model_from_meta(self.ckpts[(r, "fp")].meta)
+        return model if self.dtype == "float32" else model.clone(dtype=jnp.dtype(self.dtype))
 
     def fp_params(self, task):  # cached only for the receiver being evaluated
         return self.host[task] if task in self.host else self.load(task, "fp")
@@ -391,7 +432,7 @@ class _GridRun:
         )
         with store.writer(shard) as out:
             for r, cells in by_receiver.items():
-                model = checkpoints.model_from_meta(self.ckpts[(r, "fp")].meta)
+                model = self.model(r)
                 evals = self.eval_sets(r, batch_size, cache_bytes)
                 self.host[r] = self.fp_params(r)
                 fp_dev = put(self.host[r], self.replicated)

@@ -32,6 +32,7 @@ from qvec_jax.cli.common import (
 )
 from qvec_jax.evaluate import accuracy
 from qvec_jax.files import atomic_write_text
+from qvec_jax.train import COMPUTE_DTYPES
 
 # ----------------------------------------------------------------------------- convert
 
@@ -328,6 +329,12 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--data-dir", default=None)
     p.add_argument(
+        "--compute-dtype",
+        default="float32",
+        choices=COMPUTE_DTYPES,
+        help="the model's activations and matmuls (default float32); params, PTQ: float32",
+    )
+    p.add_argument(
         "--json",
         default=None,
         help="also write the result to this JSON file (replaced if it exists)",
@@ -370,6 +377,9 @@ def _cmd_eval(args) -> int:
         "bits": args.bits,
         "granularity": args.granularity if args.bits else None,
     }
+    if args.compute_dtype != "float32":  # named only when not the default
+        model = model.clone(dtype=jax.numpy.dtype(args.compute_dtype))
+        out["compute_dtype"] = args.compute_dtype
     if meta.get("ptq"):  # already quantized (qvec ptq / a packed export): say how
         out["quantized"] = meta["ptq"]
     for split in splits:

@@ -188,6 +188,13 @@ def add_grid(sub) -> None:
     )
     p.add_argument("--data-dir", default=None)
     p.add_argument(
+        "--compute-dtype",
+        default=None,
+        choices=train.COMPUTE_DTYPES,
+        help="the model's activations and matmuls (default: the config's model.compute_dtype, "
+        "else float32); params, QVs and PTQ stay float32",
+    )
+    p.add_argument(
         "--allow-missing",
         action="store_true",
         help="exit 0 even if some checkpoints are missing (still listed)",
@@ -320,11 +327,17 @@ def shard_spec(text: str) -> tuple[int, int]:
 
 
 def _grid_settings(args) -> tuple:
-    """``(bits, granularity, batch_size, data_dir)``: the flags, else the config's values,
-    else the defaults (a flag given as 0 is refused by its type, never replaced)."""
+    """``(bits, granularity, batch_size, data_dir, compute_dtype)``: the flags, else the
+    config's values, else the defaults (a flag given as 0 is refused by its type, never
+    replaced)."""
     bits, gran, batch, data_dir = args.bits, args.granularity, args.batch_size, args.data_dir
+    dtype = args.compute_dtype
     if args.config:
         cfg = qconfig.load_config(args.config, args.overrides)
+        try:
+            dtype = dtype or train.compute_dtype(cfg).name
+        except train.TrainError as e:
+            raise QvecError(f"{args.config}: {e}") from None
         bits = cfg.quant.bits if bits is None else bits
         gran = gran or cfg.quant.granularity
         batch = cfg.eval_batch_size if batch is None else batch
@@ -338,7 +351,7 @@ def _grid_settings(args) -> tuple:
         raise QvecError("key=value overrides need --config")
     if bits is None:
         raise QvecError("no bit width: pass --bits B or --config C")
-    return bits, gran or "channel", 256 if batch is None else batch, data_dir
+    return bits, gran or "channel", 256 if batch is None else batch, data_dir, dtype or "float32"
 
 
 def task_names(text: str, option: str, *, one: bool = False) -> list[str]:
@@ -360,7 +373,7 @@ def task_names(text: str, option: str, *, one: bool = False) -> list[str]:
 def _cmd_grid(args) -> int:
     train.maybe_initialize_distributed(args.distributed)
     tasks = task_names(args.tasks, "--tasks")
-    bits, gran, batch, data_dir = _grid_settings(args)
+    bits, gran, batch, data_dir, dtype = _grid_settings(args)
     extras = [s for s in (extras_of(args), gptq_of(args)) if s is not None] or None
     lambdas = transfer.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
     workdir, runs = Path(args.workdir), args.runs or args.workdir
@@ -382,6 +395,7 @@ def _cmd_grid(args) -> int:
                 progress=not args.no_progress,
                 shard=args.shard,
                 extras=extras,
+                compute_dtype=dtype,
             )
         except transfer.MissingCheckpoints as e:
             missing, cells = e, e.cells

@@ -104,6 +104,9 @@ def _intro(metrics: dict, meta: dict) -> list[str]:
         f"Tasks ({len(tasks)}): {', '.join(tasks)}. Lambda grid: "
         f"{', '.join(f'{lam:g}' for lam in lambdas)}.",
     ]
+    if meta.get("compute_dtype"):  # only when not float32 (grid.json omits the default)
+        dt = meta["compute_dtype"]
+        lines.append(f"Model compute: **{dt}** (params, QVs and PTQ in float32).")
     if meta.get("task_set"):  # qvec demo's set (issue 12): which tasks these are
         ts = meta["task_set"]
         lines.append(f"Task set: **{ts['name']}** ({ts['about']}).")
