@@ -100,7 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
     # The no-receiver-data strategy of the report's heatmap and merge rows: fixed in
     # advance, never chosen on the tasks reported (choose it on a DEV task set).
     c.demo.select_strategy = "proxy-donor-kl"
-    c.demo.merge_methods = "mean,ties,dare,model_stock"
+    # Two methods keep the demo near 10 minutes on 2 cores (bench/grid_extras.py: a merge
+    # cell costs ~1.3 patch cells; 5 receivers x 11 lambdas each); all four:
+    # demo.merge_methods=mean,ties,dare,model_stock (about +85 s).
+    c.demo.merge_methods = "mean,ties"
     c.demo.proxy_size = 256
     # GPTQ rows (qvec_jax/grid_gptq.py): GPTQ(FP_R) calibrated on receiver train / another
     # task / pretext / noise images, and GPTQ(FP_R + lam QV_D) on the donor's images at
