@@ -104,7 +104,7 @@ def test_readme_method_example_runs(quick_demo):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"## The method in 15 lines\n\n```python\n(.*?)```", readme, re.S).group(1)
     code = (
-        code.replace("runs/demo/", f"{quick_demo}/")
+        code.replace("runs/demo-dev/", f"{quick_demo}/")
         .replace("/fmnist_a/", "/digits_rot90/")
         .replace("/digits/", "/digits_inv/")
     )
