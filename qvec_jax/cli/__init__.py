@@ -4,7 +4,8 @@ Library modules hold no argparse. :mod:`.common` has what all subcommands share
 (``QvecError``, the output check, checkpoint restore), :mod:`.model_cmds` the commands
 over checkpoints (convert, extract, patch, eval), :mod:`.quant_cmds` merge, ptq and
 export, :mod:`.run_cmds` the commands
-that run experiments (tasks, finetune, grid, report, demo).
+that run experiments (tasks, finetune, demo), :mod:`.grid_cmds` the transfer grid and its
+report (grid, report).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import os
 import sys
 
-from qvec_jax.cli import model_cmds, quant_cmds, run_cmds
+from qvec_jax.cli import grid_cmds, model_cmds, quant_cmds, run_cmds
 from qvec_jax.cli.common import QvecError
 
 __all__ = [
@@ -39,8 +40,8 @@ COMMANDS = (
     quant_cmds.add_ptq,
     quant_cmds.add_export,
     model_cmds.add_eval,
-    run_cmds.add_grid,
-    run_cmds.add_report,
+    grid_cmds.add_grid,
+    grid_cmds.add_report,
 )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qvec_jax import checkpoints
+from qvec_jax import checkpoints, data
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -233,3 +233,19 @@ def save(out: Path, params, meta: dict) -> None:
     with writing(out, "output"):
         checkpoints.save_params(out, jax.tree.map(np.asarray, params), meta)
     print(f"wrote {out}")
+
+
+def task_names(text: str, option: str, *, one: bool = False) -> list[str]:
+    """The task names of ``option``, each checked against the registry (with did-you-mean)
+    before anything looks for checkpoints or data."""
+    names = data.split_task_names(text)
+    if not names or (one and len(names) > 1):
+        raise QvecError(
+            f"{option} {text!r}: name {'one task' if one else 'tasks, comma-separated'}"
+        )
+    for name in names:
+        try:
+            data.get_task(name)
+        except ValueError as e:
+            raise QvecError(f"{option}: {e}") from None
+    return names
