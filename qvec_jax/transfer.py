@@ -29,18 +29,16 @@ appends to its own ``cells.shard-<i>-of-<n>.jsonl`` and holds its own lock
 (:meth:`GridStore.lock`); :meth:`GridStore.cells` merges all record files, so
 ``qvec report`` (or a final ``run_grid`` without a shard) reports the whole grid.
 
-Efficiency: params are jit *arguments*. ``PTQ(FP_R + lam * QV_D)`` is built by one
-jitted function of ``(fp, qv, lam)`` and evaluated by one jitted function of
-``(params, batch)``, so the whole grid compiles once per receiver model shape (not
-per cell); each patched, quantized tree lives on device only while it is evaluated.
+Efficiency (:mod:`qvec_jax.grid_run` evaluates the cells): params are jit *arguments*.
+``PTQ(FP_R + lam * QV_D)`` is built by one jitted function of ``(fp, qv, lam)`` and
+evaluated by one jitted function of ``(params, batch)``, so the whole grid compiles once
+per receiver model shape (not per cell); each patched, quantized tree lives on device
+only while it is evaluated.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,22 +46,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from tqdm.auto import tqdm
 
-from qvec_jax import checkpoints, quant, trees
-from qvec_jax import data as qdata
-from qvec_jax.evaluate import EvalSet
+from qvec_jax import quant, trees
 from qvec_jax.grid_inputs import (
     GridError,
     MissingCheckpoints,
-    backbone_signature,
     check_compatible,
-    check_same_backbone,
     find_checkpoints,
 )
-from qvec_jax.grid_store import SPLITS, GridStore, cell_key
-from qvec_jax.sharding import make_mesh, put, replicated
+from qvec_jax.grid_run import GridRun, patch_and_quantize, ptq_jit
+from qvec_jax.grid_store import GridStore, cell_key
 from qvec_jax.train import COMPUTE_DTYPES
 
 __all__ = [
@@ -77,23 +69,11 @@ __all__ = [
     "shard_of",
 ]
 
+#: ``grid_extras`` and ``grid_gptq`` import the cell evaluator from here.
+_GridRun = GridRun
+
 #: The paper's lambda grid (METHOD.md).
 DEFAULT_LAMBDAS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1.50)
-
-
-# ----------------------------------------------------------------------------- jitted parts
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def patch_and_quantize(fp_params, qv, lam, *, spec: quant.QuantSpec):
-    """``PTQ(FP_R + lam * QV_D)``; params, QV and lam are arguments (one compile per shape)."""
-    return quant.fake_quant_tree(trees.patch(fp_params, qv, lam), spec)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def ptq_jit(params, *, spec: quant.QuantSpec):
-    """``PTQ(params)``: the same rule and numbers as ``quant.ptq``."""
-    return quant.fake_quant_tree(params, spec)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -243,6 +223,25 @@ def _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings, dtype) 
     }
 
 
+def _request(tasks, bits, granularity, spec, lambdas, compute_dtype, extras) -> tuple:
+    """``run_grid``'s arguments checked and normalized: ``(tasks, spec, lambdas, dtype)``
+    (tasks deduplicated in order, lambdas sorted with 1.0 added, dtype as its name)."""
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise GridError("no tasks given; pass at least one task name")
+    if spec is None and bits is None:
+        raise GridError("no quantizer: pass bits= (and granularity=) or spec=QuantSpec(...)")
+    spec = quant.as_spec(spec, bits=bits, granularity=granularity)
+    lambdas = sorted({round(lam, 6) for lam in trees.check_lambdas(lambdas)} | {1.0})
+    dtype = _compute_dtype(compute_dtype)
+    if dtype != "float32" and extras:
+        raise GridError(
+            f"compute_dtype={dtype}: the extras and GPTQ rows compute in float32 only; run "
+            "them in a float32 grid (or drop --extras/--gptq)"
+        )
+    return tasks, spec, lambdas, dtype
+
+
 def run_grid(
     tasks: Sequence[str],
     runs_dir: str | os.PathLike,
@@ -283,19 +282,9 @@ def run_grid(
     every evaluation; params, QVs, the patch and PTQ stay float32 (PTQ before the cast).
     ``grid.json`` names a non-default one; a rerun in another dtype is refused.
     """
-    tasks = list(dict.fromkeys(tasks))
-    if not tasks:
-        raise GridError("no tasks given; pass at least one task name")
-    if spec is None and bits is None:
-        raise GridError("no quantizer: pass bits= (and granularity=) or spec=QuantSpec(...)")
-    spec = quant.as_spec(spec, bits=bits, granularity=granularity)
-    lambdas = sorted({round(lam, 6) for lam in trees.check_lambdas(lambdas)} | {1.0})
-    dtype = _compute_dtype(compute_dtype)
-    if dtype != "float32" and extras:
-        raise GridError(
-            f"compute_dtype={dtype}: the extras and GPTQ rows compute in float32 only; run "
-            "them in a float32 grid (or drop --extras/--gptq)"
-        )
+    tasks, spec, lambdas, dtype = _request(
+        tasks, bits, granularity, spec, lambdas, compute_dtype, extras
+    )
     store = GridStore(workdir)
     mine = _process_shard(shard)
     with store.lock(mine, command="qvec grid"):  # every process locks its own shard
@@ -341,7 +330,7 @@ def _run_locked(
 
     if plan.todo:
         store.repair_tail(shard)
-        run = _GridRun(ckpts, spec, data_dir=data_dir, compute_dtype=dtype)
+        run = GridRun(ckpts, spec, data_dir=data_dir, compute_dtype=dtype)
         run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, shard)
     stages = extras if isinstance(extras, (list, tuple)) else () if extras is None else (extras,)
     for stage in stages:  # Extras, GptqCells: their cells after the main ones, in order
@@ -350,115 +339,3 @@ def _run_locked(
             progress=progress, device_cache_bytes=device_cache_bytes, shard=shard,
         )  # fmt: skip
     return missing
-
-
-class _GridRun:
-    """The cells of one grid call: checkpoints loaded (and checked) on demand, one
-    receiver's FP params and one donor's QV on device at a time."""
-
-    def __init__(self, ckpts: dict, spec: quant.QuantSpec, *, data_dir, compute_dtype="float32"):
-        self.ckpts, self.spec, self.data_dir = ckpts, spec, data_dir
-        self.dtype = compute_dtype  # of the model; params stay float32
-        self.mesh = make_mesh(jax.local_devices())  # this process's cells, its devices
-        self.replicated = replicated(self.mesh)
-        self.host: dict[str, dict] = {}  # host copies of FP params, by task
-        self.qvs: dict[str, dict] = {}  # host QVs, by donor (kept for the whole run)
-        self.ref: dict = {}  # backbone signature of the first checkpoint loaded
-        self.qv_dev, self.qv_donor = None, None
-
-    def load(self, task: str, mode: str):
-        c = self.ckpts[(task, mode)]
-        params, _ = checkpoints.restore_params(c.path)
-        sig = backbone_signature(params)
-        if not self.ref:
-            self.ref.update(sig=sig, name=c.name)
-        check_same_backbone(sig, self.ref["sig"], c.name, self.ref["name"])
-        return params
-
-    def model(self, r: str):
-        """Receiver ``r``'s model, computing in the grid's dtype."""
-        model = checkpoints.model_from_meta(self.ckpts[(r, "fp")].meta)
-        return model if self.dtype == "float32" else model.clone(dtype=jnp.dtype(self.dtype))
-
-    def fp_params(self, task):  # cached only for the receiver being evaluated
-        return self.host[task] if task in self.host else self.load(task, "fp")
-
-    def qv_of(self, donor):
-        if donor not in self.qvs:
-            qv = trees.quantization_vector(self.load(donor, "qat"), self.fp_params(donor))
-            self.qvs[donor] = jax.tree.map(np.asarray, qv)
-        return self.qvs[donor]
-
-    def params_for(self, cell: dict, fp_dev):
-        """The (device) params a cell evaluates: FP_R, PTQ(FP_R), PTQ(QAT_R) or the patch."""
-        kind, d = cell["kind"], cell["donor"]
-        if kind == "fp":
-            return fp_dev
-        if kind == "ptq_fp":
-            return ptq_jit(fp_dev, spec=self.spec)
-        if kind == "ptq_qat":
-            return ptq_jit(put(self.load(cell["receiver"], "qat"), self.replicated), spec=self.spec)
-        if self.qv_donor != d:
-            self.qv_dev = None  # drop the previous donor's QV before placing the next
-            self.qv_dev, self.qv_donor = put(self.qv_of(d), self.replicated), d
-        lam = jnp.float32(cell["lam"])
-        return patch_and_quantize(fp_dev, self.qv_dev, lam, spec=self.spec)
-
-    def eval_sets(self, r: str, batch_size: int, cache_bytes: int) -> dict[str, EvalSet]:
-        image_size = int(self.ckpts[(r, "fp")].meta["image_size"])
-        return {
-            s: EvalSet(
-                qdata.load_split(r, s, image_size=image_size, data_dir=self.data_dir),
-                batch_size,
-                self.mesh,
-                cache_bytes,
-            )
-            for s in SPLITS
-        }
-
-    def compute(self, todo, store: GridStore, batch_size, cache_bytes, progress, shard):
-        """Evaluate ``todo`` receiver by receiver, appending each record to ``shard``'s
-        record file as it finishes."""
-        by_receiver: dict[str, list[dict]] = {}
-        for cell in todo:
-            by_receiver.setdefault(cell["receiver"], []).append(cell)
-        bar = tqdm(
-            total=len(todo),
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-            unit="cell",
-            desc="grid",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        with store.writer(shard) as out:
-            for r, cells in by_receiver.items():
-                model = self.model(r)
-                evals = self.eval_sets(r, batch_size, cache_bytes)
-                self.host[r] = self.fp_params(r)
-                fp_dev = put(self.host[r], self.replicated)
-                for cell in cells:
-                    out.append(self.evaluate(cell, model, fp_dev, evals, bar))
-                    bar.update(1)
-                self.qv_dev = self.qv_donor = fp_dev = None
-                self.host.pop(r, None)  # still reloadable if r is a later donor
-                del evals
-        bar.close()
-
-    def evaluate(self, cell: dict, model, fp_dev, evals: dict[str, EvalSet], bar) -> dict:
-        """One cell's record: its accuracy on every split, and how long it took."""
-        d = cell["donor"]
-        bar.set_postfix_str(
-            f"R={cell['receiver']} {cell['kind']}" + (f" D={d} lam={cell['lam']:g}" if d else "")
-        )
-        t0 = time.perf_counter()
-        params = self.params_for(cell, fp_dev)
-        acc = {s: e.accuracy(model, params) for s, e in evals.items()}
-        del params  # the patched, quantized tree is freed right after evaluation
-        return {
-            **cell,
-            "acc": acc,
-            "n": {s: e.n for s, e in evals.items()},
-            "bits": self.spec.bits,
-            "granularity": self.spec.granularity,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }

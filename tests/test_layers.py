@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     # 4 computation on models: evaluation, training, GPTQ, lambda selection
     "evaluate": 4, "train": 4, "train_step": 4, "train_workdir": 4, "gptq": 4, "select": 4,
     # 5 the transfer grid: its inputs, its store, its driver
-    "grid_inputs": 5, "grid_store": 5, "transfer": 5, "grid_extras": 5,
+    "grid_inputs": 5, "grid_store": 5, "grid_run": 5, "transfer": 5, "grid_extras": 5,
     "grid_gptq": 5,
     # 6 the report of a grid
     "report": 6,
