@@ -39,10 +39,10 @@ from qvec_jax.data.sources import (
     DigitsSource,
     FolderSource,
     IdxSource,
-    TfdsSource,
     data_root,
     read_idx,
 )
+from qvec_jax.data.tfds_source import TfdsSource
 from qvec_jax.sharding import shard_batch  # re-exported; placement lives in sharding
 
 __all__ = [

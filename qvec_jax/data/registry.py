@@ -12,7 +12,11 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, replace
 
-from qvec_jax.data.sources import DigitsSource, FolderSource, IdxSource, Source, TfdsSource
+from qvec_jax.data.sources import DigitsSource, FolderSource, IdxSource
+from qvec_jax.data.tfds_source import TfdsSource
+
+#: Every kind of image source a task can name.
+Source = DigitsSource | IdxSource | FolderSource | TfdsSource
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
