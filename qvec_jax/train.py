@@ -1,9 +1,10 @@
 """FP and QAT fine-tuning: one loop, one config, on a ``jax.sharding`` mesh, resumable.
 
 The step (optimizer, loss, jitted update) is ``qvec_jax.train_step``; this module runs
-it: setup, the loop with logging and checkpoints, and the final save and eval. With the
-same config and seed, FP and QAT start from the same params (same fresh head) and see
-the same batches in the same order, so ``QAT - FP`` isolates quantization.
+it: setup and the loop with logging and checkpoints (the final save and eval are
+``qvec_jax.train_workdir.finish``). With the same config and seed, FP and QAT start
+from the same params (same fresh head) and see the same batches in the same order, so
+``QAT - FP`` isolates quantization.
 
 Scale-out: a 1-D mesh ``("data",)`` over all devices (all hosts after
 ``jax.distributed.initialize()``). The batch is sharded over it; params and optimizer
@@ -32,7 +33,6 @@ import dataclasses
 import json
 import numbers
 import os
-import shutil
 import time
 from typing import Any
 
@@ -44,11 +44,9 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from qvec_jax import config as qconfig
 from qvec_jax import quant
 from qvec_jax.data.loader import TrainLoader, place_rows
-from qvec_jax.files import atomic_write_text
-from qvec_jax.sharding import make_mesh, replicated, state_shardings
+from qvec_jax.sharding import make_mesh, state_shardings
 from qvec_jax.train_step import (  # noqa: F401  (re-exported: train's public API)
     MODES,
     TrainError,
@@ -69,6 +67,8 @@ from qvec_jax.train_workdir import (
     check_config,
     checkpoint_manager,
     claim_workdir,
+    final_eval,  # noqa: F401  (re-exported: train's public API)
+    finish,
     lock,
     restore_state,
     save_state,
@@ -242,7 +242,7 @@ def finetune(
         _loop(run, end, progress)
         if end < run.total:
             return {"stopped_at": end, "total_steps": run.total}
-        return _finalize(run)
+        return finish(run)
 
 
 @dataclasses.dataclass
@@ -380,49 +380,3 @@ def _record(run: _Run, done: int, window: list, n_log: int, t_log: float) -> dic
         "examples_per_s": n_log * run.cfg.batch_size / dt if n_log else None,
         "data_crc": run.crc,
     }
-
-
-def _finalize(run: _Run) -> dict:
-    """Save the final params with their meta, evaluate, write results.json, and drop the
-    training-state checkpoints (they exist only to resume)."""
-    from qvec_jax import checkpoints
-
-    cfg, spec, is_main = run.cfg, run.spec, jax.process_index() == 0
-    meta = checkpoints.CheckpointMeta(
-        variant=cfg.model.variant, num_classes=run.task.num_classes,
-        image_size=cfg.model.image_size, task=cfg.task, mode=cfg.mode, seed=cfg.seed,
-        bits=spec.bits, granularity=spec.granularity, backbone_id=run.backbone,
-        steps=run.total, config=json.loads(qconfig.to_json(cfg)),
-    )  # fmt: skip
-    # Gather (undoes FSDP) on every process; the write itself is checkpoints.save_params's
-    # (multi-host: untested here, it must not need the other processes to join).
-    params = run.state["params"]
-    host_params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(run.mesh))(params))
-    if is_main:
-        checkpoints.save_params(run.path("params"), host_params, meta)
-    results = {k: meta[k] for k in ("task", "mode", "bits", "granularity", "steps")}
-    results.update(final_eval(cfg, run.model, params, run.task, spec, mesh=run.mesh))
-    if is_main:
-        atomic_write_text(run.path("results.json"), json.dumps(results, indent=2) + "\n")
-        shutil.rmtree(run.path("ckpt"), ignore_errors=True)
-    return results
-
-
-def final_eval(cfg, model, params, task, spec: quant.QuantSpec, *, mesh=None) -> dict:
-    """Val and test accuracy, FP and after PTQ with ``spec`` (reported, never used to
-    choose anything)."""
-    from qvec_jax import data as qdata
-    from qvec_jax.evaluate import accuracy
-
-    out = {}
-    for name in ("val", "test"):
-        split = qdata.load_split(
-            task, name, image_size=cfg.model.image_size, data_dir=cfg.data.data_dir or None
-        )
-        kw = dict(batch_size=cfg.eval_batch_size, mesh=mesh)
-        out[name] = {
-            "fp": accuracy(model, params, split, **kw),
-            "ptq": accuracy(model, params, split, spec, **kw),
-            "n": len(split),
-        }
-    return out

@@ -12,6 +12,7 @@ The step runs on a 1-D ``("data",)`` mesh: the batch is sharded over it; the sta
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -142,6 +143,27 @@ def loss_fn(params, model, images, labels, *, spec=None, label_smoothing=0.0):
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
+def _accumulate(grad, params, images, labels, accum: int, mesh):
+    """The mean ``(loss, grads)`` of ``grad(images, labels)`` over ``accum`` equal
+    micro-batches of the global batch (micro j = rows j, j+accum, ..., each spread over
+    all devices), summed in a ``lax.scan``: one micro-batch's activations at a time."""
+    m = images.shape[0] // accum
+
+    def micro(x):  # [B, ...] -> [accum, m, ...]
+        x = x.reshape(m, accum, *x.shape[1:])
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+        return jax.lax.with_sharding_constraint(
+            jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, "data"))
+        )
+
+    def body(carry, xy):
+        return jax.tree.map(jnp.add, carry, grad(*xy)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zero, (micro(images), micro(labels)))
+    return jax.tree.map(lambda g: g / accum, (loss, grads))
+
+
 def make_train_step(
     model, tx, mesh, state_sharding, *, mode, spec=None, accum=1, label_smoothing=0.0,
     preprocess=None,
@@ -176,22 +198,8 @@ def make_train_step(
         if accum == 1:
             loss, grads = grad_fn(params, model, images, labels, **kw)
         else:
-            m = images.shape[0] // accum
-
-            def micro(x):  # [B, ...] -> [accum, m, ...]; micro j = rows j, j+accum, ...
-                x = x.reshape(m, accum, *x.shape[1:])
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
-                return jax.lax.with_sharding_constraint(
-                    jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, "data"))
-                )
-
-            def body(carry, xy):
-                loss, grads = grad_fn(params, model, *xy, **kw)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(body, zero, (micro(images), micro(labels)))
-            loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
+            grad = functools.partial(grad_fn, params, model, **kw)
+            loss, grads = _accumulate(grad, params, images, labels, accum, mesh)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {
             "params": optax.apply_updates(params, updates),

@@ -1,5 +1,6 @@
-"""A fine-tune's workdir: its config, its lock, its metrics file and its resumable
-training-state checkpoints (``train.finetune`` drives them; layout in ``train``).
+"""A fine-tune's workdir: its config, its lock, its metrics file, its resumable
+training-state checkpoints, and its end: the final params and results.json
+(:func:`finish`, :func:`final_eval`; ``train.finetune`` drives them; layout in ``train``).
 
 Nothing here writes before :func:`claim_workdir`: :func:`check_config` only reads, so
 a run refused for a bad config or setup leaves no file a corrected rerun would trip on.
@@ -18,7 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qvec_jax import config as qconfig
+from qvec_jax import quant
 from qvec_jax.files import atomic_write_text, workdir_lock
+from qvec_jax.sharding import replicated
 from qvec_jax.train_step import TrainError
 
 __all__ = [
@@ -26,6 +29,8 @@ __all__ = [
     "check_config",
     "checkpoint_manager",
     "claim_workdir",
+    "final_eval",
+    "finish",
     "lock",
     "restore_state",
     "save_state",
@@ -135,3 +140,50 @@ def restore_state(mngr, abstract, shardings):
         ),
     )
     return r.state, int(r.progress["step"]), int(r.progress["crc"])
+
+
+def finish(run) -> dict:
+    """The end of ``train.finetune`` (``run`` is its ``_Run``): save the final params
+    with their meta, evaluate, write results.json, and drop the training-state
+    checkpoints (they exist only to resume)."""
+    from qvec_jax import checkpoints
+
+    cfg, spec, is_main = run.cfg, run.spec, jax.process_index() == 0
+    meta = checkpoints.CheckpointMeta(
+        variant=cfg.model.variant, num_classes=run.task.num_classes,
+        image_size=cfg.model.image_size, task=cfg.task, mode=cfg.mode, seed=cfg.seed,
+        bits=spec.bits, granularity=spec.granularity, backbone_id=run.backbone,
+        steps=run.total, config=json.loads(qconfig.to_json(cfg)),
+    )  # fmt: skip
+    # Gather (undoes FSDP) on every process; the write itself is checkpoints.save_params's
+    # (multi-host: untested here, it must not need the other processes to join).
+    params = run.state["params"]
+    host_params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(run.mesh))(params))
+    if is_main:
+        checkpoints.save_params(run.path("params"), host_params, meta)
+    results = {k: meta[k] for k in ("task", "mode", "bits", "granularity", "steps")}
+    results.update(final_eval(cfg, run.model, params, run.task, spec, mesh=run.mesh))
+    if is_main:
+        atomic_write_text(run.path("results.json"), json.dumps(results, indent=2) + "\n")
+        shutil.rmtree(run.path("ckpt"), ignore_errors=True)
+    return results
+
+
+def final_eval(cfg, model, params, task, spec: quant.QuantSpec, *, mesh=None) -> dict:
+    """Val and test accuracy, FP and after PTQ with ``spec`` (reported, never used to
+    choose anything)."""
+    from qvec_jax import data as qdata
+    from qvec_jax.evaluate import accuracy
+
+    out = {}
+    for name in ("val", "test"):
+        split = qdata.load_split(
+            task, name, image_size=cfg.model.image_size, data_dir=cfg.data.data_dir or None
+        )
+        kw = dict(batch_size=cfg.eval_batch_size, mesh=mesh)
+        out[name] = {
+            "fp": accuracy(model, params, split, **kw),
+            "ptq": accuracy(model, params, split, spec, **kw),
+            "n": len(split),
+        }
+    return out
