@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     # 1 core: the method's primitives and tiny utilities
     "paths": 1, "quant": 1, "trees": 1, "config": 1, "files": 1,
     # 2 trees of arrays: packing, QV merges, the model
-    "packing": 2, "merge": 2, "topk": 2, "models": 2,
+    "packing": 2, "merge": 2, "merge_spec": 2, "topk": 2, "models": 2,
     # 3 storage and data: foreign weights, our checkpoints, packed exports, tasks, devices
     "pretrained": 3, "checkpoints": 3, "export": 3, "data": 3, "sharding": 3,
     # 4 computation on models: evaluation, training, GPTQ, lambda selection
