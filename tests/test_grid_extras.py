@@ -215,7 +215,7 @@ def test_cli_refuses_bad_extras_options(grids, tmp_path, capsys):
     runs, _, ext = grids
     base = ["grid", "--tasks", ",".join(TASKS), "--runs", str(runs), "--bits", "2"]
     rc = cli.main([*base, "--workdir", str(tmp_path / "a"), "--pretext", "digits_b"])
-    assert rc != 0 and "--pretext applies with --extras only" in capsys.readouterr().err
+    assert rc != 0 and "--pretext applies with --extras or --gptq only" in capsys.readouterr().err
     rc = cli.main(
         [*base, "--workdir", str(tmp_path / "b"), "--extras", "--strategy", "proxy-rx32-kl"]
     )
