@@ -28,7 +28,7 @@ from vit_layouts import (  # noqa: F401
 )
 
 from qvec_jax import checkpoints as ck
-from qvec_jax import pretrained, train
+from qvec_jax import pretrained, train_workdir
 from qvec_jax.cli import main as cli_main
 
 # ------------------------------------------------------------------------ orbax params
@@ -158,19 +158,19 @@ def test_restore_errors_name_the_path(tmp_path):
 
 
 def test_train_state_roundtrip_keeps_structure_dtypes_and_the_optimizer(tmp_path, ref):
-    """The resumable state as ``train`` checkpoints it (its orbax CheckpointManager)."""
+    """The resumable state as ``train`` checkpoints it (train_workdir's CheckpointManager)."""
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
     params = jax.tree.map(jnp.asarray, ref[1])
     grads = jax.tree.map(lambda x: np.full(x.shape, 0.1, np.float32), ref[1])
     update = jax.jit(tx.update)  # eager optax compiles op by op: slow
     _, opt_state = update(grads, jax.jit(tx.init)(params), params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.int32(17)}
-    mngr = train._checkpoint_manager(str(tmp_path), keep=2)
-    train._save(mngr, 17, state, crc=12345)
+    mngr = train_workdir.checkpoint_manager(str(tmp_path), keep=2)
+    train_workdir.save_state(mngr, 17, state, crc=12345)
     mngr.wait_until_finished()
     abstract = jax.eval_shape(lambda: state)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    restored, step, crc = train._restore(mngr, abstract, shardings)
+    restored, step, crc = train_workdir.restore_state(mngr, abstract, shardings)
     assert (step, crc) == (17, 12345)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
@@ -182,7 +182,7 @@ def test_train_state_roundtrip_keeps_structure_dtypes_and_the_optimizer(tmp_path
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, u1, u2)))
     wrong = {**abstract, "params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}}
     with pytest.raises(ValueError):
-        train._restore(mngr, wrong, {**shardings, "params": {"w": shardings["step"]}})
+        train_workdir.restore_state(mngr, wrong, {**shardings, "params": {"w": shardings["step"]}})
     mngr.close()
 
 
