@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 
-
 from qvec_jax import config as qconfig
 from qvec_jax import data, demo, train
 from qvec_jax.cli.common import (
