@@ -90,6 +90,8 @@ def main() -> None:
     print(f"extras:     {t2 - t1:.1f} s wall")
     for k, n in sorted(kinds.items()):
         print(f"  {k:8s} {n:4d} cells, {secs[k]:7.1f} s in cells ({secs[k] / n:.3f} s/cell)")
+    per = " ".join(f"{k}_s_per_cell={secs[k] / n:.3f}" for k, n in sorted(kinds.items()))
+    print(f"headline: main_s={t1 - t0:.1f} extras_s={t2 - t1:.1f} {per}")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,12 @@ def main(argv=None):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     tree_gib = 4 * sum(x.size for x in flat.values()) / 2**30
     print(f"peak RSS {rss:.2f} GiB (the tree itself: {tree_gib:.2f} GiB)")
+    ptq_x = statistics.median(a / b for a, b in zip(ts["q.ptq"], floor))
+    print(
+        f"headline: ptq_ms={1e3 * statistics.median(ts['q.ptq']):.1f} "
+        f"floor_ms={1e3 * statistics.median(floor):.1f} ptq_x_floor={ptq_x:.2f} "
+        f"peak_rss_gib={rss:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -254,6 +254,8 @@ def main(argv=None) -> int:
             f"QAT/FP {res['torch']['ratio']:.3f}   (Linear wrapper, w + (fq(w) - w).detach(); "
             f"{t['threads']} threads, {t['model']})"
         )
+    line = " ".join(f"{k}_qat_over_fp={v['ratio']:.3f}" for k, v in res.items() if "ratio" in v)
+    print(f"headline: {line or 'no_measurement=1'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
