@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 
 from qvec_jax import checkpoints, data, merge, select
 from qvec_jax.files import atomic_write_text
+from qvec_jax.grid_run import GridRun, patch_and_quantize
 from qvec_jax.grid_store import GridStore, cell_key
 from qvec_jax.sharding import put
-from qvec_jax.transfer import _GridRun, patch_and_quantize, shard_of
+from qvec_jax.transfer import shard_of
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -185,7 +186,7 @@ def plan_extras(ex: Extras, tasks, ckpts, lambdas, cands, done: dict) -> list[di
     return todo
 
 
-class _ExtrasRun(_GridRun):
+class _ExtrasRun(GridRun):
     """The grid's loader (checkpoints, host QVs, eval sets) plus proxy inputs and merges."""
 
     def __init__(self, ex: Extras, ckpts, spec, cands, kw):

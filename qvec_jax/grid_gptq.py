@@ -44,9 +44,10 @@ from qvec_jax import checkpoints, gptq, select, trees
 from qvec_jax import data as qdata
 from qvec_jax.grid_extras import DEFAULT_STRATEGY
 from qvec_jax.grid_inputs import GridError
+from qvec_jax.grid_run import GridRun
 from qvec_jax.grid_store import GridStore, cell_key
 from qvec_jax.sharding import put
-from qvec_jax.transfer import _GridRun, shard_of
+from qvec_jax.transfer import shard_of
 
 __all__ = [
     "DEFAULT_STRATEGY",
@@ -135,7 +136,7 @@ class GptqCells:
             todo = [c for c in todo if shard_of(c, tasks, shard[1]) == shard[0]]
         if todo:
             store.repair_tail(shard)
-            run = _GridRun(ckpts, spec, data_dir=kw.get("data_dir"))
+            run = GridRun(ckpts, spec, data_dir=kw.get("data_dir"))
             cands = (0.0, *[float(x) for x in lambdas if float(x) != 0.0])
             _Job(self, run, stored, cands, kw).compute(todo, store, shard)
         return len(todo)

@@ -69,8 +69,6 @@ __all__ = [
     "shard_of",
 ]
 
-#: ``grid_extras`` and ``grid_gptq`` import the cell evaluator from here.
-_GridRun = GridRun
 
 #: The paper's lambda grid (METHOD.md).
 DEFAULT_LAMBDAS = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1.50)
