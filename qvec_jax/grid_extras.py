@@ -142,13 +142,7 @@ class Extras:
 
 def read_extras_settings(workdir) -> dict:
     """The ``extras.json`` of a grid workdir (``{}`` if none)."""
-    path = Path(workdir) / EXTRAS_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e}); delete it and rerun qvec grid") from e
+    return GridStore(workdir).read_json(EXTRAS_FILE)
 
 
 def _src(ckpts, r: str, donors: list[str], merged: bool) -> dict[str, str]:

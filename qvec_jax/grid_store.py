@@ -140,7 +140,11 @@ class GridStore:
 
     def meta(self) -> dict:
         """The grid's ``grid.json`` (``{}`` when there is none yet)."""
-        path = self.meta_path
+        return self.read_json(self.meta_path.name)
+
+    def read_json(self, name: str) -> dict:
+        """A JSON file of the workdir (``{}`` when absent); a corrupt one names its path."""
+        path = self.workdir / name
         if not path.exists():
             return {}
         try:
