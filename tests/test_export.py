@@ -42,12 +42,20 @@ def test_round_trip_is_ptq(demo, tmp_path, bits, granularity):
     loaded, header = E.load_packed(f)
     assert_same_tree(loaded, q.ptq(params, spec))
     assert header["meta"] == meta
-    assert (header["bits"], header["granularity"], header["version"]) == (bits, granularity, 1)
+    assert (header["bits"], header["granularity"], header["version"]) == (bits, granularity, 2)
     assert header["rule"][0] == [spec.rule.patterns[0][0].pattern, [1, 2]]
     # tensor bytes = size_report exactly; the rest is the safetensors JSON header
     assert size == f.stat().st_size == E.packed_size(params, spec, meta=meta)
     (n_header,) = struct.unpack("<Q", f.read_bytes()[:8])
-    assert size - 8 - n_header == q.size_report(params, spec)["total_bytes"]
+    total = q.size_report(params, spec)["total_bytes"]
+    assert size - 8 - n_header == total
+    # the concatenated layout keeps the header small even for the tiny demo model
+    assert n_header + 8 <= 0.02 * total
+    with safe_open(str(f), framework="numpy") as g:
+        assert set(g.keys()) == {"codes", "scales", "rest.float32"}
+    index = header["index"]
+    assert [e[0] for e in index] == list(flatten(params))
+    assert {e[0] for e in index if e[3] is not None} == set(spec.rule.select(params))
 
 
 def test_gptq_tree_round_trip(demo, tmp_path):
@@ -61,11 +69,13 @@ def test_gptq_tree_round_trip(demo, tmp_path):
         E.export_packed(qt, tmp_path / "x.safetensors", 2)
 
 
+@pytest.mark.parametrize("variant,classes,size", [("B/16", 1000, 224), ("demo/4", 10, 16)])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_vit_b16_size_within_2pct_of_size_report(bits):
-    abstract = create_model("B/16", num_classes=1000).abstract_params()
+def test_size_within_2pct_of_size_report(bits, variant, classes, size):
+    abstract = create_model(variant, num_classes=classes, image_size=size).abstract_params()
     total = q.size_report(abstract, bits)["total_bytes"]
-    assert 0 <= E.packed_size(abstract, bits) - total <= 0.02 * total
+    meta = {"variant": variant, "num_classes": classes, "image_size": size}
+    assert 0 <= E.packed_size(abstract, bits, meta=meta) - total <= 0.02 * total
 
 
 def test_refuses_foreign_files(tmp_path, demo):
@@ -85,12 +95,26 @@ def test_refuses_foreign_files(tmp_path, demo):
     E.export_packed(params, good, 2)
     with safe_open(str(good), framework="numpy") as f:
         md, arrays = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    cut = tmp_path / "cut.safetensors"
-    save_file({k: v for k, v in arrays.items() if not k.endswith(":packed")}, str(cut), md)
-    with pytest.raises(
-        E.ExportError, match="cut.safetensors: damaged .*: no packed codes for Transformer/"
-    ):
-        E.load_packed(cut)
+    damaged = {
+        "no-codes": ({k: v for k, v in arrays.items() if k != "codes"}, md, "'codes'"),
+        "short": (arrays | {"scales": arrays["scales"][:-1]}, md, "'scales' ends before"),
+        "long": (arrays | {"codes": np.append(arrays["codes"], np.uint8(0))}, md,
+                 "'codes' holds more"),
+        "dtype": (arrays | {"codes": arrays["codes"].astype(np.int32)}, md, "'codes' is int32"),
+        "index": (arrays, md | {"qvec_jax": md["qvec_jax"].replace('"packed":"', '"packed":"!')},
+                  "unreadable index"),
+    }  # fmt: skip
+    for name, (tensors, metadata, why) in damaged.items():
+        cut = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(cut), metadata)
+        with pytest.raises(E.ExportError, match=f"{name}.safetensors: damaged .*{why}") as e:
+            E.load_packed(cut)
+        assert "\n" not in str(e.value)
+    old = tmp_path / "v1.safetensors"
+    v1 = md["qvec_jax"].replace('"version":2', '"version":1')
+    save_file(arrays, str(old), md | {"qvec_jax": v1})
+    with pytest.raises(E.ExportError, match="version 1 is not 2; re-export"):
+        E.load_packed(old)
 
 
 def test_bad_export_leaves_target_untouched(demo, tmp_path):
