@@ -87,12 +87,7 @@ class Extras:
     seed: int = 0
 
     def __post_init__(self):
-        names = {s.name: s for s in measured_strategies(self.proxy_n, self.rx_shots)}
-        if self.strategy not in names:
-            raise select.SelectError(
-                f"extras strategy {self.strategy!r}: not one of the measured {sorted(names)}"
-            )
-        s = names[self.strategy]
+        s = select.get_strategy(self.strategy, measured_strategies(self.proxy_n, self.rx_shots))
         if s.data in ("unlabelled receiver", "labelled receiver"):
             raise select.SelectError(
                 f"extras strategy {self.strategy!r} uses {s.data} data; name one that "

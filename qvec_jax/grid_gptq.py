@@ -33,7 +33,6 @@ on R's val and test splits with the grid's ``EvalSet``.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 import time
 
@@ -62,7 +61,6 @@ __all__ = [
     "overlaps",
     "plan_cells",
     "stored_choices",
-    "strategy_of",
     "todo_cells",
 ]
 
@@ -114,7 +112,7 @@ class GptqCells:
         elif self.qv_source == "pretext":
             raise GridError("gptq qv_source 'pretext' needs the pretext task: pass pretext=")
         if self.strategy is not None:
-            data = strategy_of(self.strategy).data
+            data = select.get_strategy(self.strategy).data
             if data in _RECEIVER_DATA:
                 raise GridError(
                     f"gptq strategy {self.strategy!r} uses {data} data; the GPTQ+QV row "
@@ -143,16 +141,6 @@ class GptqCells:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def strategy_of(name: str) -> select.Strategy:
-    """A lambda strategy by name: one of ``select.default_strategies``, or a proxy on
-    another number of images (``proxy-donor64-kl``, as ``qvec grid --proxy-size 64``
-    names it)."""
-    m = re.fullmatch(r"proxy-(donor|pretext|noise)(\d+)-(kl|agree|cos)", name)
-    if m:
-        return select.Proxy(m[1], m[3], n=int(m[2]))
-    return select.get_strategy(name)
 
 
 def overlaps(a: str | None, b: str | None) -> bool:
@@ -245,12 +233,16 @@ def _cell(kind, r, d, lam, sources, calib) -> dict:
 
 
 def stored_choices(stored: list[dict], strategy: str | None) -> dict[tuple, dict]:
-    """``{(receiver, donor): Choice dict}`` of ``strategy`` from the grid's ``scores``
-    cells (:mod:`qvec_jax.grid_extras`), where they hold it."""
-    out = {}
+    """``{(receiver, donor): Choice dict}`` of ``strategy`` re-decided from the grid's
+    ``scores`` cells (:mod:`qvec_jax.grid_extras`) that hold its measurement (so a
+    strategy with tuned constants reuses them too)."""
+    if strategy is None:
+        return {}
+    s, out = select.get_strategy(strategy), {}
     for c in stored:
-        choice = ((c.get("scores") or {}).get("choices") or {}).get(strategy)
-        if c.get("kind") == "scores" and choice is not None:
+        rec = c.get("scores") or {}
+        if c.get("kind") == "scores" and (s.key is None or s.key in rec):
+            choice = select.choose(s, rec).to_dict()
             out[(c["receiver"], c["donor"])] = choice | {"from": "the grid's scores cell"}
     return out
 
@@ -353,7 +345,7 @@ class _Job:
     def choose(self, fp, d: str, model, size: int) -> dict:
         """The strategy's pick of lam for (d, R) under the RTN spec, over 0 and the grid's
         lambdas, measured here (no ``scores`` cell holds it)."""
-        s = strategy_of(self.opts.strategy)
+        s = select.get_strategy(self.opts.strategy)
         inputs = {}
         if s.data in ("donor", "pretext"):
             task = d if s.data == "donor" else self.opts.pretext

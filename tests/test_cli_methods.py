@@ -205,11 +205,12 @@ def test_auto_lambda_names_its_proxy_data(
 
 def test_auto_lambda_weight_only_strategy_uses_no_data(capsys, ck, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_split", None)  # any read of a split would fail
-    out, _, meta = _auto(capsys, ck, tmp_path, "--strategy", "norm-ratio")
     fp, qv = _p(ck / "digits_fp")[0], _p(ck / "qv_digits_rot90")[0]
-    want = select.select_lambda(fp, qv, 2, strategy="norm-ratio")
-    assert f"lambda {want.lam:g} chosen by norm-ratio" in out and "data: none" in out
-    assert meta["patch"]["lam"] == want.lam and meta["patch"]["select"]["inputs"] is None
+    for name in ("norm-ratio", "norm-ratio:multiple=0.25"):  # tuned constants work too
+        out, _, meta = _auto(capsys, ck, tmp_path / name, "--strategy", name)
+        want = select.select_lambda(fp, qv, 2, strategy=name)
+        assert f"lambda {want.lam:g} chosen by {name}" in out and "data: none" in out
+        assert meta["patch"]["lam"] == want.lam and meta["patch"]["select"]["inputs"] is None
 
 
 def test_auto_lambda_refusals_name_the_option(capsys, ck, tmp_path):
@@ -227,6 +228,12 @@ def test_auto_lambda_refusals_name_the_option(capsys, ck, tmp_path):
         ["patch", fp, qv, out, "--lam", "auto", "--proxy", "digts"],
         ["--proxy", "digts"],
     )
+    for bad, says, code in [
+        ("norm-ratio:scale=2", "no constant 'scale'", cli.EXIT_ERROR),
+        ("proxy-l2", "'proxy-l2': use one of", cli.EXIT_USAGE),
+    ]:
+        argv = ["patch", fp, qv, out, "--lam", "auto", "--strategy", bad]
+        refused(capsys, ck, argv, [says], code=code)
     # a merged QV has no single donor task to default to
     merged = [ck / "qv_digits_rot90", ck / "qv_digits_inv", tmp_path / "m"]
     assert cli.main(["merge", *map(str, merged)]) == 0

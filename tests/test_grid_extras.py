@@ -21,6 +21,7 @@ from qvec_jax.grid_inputs import checkpoint_path, find_checkpoints
 from qvec_jax.grid_store import GridStore, cell_key, lam_key
 from qvec_jax.report import extras as rx
 from qvec_jax.report import strategies as rs
+from qvec_jax.report import tune
 
 METHODS = ("mean", "ties")
 EXTRAS = grid_extras.Extras(methods=METHODS, pretext="digits_b")
@@ -222,4 +223,52 @@ def test_cli_refuses_bad_extras_options(grids, tmp_path, capsys):
     assert rc != 0 and "uses unlabelled receiver data" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     rc = cli.main(["report", str(ext), "--out", str(tmp_path / "r"), "--strategy", "nope"])
-    assert rc != 0 and "not one the grid measured" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc != 0 and "unknown lambda strategy 'nope'" in err and "this grid measured" in err
+    out = tmp_path / "tuned"
+    assert (
+        cli.main(["report", str(ext), "--out", str(out), "--strategy", "norm-ratio:multiple=2"])
+        == 0
+    )
+    assert "`norm-ratio:multiple=2`" in (out / "summary.md").read_text()
+
+
+def test_tune_ranks_variants_by_the_fixed_rule_and_refuses_the_test_set(grids, tmp_path, capsys):
+    _, _, ext = grids
+    out = tmp_path / "tuned"
+    assert cli.main(["tune", str(ext), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    js = json.loads((out / "tune.json").read_text())
+    assert (
+        f"winner: {js['winner']}" in printed
+        and f"`{js['winner']}`" in (out / "tune.md").read_text()
+    )
+    rows = js["rows"]
+    names = [r["name"] for r in rows]
+    # every measured family at every value of its constant, each scored once
+    assert len(names) == len(set(names)) and "proxy-donor-kl:margin=0.2" in names
+    assert {"norm-ratio:multiple=0.25", "alignment:scale=16", "model-stock:k=1"} <= set(names)
+    zero = [r for r in rows if r["data"] not in rs.RECEIVER_DATA]
+    assert rows[: len(zero)] == zero and js["winner"] == next(
+        r["name"] for r in zero if r["name"] != "lam=1"
+    )
+    one = js["lam1"]
+    keys = [tune.rank_key({"name": r["name"], "stats": r["stats"]}, {"stats": one}) for r in zero]
+    assert keys == sorted(keys)  # ranked: safe first, then mean delta, regret, name
+    # scored exactly as the report scores a strategy
+    cells, meta = GridStore(ext).cells(), GridStore(ext).meta()
+    metrics = rp.compute_metrics(
+        [c for c in cells if c["kind"] in (*rp.BASELINE_KINDS, "patch")],
+        tasks=meta["tasks"], lambdas=meta["lambdas"],
+    )  # fmt: skip
+    s = select.get_strategy(js["winner"], grid_extras.measured_strategies())
+    sm = rs.strategy_metrics(cells, metrics, [s], s.name)
+    assert sm["rows"][0]["stats"] == next(r["stats"] for r in rows if r["name"] == s.name)
+    # never on the test task set
+    test_grid = tmp_path / "test-grid"
+    shutil.copytree(ext, test_grid)
+    store = GridStore(test_grid)
+    store.write_meta(store.meta() | {"task_set": {"name": "test", "about": "x"}})
+    assert cli.main(["tune", str(test_grid)]) != 0
+    assert "TEST task set: constants are never chosen on it" in capsys.readouterr().err
+    assert not (test_grid / "tune.md").exists()

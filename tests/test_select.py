@@ -94,6 +94,51 @@ def test_val_best_is_the_argmax_with_the_tie_rule(acc):
     assert choice.scores == tuple(acc) and choice.data == "labelled receiver"
 
 
+# ------------------------------------------------------------------ names and tunable constants
+
+
+def test_a_name_with_constants_round_trips_and_refuses_unknown_ones():
+    s = sel.get_strategy("proxy-pretext-kl:margin=0.2")
+    assert (s.family, s.margin, s.name) == ("proxy-pretext-kl", 0.2, "proxy-pretext-kl:margin=0.2")
+    assert sel.get_strategy("proxy-pretext-kl:margin=0").name == "proxy-pretext-kl"  # default
+    for name in ("norm-ratio:multiple=0.5", "alignment:scale=2", "model-stock:k=3",
+                 "proxy-donor64-cos:margin=0.1", "lam=1"):  # fmt: skip
+        assert sel.get_strategy(name).name == name
+        assert sel.get_strategy(sel.get_strategy(name).name) == sel.get_strategy(name)
+    assert sel.split_name("a:x=1:y=2.5") == ("a", {"x": 1.0, "y": 2.5})
+    for name, msg in [
+        ("proxy-noise-kl:n=32", "no constant 'n' \\(tunable: margin\\)"),
+        ("lam=1:x=1", "no constant 'x' \\(tunable: none\\)"),
+        ("norm-ratio:multiple", "write constants as ':name=number'"),
+        ("proxy-noise-kl:margin=1.5", "margin must be in \\[0, 1\\)"),
+    ]:
+        with pytest.raises(sel.SelectError, match=msg):
+            sel.get_strategy(name)
+    measured = [sel.NormRatio(), sel.Proxy("donor", "kl", n=64)]
+    assert sel.get_strategy("proxy-donor64-kl:margin=0.3", measured).n == 64
+    with pytest.raises(sel.SelectError, match="unknown lambda strategy 'alignment'"):
+        sel.get_strategy("alignment", measured)  # not among the measured families
+
+
+@given(
+    st.lists(st.floats(0.0, 2.0), min_size=12, max_size=12),
+    st.sampled_from([0.0, 0.1, 0.3, 0.6]),
+    st.sampled_from(sel.MEASURES),
+)
+def test_proxy_margin_stays_at_one_unless_clearly_closer(values, margin, measure):
+    c = list(sel.CANDIDATES)
+    if measure != "kl":  # agreement and cosine: higher is closer, distance 1 - value
+        values = [1.0 - v / 2 for v in values]
+    rec = {"candidates": c, "proxy/noise/n=256/seed=0/res=8": {"n": 8, measure: values}}
+    plain = sel.choose(sel.Proxy("noise", measure), rec)
+    got = sel.choose(sel.Proxy("noise", measure, margin=margin), rec)
+    dist = [v if measure == "kl" else 1.0 - v for v in values]
+    d1, db = dist[c.index(1.0)], dist[c.index(plain.lam)]
+    assert got.lam == (plain.lam if db < (1 - margin) * d1 or margin == 0 else 1.0)
+    assert got.scores == plain.scores  # the margin changes the pick, never the scores
+    assert got.strategy == sel.Proxy("noise", measure, margin=margin).name
+
+
 # ------------------------------------------------------------------ weight-only signals
 
 

@@ -42,6 +42,7 @@ COMMANDS = (
     model_cmds.add_eval,
     grid_cmds.add_grid,
     grid_cmds.add_report,
+    grid_cmds.add_tune,
 )
 
 

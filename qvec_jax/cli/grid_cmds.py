@@ -323,3 +323,41 @@ def _cmd_report(args) -> int:
             raise QvecError(f"--strategy: {e}") from None
         print_headline(res)
     return 0
+
+
+def add_tune(sub) -> None:
+    p = add_parser(
+        sub,
+        "tune",
+        "choose the lambda strategies' constants on a DEV grid (never on the test set)",
+        "qvec tune runs/demo-dev/grid   # then: qvec demo demo.select_strategy=<winner>",
+        "Re-decide every lambda strategy the grid measured (its --extras scores cells) at "
+        "each value of its constant (report.tune.SEARCH), score them on the grid's "
+        "cross-task pairs, and rank them by a rule fixed in advance: zero-shot only; at "
+        "least lam=1's wins and no larger worst regret first; then the highest mean delta. "
+        "Writes tune.md and tune.json and prints the winner. A grid labelled as the test "
+        "task set is refused.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="DEV grid workdir (with --extras cells)")
+    p.add_argument("--out", default=None, help="folder for tune.md/tune.json (default: RUN_DIR)")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    out = args.out or args.run_dir
+    check_folder(out, [], "--out")
+    with writing(out, "--out"):
+        try:
+            res = report.tune_grid(args.run_dir, args.out)
+        except report.TuneError as e:
+            raise QvecError(f"{args.run_dir}: {e}") from None
+    one = res["lam1"]["stats"]
+    print(f"{res['n_pairs']} cross-task pairs of the {res['task_set'] or 'unlabelled'} task set; "
+          f"lam=1: {one['wins']} wins, mean delta {100 * one['mean_delta']:+.1f} pts")  # fmt: skip
+    if res["winner"]:
+        w = res["rows"][0]["stats"]
+        print(f"winner: {res['winner']} ({'safe' if res['safe'] else 'NOT safe'} vs lam=1): "
+              f"{w['wins']} wins, mean delta {100 * w['mean_delta']:+.1f} pts, worst regret "
+              f"{100 * w['worst_regret']:.1f} pts (optimistic: chosen on these pairs)")  # fmt: skip
+    print(f"wrote {res['paths']['tune_md']} and {res['paths']['tune_json']}")
+    return 0

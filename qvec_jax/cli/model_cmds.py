@@ -6,6 +6,7 @@ method itself is in :mod:`qvec_jax.trees` and :mod:`qvec_jax.quant`.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -186,9 +187,11 @@ def add_patch(sub) -> None:
     )
     p.add_argument(
         "--strategy",
-        choices=AUTO_STRATEGIES,
+        type=_auto_strategy,
         default=None,
-        help=f"--lam auto: how to choose (default {DEFAULT_AUTO_STRATEGY})",
+        help=f"--lam auto: how to choose, one of {', '.join(AUTO_STRATEGIES)}, with tunable "
+        "constants as ':name=value' (e.g. proxy-kl:margin=0.2, norm-ratio:multiple=0.5; "
+        f"default {DEFAULT_AUTO_STRATEGY})",
     )
     p.add_argument(
         "--proxy",
@@ -205,6 +208,16 @@ def add_patch(sub) -> None:
     p.add_argument("--data-dir", default=None, help="where the --proxy task's data lives")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_patch)
+
+
+def _auto_strategy(text: str) -> str:
+    try:
+        family, _ = select.split_name(text)
+    except select.SelectError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if family not in AUTO_STRATEGIES:
+        raise argparse.ArgumentTypeError(f"{family!r}: use one of {', '.join(AUTO_STRATEGIES)}")
+    return text
 
 
 def _lam(text: str):
@@ -258,12 +271,17 @@ def _auto_lambda(args, fp, fmeta, qv, vmeta):
     spec = q.QuantSpec(int(bits), args.granularity or vmeta.get("granularity") or "channel")
     name, used, inputs = args.strategy or DEFAULT_AUTO_STRATEGY, None, None
     model = checkpoints.model_from_meta(fmeta)
-    if name.startswith("proxy-"):
-        used = _proxy_images(args, fmeta, vmeta, model.image_size)
-        strategy = select.Proxy(used.kind, name[len("proxy-") :], n=args.proxy_size)
-        inputs = {used.kind: used.images}
-    else:
-        strategy = select.get_strategy(name)
+    try:
+        if name.startswith("proxy-"):
+            used = _proxy_images(args, fmeta, vmeta, model.image_size)
+            family, constants = select.split_name(name)
+            strategy = select.Proxy(used.kind, family[len("proxy-") :], n=args.proxy_size)
+            strategy = strategy.with_constants(constants)
+            inputs = {used.kind: used.images}
+        else:
+            strategy = select.get_strategy(name)
+    except select.SelectError as e:
+        raise QvecError(f"--strategy: {e}") from None
     try:
         choice = select.select_lambda(fp, qv, spec, model, strategy=strategy, inputs=inputs)
     except ValueError as e:

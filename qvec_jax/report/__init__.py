@@ -23,6 +23,7 @@ from qvec_jax.report.extras import (
     extras_json,
     extras_markdown,
     extras_metrics,
+    measured_of,
     write_extras_figures,
 )
 from qvec_jax.report.markdown import headline, report_status, summary_markdown
@@ -38,6 +39,7 @@ from qvec_jax.report.metrics import (
     tidy_rows,
 )
 from qvec_jax.report.plots import FIGURES, plot_curves, plot_heatmap, write_figures
+from qvec_jax.report.tune import TuneError, tune_markdown, tune_strategies
 
 __all__ = [
     "BASELINE_KINDS",
@@ -61,6 +63,8 @@ __all__ = [
     "report_status",
     "summary_markdown",
     "tidy_rows",
+    "tune_grid",
+    "TuneError",
     "write_report",
 ]
 
@@ -101,6 +105,40 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _grid(workdir, every=None) -> tuple[GridStore, dict, list[dict], list[dict], dict]:
+    """``(store, meta, every cell, the RTN grid's cells, their metrics)`` of a workdir
+    (``every``: its cells when the caller already holds them)."""
+    store = GridStore(workdir)
+    if not store.exists():
+        raise FileNotFoundError(
+            f"{store.workdir} holds no {CELLS_FILE} or {GRID_META_FILE}; pass the grid workdir "
+            "written by `qvec grid` (or run `qvec grid` first)"
+        )
+    meta, every = store.meta(), store.cells() if every is None else every
+    # the RTN grid's cells; other kinds (GPTQ, ...) have sections of their own
+    cells = [c for c in every if c["kind"] in (*BASELINE_KINDS, "patch")]
+    metrics = compute_metrics(cells, tasks=meta.get("tasks"), lambdas=meta.get("lambdas"))
+    return store, meta, every, cells, metrics
+
+
+def tune_grid(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict:
+    """Tune the lambda strategies' constants on a DEV grid (:mod:`qvec_jax.report.tune`)
+    and write ``tune.md`` and ``tune.json`` (atomically) into ``out_dir`` (default: the
+    workdir). Refuses a grid labelled as the test task set. Returns the dict of
+    ``tune_strategies``, with ``"paths"``."""
+    store, meta, every, _, metrics = _grid(workdir)
+    result = tune_strategies(every, metrics, measured_of(every), meta)
+    out = Path(out_dir) if out_dir else store.workdir
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"tune_md": out / "tune.md", "tune_json": out / "tune.json"}
+    atomic_write_text(paths["tune_md"], tune_markdown(result))
+    slim = {k: v for k, v in result.items() if k not in ("rows", "lam1", "lambda_best")}
+    rows = [{k: r[k] for k in ("name", "data", "stats")} for r in result["rows"]]
+    js = slim | {"lam1": result["lam1"]["stats"], "rows": rows}
+    atomic_write_text(paths["tune_json"], json.dumps(js, indent=1) + "\n")
+    return result | {"paths": paths}
+
+
 def write_report(
     workdir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -122,19 +160,9 @@ def write_report(
     Returns ``{"paths": {name: Path}, "summary": markdown text, "metrics": ...}``;
     :func:`headline` of the metrics is what to print after a run.
     """
-    store = GridStore(workdir)
-    if not store.exists():
-        raise FileNotFoundError(
-            f"{store.workdir} holds no {CELLS_FILE} or {GRID_META_FILE}; pass the grid workdir "
-            "written by `qvec grid` (or run `qvec grid` first)"
-        )
+    store, meta, every, cells, metrics = _grid(workdir, cells)
     out = Path(out_dir) if out_dir else store.workdir
     out.mkdir(parents=True, exist_ok=True)
-    meta = store.meta()
-    every = store.cells() if cells is None else cells
-    # the RTN grid's cells; other kinds (GPTQ, ...) have sections of their own
-    cells = [c for c in every if c["kind"] in (*BASELINE_KINDS, "patch")]
-    metrics = compute_metrics(cells, tasks=meta.get("tasks"), lambdas=meta.get("lambdas"))
     needs = needs_gives(every, metrics)
     em = extras_metrics(every, metrics, store.workdir, strategy) if extras else None
     paths = {

@@ -19,13 +19,13 @@ from qvec_jax.grid_extras import (
 )
 from qvec_jax.report.merges import merge_metrics, merge_section
 from qvec_jax.report.strategies import plot_strategy_heatmap, strategy_metrics, strategy_section
-from qvec_jax.select import SelectError
+from qvec_jax.select import SelectError, get_strategy
 
 #: The extras' figure, by the name ``write_report`` returns it under.
 STRATEGY_FIGURE = "heatmap_delta_strategy"
 
 
-def _strategies(cells: list[dict]) -> list:
+def measured_of(cells: list[dict]) -> list:
     """The strategies the ``scores`` cells measured (their proxy sizes from the setup)."""
     setup = next((c.get("setup") or {} for c in cells if c["kind"] == "scores"), {})
     return measured_strategies(setup.get("proxy_n", 256), setup.get("rx_shots", (32, 128)))
@@ -36,15 +36,17 @@ def extras_metrics(cells: list[dict], metrics: dict, workdir, strategy=None):
     main cells), or None if it has no extras cells."""
     if not any(c["kind"] in EXTRA_KINDS for c in cells):
         return None
-    strategies = _strategies(cells)
+    strategies = measured_of(cells)
     fixed = strategy or read_extras_settings(workdir).get("strategy") or DEFAULT_STRATEGY
-    by_name = {s.name: s for s in strategies}
-    if fixed not in by_name:
-        raise SelectError(
-            f"strategy {fixed!r} is not one the grid measured: use one of {sorted(by_name)}"
-        )
-    sm = strategy_metrics(cells, metrics, strategies, fixed)
-    return {"strategies": sm, "merges": merge_metrics(cells, metrics, sm, by_name[fixed])}
+    try:
+        chosen = get_strategy(fixed, strategies)  # a measured family, maybe tuned constants
+    except SelectError as e:
+        raise SelectError(f"{e.args[0]} (the strategies this grid measured)") from None
+    if chosen.name not in {s.name for s in strategies}:  # tuned: its row below its family's
+        at = 1 + next(i for i, s in enumerate(strategies) if s.family == chosen.family)
+        strategies = [*strategies[:at], chosen, *strategies[at:]]
+    sm = strategy_metrics(cells, metrics, strategies, chosen.name)
+    return {"strategies": sm, "merges": merge_metrics(cells, metrics, sm, chosen)}
 
 
 def extras_markdown(em: dict | None) -> list[str]:

@@ -26,6 +26,7 @@ to the smaller ``|lam - 1|``, then the smaller ``lam``; a NaN score never wins.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from qvec_jax import quant
@@ -42,6 +43,7 @@ from qvec_jax.select.base import (
     Strategy,
     UndeclaredDataError,
     pick,
+    split_name,
 )
 from qvec_jax.select.images import train_images
 from qvec_jax.select.proxy import Proxy, ValBest, noise_images
@@ -72,6 +74,7 @@ __all__ = [
     "noise_images",
     "pick",
     "select_lambda",
+    "split_name",
     "train_images",
     "weight_stats",
 ]
@@ -87,14 +90,21 @@ def default_strategies(rx_shots: Sequence[int] = (32, 128)) -> list[Strategy]:
     return out + [ValBest()]
 
 
-def get_strategy(name: str | Strategy) -> Strategy:
-    """A strategy of :func:`default_strategies` by name (a ``Strategy`` passes through)."""
+def get_strategy(name: str | Strategy, among: Sequence[Strategy] | None = None) -> Strategy:
+    """A strategy by name (a ``Strategy`` passes through): a family of ``among`` (default
+    :func:`default_strategies`, plus a proxy on another number of images such as
+    ``proxy-donor64-kl``), then any tunable constants, ``:name=value`` each
+    (``proxy-pretext-kl:margin=0.2``, ``norm-ratio:multiple=0.5``)."""
     if isinstance(name, Strategy):
         return name
-    by_name = {s.name: s for s in default_strategies()}
-    if name not in by_name:
-        raise SelectError(f"unknown lambda strategy {name!r}; use one of {sorted(by_name)}")
-    return by_name[name]
+    family, constants = split_name(name)
+    by_family = {s.family: s for s in (default_strategies() if among is None else among)}
+    m = re.fullmatch(r"proxy-(donor|pretext|noise)(\d+)-(kl|agree|cos)", family)
+    if family not in by_family and m and among is None:
+        by_family[family] = Proxy(m[1], m[3], n=int(m[2]))
+    if family not in by_family:
+        raise SelectError(f"unknown lambda strategy {name!r}; use one of {sorted(by_family)}")
+    return by_family[family].with_constants(constants) if constants else by_family[family]
 
 
 def _check_candidates(candidates) -> tuple[float, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -61,6 +61,21 @@ def pick(candidates, scores) -> float:
     return min(ok, key=lambda cs: (-cs[1], abs(cs[0] - 1.0), cs[0]))[0]
 
 
+def split_name(name: str) -> tuple[str, dict[str, float]]:
+    """``"family:k=v:k2=v2"`` -> ``("family", {"k": v, "k2": v2})`` (one-line errors)."""
+    family, *parts = str(name).split(":")
+    constants = {}
+    for part in parts:
+        k, eq, v = part.partition("=")
+        try:
+            constants[k.strip()] = float(v)
+        except ValueError:
+            eq = ""
+        if not eq or not k.strip():
+            raise SelectError(f"strategy {name!r}: write constants as ':name=number', got {part!r}")
+    return family, constants
+
+
 def floats(x) -> list[float | None]:
     return [None if not math.isfinite(v) else float(v) for v in np.asarray(x, np.float64).ravel()]
 
@@ -98,15 +113,37 @@ class Context:
 
 
 class Strategy:
-    """Base: ``name``, ``data`` (one of ``DATA_KINDS``), ``key`` (where ``collect``'s
-    measurement is stored; ``None``: needs none), ``collect(ctx)``, ``decide(record)``."""
+    """Base: ``family``, ``data`` (one of ``DATA_KINDS``), ``key`` (where ``collect``'s
+    measurement is stored; ``None``: needs none), ``collect(ctx)``, ``decide(record)``.
+
+    ``tunable`` names the dataclass fields that ``decide`` alone uses (constants that a
+    DEV task set may re-choose from stored records); ``name`` is the ``family`` plus
+    ``:field=value`` for each one not at its default, e.g. ``proxy-pretext-kl:margin=0.2``.
+    """
 
     data: str = "none"
     key: str | None = None
+    tunable: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def family(self) -> str:
+        raise NotImplementedError
 
     @property
     def name(self) -> str:
-        raise NotImplementedError
+        fields = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [(k, getattr(self, k)) for k in self.tunable if getattr(self, k) != fields[k]]
+        return self.family + "".join(f":{k}={v:g}" for k, v in changed)
+
+    def with_constants(self, constants: Mapping[str, float]) -> Strategy:
+        """This strategy with the ``tunable`` constants replaced (others refused)."""
+        bad = [k for k in constants if k not in self.tunable]
+        if bad:
+            can = ", ".join(self.tunable) or "none"
+            raise SelectError(
+                f"strategy {self.family!r} has no constant {bad[0]!r} (tunable: {can})"
+            )
+        return dataclasses.replace(self, **{k: float(v) for k, v in constants.items()})
 
     def collect(self, ctx: Context) -> dict:
         return {}
@@ -120,8 +157,9 @@ class Strategy:
             rec[self.key] = self.collect(ctx)
         return self.decide(rec)
 
-    def _choice(self, cands, scores, why: str) -> Choice:
-        lam = pick(cands, scores)
+    def _choice(self, cands, scores, why: str, lam: float | None = None) -> Choice:
+        """The :class:`Choice` of ``pick(cands, scores)``, or of ``lam`` when given."""
+        lam = pick(cands, scores) if lam is None else lam
         return Choice(
             lam, tuple(cands), tuple(scores), why.replace("{lam}", f"{lam:g}"), self.name, self.data
         )
@@ -134,7 +172,7 @@ class Fixed(Strategy):
     lam: float = 1.0
 
     @property
-    def name(self) -> str:
+    def family(self) -> str:
         return f"lam={self.lam:g}"
 
     def decide(self, record):

@@ -26,6 +26,7 @@ from qvec_jax.select.base import (
     SelectError,
     Strategy,
     floats,
+    pick,
 )
 
 
@@ -130,6 +131,10 @@ class Proxy(Strategy):
     at most (a seeded sample when more are given; ``seed``), ``batch_size`` rows per
     forward pass; "noise" makes ``n`` inputs by :func:`noise_images` (``noise_res``)
     unless given. With "unlabelled receiver" it is few-shot, not zero-shot.
+
+    ``margin`` (tunable, default 0: plain closest): stay at the paper's ``lam = 1``
+    unless the closest candidate's distance (KL, 1 - agreement or 1 - cosine) is below
+    ``(1 - margin)`` times the distance at ``lam = 1``.
     """
 
     data: str = "noise"
@@ -138,6 +143,8 @@ class Proxy(Strategy):
     seed: int = 0
     batch_size: int = 256
     noise_res: int = 8
+    margin: float = 0.0
+    tunable: ClassVar[tuple[str, ...]] = ("margin",)
 
     def __post_init__(self):
         if self.data not in PROXY_KINDS:
@@ -148,9 +155,11 @@ class Proxy(Strategy):
             raise SelectError(
                 f"Proxy n and batch_size must be >= 1, got {self.n}, {self.batch_size}"
             )
+        if not 0.0 <= self.margin < 1.0:
+            raise SelectError(f"Proxy margin must be in [0, 1), got {self.margin}")
 
     @property
-    def name(self) -> str:
+    def family(self) -> str:
         tag = {"unlabelled receiver": "rx"}.get(self.data, self.data)
         n = f"{self.n}" if self.data == "unlabelled receiver" or self.n != 256 else ""
         return f"proxy-{tag}{n}-{self.measure}"
@@ -174,11 +183,18 @@ class Proxy(Strategy):
         return {"n": int(x.shape[0]), **{m: floats(out[:, i]) for i, m in enumerate(MEASURES)}}
 
     def decide(self, record):
-        rec = record[self.key]
-        vals = rec[self.measure]
-        scores = [None if v is None else (-v if self.measure == "kl" else v) for v in vals]
+        rec, cands = record[self.key], record["candidates"]
+        dist = [None if v is None else (v if self.measure == "kl" else 1.0 - v)
+                for v in rec[self.measure]]  # fmt: skip
+        scores = [None if d is None else -d for d in dist]
         why = f"{self.measure} of PTQ(FP_R+lam*QV) vs FP_R on {rec['n']} {self.data} inputs"
-        return self._choice(record["candidates"], scores, why + ": closest at {lam}")
+        lam = pick(cands, scores)
+        if self.margin > 0 and 1.0 in cands and lam != 1.0:
+            d1, db = dist[cands.index(1.0)], dist[cands.index(lam)]
+            if d1 is not None and not db < (1.0 - self.margin) * d1:
+                why += f": closest at {lam:g}, not {self.margin:g} closer than at 1, so {{lam}}"
+                return self._choice(cands, scores, why, lam=1.0)
+        return self._choice(cands, scores, why + ": closest at {lam}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +204,7 @@ class ValBest(Strategy):
 
     batch_size: int = 256
     data: ClassVar[str] = "labelled receiver"
-    name: ClassVar[str] = "val-best"
+    family: ClassVar[str] = "val-best"
     key: ClassVar[str] = "val"
 
     def collect(self, ctx):

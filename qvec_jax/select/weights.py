@@ -39,7 +39,8 @@ class NormRatio(_Weights):
     receiver about as far as its own quantization error."""
 
     multiple: float = 1.0
-    name: ClassVar[str] = "norm-ratio"
+    family: ClassVar[str] = "norm-ratio"
+    tunable: ClassVar[tuple[str, ...]] = ("multiple",)
 
     def decide(self, record):
         w = record[self.key]
@@ -55,7 +56,8 @@ class Alignment(_Weights):
     ``R = PTQ(FP_R) - FP_R`` onto the QV (Prop. 1 with ``R`` in place of ``QV_R``)."""
 
     scale: float = 1.0
-    name: ClassVar[str] = "alignment"
+    family: ClassVar[str] = "alignment"
+    tunable: ClassVar[tuple[str, ...]] = ("scale",)
 
     def decide(self, record):
         w = record[self.key]
@@ -69,7 +71,8 @@ class ModelStock(_Weights):
     ``k`` fine-tunes) with ``cos = cos(QV, R)``; ``cos <= 0`` gives 0."""
 
     k: float = 2.0
-    name: ClassVar[str] = "model-stock"
+    family: ClassVar[str] = "model-stock"
+    tunable: ClassVar[tuple[str, ...]] = ("k",)
 
     def decide(self, record):
         w = record[self.key]
@@ -83,7 +86,7 @@ class RtnError(_Weights):
     """Baseline: the smallest RTN error ``||PTQ(FP_R + lam QV) - (FP_R + lam QV)||``.
     Measured at small scale to pick lam ~ 0 and lose; kept only as a baseline."""
 
-    name: ClassVar[str] = "rtn-error"
+    family: ClassVar[str] = "rtn-error"
 
     def decide(self, record):
         errs = record[self.key]["rtn_error"]
