@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from qvec_jax import checkpoints, data, merge, select
+from qvec_jax import data, merge, select
 from qvec_jax.files import atomic_write_text
 from qvec_jax.grid_run import GridRun, patch_and_quantize
 from qvec_jax.grid_store import GridStore, cell_key
@@ -179,7 +179,8 @@ class _ExtrasRun(GridRun):
     """The grid's loader (checkpoints, host QVs, eval sets) plus proxy inputs and merges."""
 
     def __init__(self, ex: Extras, ckpts, spec, cands, kw):
-        super().__init__(ckpts, spec, data_dir=kw.get("data_dir"))
+        dtype = kw.get("compute_dtype", "float32")
+        super().__init__(ckpts, spec, data_dir=kw.get("data_dir"), compute_dtype=dtype)
         self.ex, self.cands = ex, cands
         self.batch_size = kw.get("batch_size", 256)
         self.cache_bytes = kw.get("device_cache_bytes", 1 << 30)
@@ -218,8 +219,8 @@ class _ExtrasRun(GridRun):
     def receiver(self, r: str, cells: list[dict]):
         """Yield the records of receiver ``r``'s cells, donor by donor: its FP params,
         eval sets and proxy inputs placed once, each (merged) QV placed once."""
-        meta = self.ckpts[(r, "fp")].meta
-        model, size = checkpoints.model_from_meta(meta), int(meta["image_size"])
+        # the grid's compute dtype for the proxies' forward passes and the merges' evals
+        model, size = self.model(r), int(self.ckpts[(r, "fp")].meta["image_size"])
         fp_dev = put(self.fp_params(r), self.replicated)
         inputs = self.receiver_inputs(r, size) if any(c["kind"] == "scores" for c in cells) else {}
         needs_eval = any(c["kind"] == "merge" for c in cells)

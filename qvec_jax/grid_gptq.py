@@ -134,7 +134,8 @@ class GptqCells:
             todo = [c for c in todo if shard_of(c, tasks, shard[1]) == shard[0]]
         if todo:
             store.repair_tail(shard)
-            run = GridRun(ckpts, spec, data_dir=kw.get("data_dir"))
+            dtype = kw.get("compute_dtype", "float32")
+            run = GridRun(ckpts, spec, data_dir=kw.get("data_dir"), compute_dtype=dtype)
             cands = (0.0, *[float(x) for x in lambdas if float(x) != 0.0])
             _Job(self, run, stored, cands, kw).compute(todo, store, shard)
         return len(todo)
@@ -289,11 +290,13 @@ class _Job:
                     r, self.kw.get("batch_size", 256), self.kw.get("device_cache_bytes", 1 << 30)
                 )
                 fp, meta = self.run.fp_params(r), self.run.ckpts[(r, "fp")].meta
-                model, size = checkpoints.model_from_meta(meta), int(meta["image_size"])
+                # GPTQ's Hessians in float32 (it is a PTQ); its evals in the grid's dtype
+                models = (checkpoints.model_from_meta(meta), self.run.model(r))
+                size = int(meta["image_size"])
                 for cell in (c for c in todo if c["receiver"] == r):
                     d = f" D={cell['donor']}" if cell["donor"] else ""
                     bar.set_postfix_str(f"R={r} {cell['kind']}{d}")
-                    out.append(self.record(cell, fp, model, size, evals))
+                    out.append(self.record(cell, fp, models, size, evals))
                     bar.update(1)
                 del evals, fp
         bar.close()
@@ -306,12 +309,14 @@ class _Job:
             self.images[key] = calib_images(spec, size, data_dir=self.run.data_dir)
         return self.images[key]
 
-    def record(self, cell: dict, fp, model, size: int, evals: dict) -> dict:
-        """The cell's record: GPTQ of its params on its calibration set, evaluated."""
+    def record(self, cell: dict, fp, models: tuple, size: int, evals: dict) -> dict:
+        """The cell's record: GPTQ of its params on its calibration set (with ``models[0]``,
+        float32), evaluated (with ``models[1]``, the grid's compute dtype)."""
         r, d, t0 = cell["receiver"], cell["donor"], time.perf_counter()
+        model, eval_model = models
         rec = dict(cell)
         if "@" in cell["kind"]:
-            rec["choice"] = cell.get("choice") or self.choose(fp, d, model, size)
+            rec["choice"] = cell.get("choice") or self.choose(fp, d, eval_model, size)
             rec["lam"] = rec["choice"]["lam"]
             twin = self.made.get(cell_key(rec | {"kind": cell["kind"].split("@")[0]}))
             if twin is not None and all(twin.get(k) == cell[k] for k in ("sources", "calib")):
@@ -325,7 +330,7 @@ class _Job:
             tree, model, images, self.spec, batch_size=self.opts.batch_size, timings=timings
         )
         q = put(q, self.run.replicated)
-        rec["acc"] = {s: e.accuracy(model, q) for s, e in evals.items()}
+        rec["acc"] = {s: e.accuracy(eval_model, q) for s, e in evals.items()}
         rec["n"] = {s: e.n for s, e in evals.items()}
         task = cell["calib"]["task"]
         rec["calib_used"] = {

@@ -232,11 +232,6 @@ def _request(tasks, bits, granularity, spec, lambdas, compute_dtype, extras) -> 
     spec = quant.as_spec(spec, bits=bits, granularity=granularity)
     lambdas = sorted({round(lam, 6) for lam in trees.check_lambdas(lambdas)} | {1.0})
     dtype = _compute_dtype(compute_dtype)
-    if dtype != "float32" and extras:
-        raise GridError(
-            f"compute_dtype={dtype}: the extras and GPTQ rows compute in float32 only; run "
-            "them in a float32 grid (or drop --extras/--gptq)"
-        )
     return tasks, spec, lambdas, dtype
 
 
@@ -335,5 +330,6 @@ def _run_locked(
         stage.run(
             tasks, ckpts, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=shard,
+            compute_dtype=dtype,
         )  # fmt: skip
     return missing

@@ -1,5 +1,6 @@
-"""bf16 compute in eval and the grid: the model computes in bfloat16, params, QVs, the
-patch and PTQ stay float32 (PTQ before the cast); grid.json names a non-default dtype
+"""bf16 compute in eval and the grid (its extras and GPTQ cells too): the model computes
+in bfloat16, params, QVs, merges, the patch, PTQ and GPTQ stay float32 (PTQ before the
+cast); grid.json names a non-default dtype
 (float32 leaves grid.json and summary.md as they were) and a rerun in another is refused."""
 
 from __future__ import annotations
@@ -11,7 +12,17 @@ import pytest
 from test_transfer import make_runs
 
 import qvec_jax as q
-from qvec_jax import checkpoints, cli, evaluate, grid_extras, transfer
+from qvec_jax import (
+    checkpoints,
+    cli,
+    evaluate,
+    gptq,
+    grid_extras,
+    grid_gptq,
+    merge,
+    transfer,
+    trees,
+)
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
 from qvec_jax.grid_inputs import checkpoint_path
@@ -80,11 +91,37 @@ def test_other_compute_dtypes_are_refused(runs, tmp_path, dtype):
     assert not (tmp_path / rp.GRID_META_FILE).exists()
 
 
-def test_bfloat16_with_extras_is_refused_before_any_work(runs, tmp_path):
-    with pytest.raises(transfer.GridError, match="extras and GPTQ rows compute in float32"):
-        transfer.run_grid([TASK], runs, tmp_path, compute_dtype="bfloat16",
-                          extras=grid_extras.Extras(), **KW)  # fmt: skip
-    assert not (tmp_path / rp.GRID_META_FILE).exists()
+def test_bfloat16_extras_and_gptq_cells_compute_in_bfloat16(tmp_path):
+    """The extras' merge cells and the GPTQ cells evaluate with the model in bfloat16;
+    the merge, the patch, PTQ and GPTQ's Hessians stay float32 (the definition)."""
+    tasks = ("digits", "digits_rot90")
+    runs = make_runs(tmp_path / "runs", tasks=tasks)
+    extras = (
+        grid_extras.Extras(methods=("mean",), proxy_n=16, rx_shots=(8,), strategy="lam=1"),
+        grid_gptq.GptqCells(calib_size=8, sources=("noise",), strategy=None, qv_at_one=False),
+    )
+    cells = transfer.run_grid(list(tasks), runs, tmp_path / "g", compute_dtype="bfloat16",
+                              extras=extras, **KW)  # fmt: skip
+    cells = rp.load_cells(tmp_path / "g")
+    r = "digits"
+    fp, meta = checkpoints.restore_params(checkpoint_path(runs, r, "fp"))
+    bf16 = checkpoints.model_from_meta(meta).clone(dtype=jnp.bfloat16)
+    test = qdata.load_split(r, "test", image_size=28)
+    (m,) = [c for c in cells if c["kind"] == "merge" and c["receiver"] == r]
+    qv = merge.merge_qvs(
+        [trees.quantization_vector(*(checkpoints.restore_params(checkpoint_path(runs, d, k))[0]
+                                     for k in ("qat", "fp"))) for d in m["setup"]["donors"]],
+        merge.MergeSpec.from_dict(m["setup"]["merge"]),
+    )  # fmt: skip
+    want = evaluate.accuracy(bf16, q.patch(fp, qv, m["lam"]), test, q.QuantSpec(2), batch_size=64)
+    assert m["acc"]["test"] == pytest.approx(want, abs=1e-12)
+    (g,) = [c for c in cells if c["kind"].startswith("gptq") and c["receiver"] == r]
+    images = grid_gptq.calib_images(g["calib"], 28)
+    gq = gptq.gptq(fp, checkpoints.model_from_meta(meta), images, q.QuantSpec(2),
+                   batch_size=grid_gptq.GptqCells().batch_size)  # fmt: skip
+    assert g["acc"]["test"] == pytest.approx(evaluate.accuracy(bf16, gq, test, batch_size=64),
+                                             abs=1e-12)  # fmt: skip
+    assert rp.load_grid_meta(tmp_path / "g")["compute_dtype"] == "bfloat16"
 
 
 def test_cli_eval_and_grid_take_the_compute_dtype(runs, tmp_path, capsys):
