@@ -56,9 +56,9 @@ __all__ = [
 EXTRA_KINDS = ("scores", "merge")
 #: The merge methods of the leave-one-out rows (``merge.METHODS`` adds "sum").
 DEFAULT_METHODS = ("mean", "ties", "dare", "model_stock")
-#: The no-receiver-data strategy of the report's heatmap, fixed before any test task is
-#: seen; replace it by the winner of a DEV task set run (``--strategy``).
-DEFAULT_STRATEGY = "proxy-donor-kl"
+#: The no-receiver-data strategy of the report's heatmap: the winner of ``qvec tune`` on
+#: the demo's DEV task set (README "Demo results"); never chosen on a test task set.
+DEFAULT_STRATEGY = "proxy-pretext-kl:margin=0.05"
 #: The extras' settings of the last grid run (the report reads the strategy there).
 EXTRAS_FILE = "extras.json"
 
@@ -98,6 +98,11 @@ class Extras:
             raise ValueError(f"merge methods {list(self.methods)}: use distinct {merge.METHODS}")
         if self.pretext is not None:
             data.get_task(self.pretext)  # a typo fails here, with did-you-mean
+        elif s.data == "pretext":
+            raise select.SelectError(
+                f"extras strategy {self.strategy!r} reads pretext images: name the pretext "
+                "task (pretext=, --pretext TASK) or another strategy (e.g. proxy-donor-kl)"
+            )
         if self.proxy_n < 1 or not self.rx_shots or min(self.rx_shots) < 1:
             raise ValueError(
                 f"proxy_n={self.proxy_n}, rx_shots={self.rx_shots}: need positive sizes"

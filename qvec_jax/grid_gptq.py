@@ -118,6 +118,11 @@ class GptqCells:
                     f"gptq strategy {self.strategy!r} uses {data} data; the GPTQ+QV row "
                     "needs a no-receiver-data strategy (e.g. lam=1, norm-ratio, proxy-donor-kl)"
                 )
+            if data == "pretext" and self.pretext is None:
+                raise GridError(
+                    f"gptq strategy {self.strategy!r} reads pretext images: name the pretext "
+                    "task (pretext=, --pretext TASK) or another strategy (e.g. proxy-donor-kl)"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"sources": list(self.sources)}

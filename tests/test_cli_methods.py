@@ -164,7 +164,8 @@ def test_auto_lambda_prints_the_choice_and_data_and_patches_with_it(capsys, ck, 
     fp, fmeta = _p(ck / "digits_fp")
     qv, _ = _p(ck / "qv_digits_rot90")
     model = checkpoints.model_from_meta(fmeta)
-    strategy = select.Proxy("noise", "kl", n=8)
+    default = select.split_name(model_cmds.DEFAULT_AUTO_STRATEGY)[1]  # the dev-tuned margin
+    strategy = select.Proxy("noise", "kl", n=8).with_constants(default)
     want = select.select_lambda(fp, qv, 2, model, strategy=strategy)
     assert f"lambda {want.lam:g} chosen by {strategy.name} at 2 bits: {want.why}" in out
     assert "data: 8 synthetic noise images (no data)" in out
@@ -176,8 +177,8 @@ def test_auto_lambda_prints_the_choice_and_data_and_patches_with_it(capsys, ck, 
 @pytest.mark.parametrize(
     "proxy, says, zero_shot",
     [
-        ([], "task digits_rot90 (the donor's task; no receiver data)", True),
-        (["--proxy", "pretext"], "task digits_flip (the pretext task; no receiver data)", True),
+        ([], "task digits_flip (the pretext task; no receiver data)", True),  # the default
+        (["--proxy", "donor"], "task digits_rot90 (the donor's task; no receiver data)", True),
         (["--proxy", "digits@invert"], "task digits@invert (another task; no receiver data)", True),
         (
             ["--proxy", "digits"],
@@ -234,13 +235,13 @@ def test_auto_lambda_refusals_name_the_option(capsys, ck, tmp_path):
     ]:
         argv = ["patch", fp, qv, out, "--lam", "auto", "--strategy", bad]
         refused(capsys, ck, argv, [says], code=code)
-    # a merged QV has no single donor task to default to
+    # a merged QV has no single donor task
     merged = [ck / "qv_digits_rot90", ck / "qv_digits_inv", tmp_path / "m"]
     assert cli.main(["merge", *map(str, merged)]) == 0
     refused(
         capsys,
         ck,
-        ["patch", fp, tmp_path / "m", out, "--lam", "auto"],
+        ["patch", fp, tmp_path / "m", out, "--lam", "auto", "--proxy", "donor"],
         ["--proxy", "no single donor task"],
     )
     # neither the receiver's config nor the QV's FP checkpoint names a pretext
@@ -252,6 +253,10 @@ def test_auto_lambda_refusals_name_the_option(capsys, ck, tmp_path):
         ["patch", ck / "pretext", tmp_path / "qv_bare", out, "--lam", "auto", "--proxy", "pretext"],
         ["--proxy pretext", "pass --proxy TASK or noise"],
     )
+    # without --proxy, an unknown pretext falls back to the donor's images, and says so
+    said = run_ok(capsys, "patch", ck / "pretext", tmp_path / "qv_bare", tmp_path / "fb",
+                  "--lam", "auto", "--proxy-size", "8")  # fmt: skip
+    assert "the pretext task is not known" in said and "task digits_rot90 (the donor's" in said
     refused(capsys, ck, ["patch", fp, qv, out, "--lam", "nan"], ["--lam"], code=cli.EXIT_USAGE)
 
 

@@ -118,7 +118,7 @@ def test_bfloat16_extras_and_gptq_cells_compute_in_bfloat16(tmp_path):
     (g,) = [c for c in cells if c["kind"].startswith("gptq") and c["receiver"] == r]
     images = grid_gptq.calib_images(g["calib"], 28)
     gq = gptq.gptq(fp, checkpoints.model_from_meta(meta), images, q.QuantSpec(2),
-                   batch_size=grid_gptq.GptqCells().batch_size)  # fmt: skip
+                   batch_size=grid_gptq.GptqCells.batch_size)  # fmt: skip
     assert g["acc"]["test"] == pytest.approx(evaluate.accuracy(bf16, gq, test, batch_size=64),
                                              abs=1e-12)  # fmt: skip
     assert rp.load_grid_meta(tmp_path / "g")["compute_dtype"] == "bfloat16"

@@ -146,10 +146,11 @@ def test_report_has_a_row_per_strategy_and_merge(grids, tmp_path):
     assert "| average single donor | pairs |" in text
     assert "(no receiver data) | receivers |" in text
     assert "| oracle best single donor (uses receiver test labels) | receivers |" in text
-    assert "Fixed in advance (not chosen on these tasks): **`proxy-donor-kl`**" in text
+    fixed = grid_extras.DEFAULT_STRATEGY
+    assert f"Fixed in advance (not chosen on these tasks): **`{fixed}`**" in text
     assert out["paths"][rx.STRATEGY_FIGURE].is_file()
     js = json.loads(out["paths"]["summary_json"].read_text())
-    assert js["extras"]["strategies"]["fixed"] == "proxy-donor-kl"
+    assert js["extras"]["strategies"]["fixed"] == fixed
 
 
 def test_unmeasured_strategies_are_listed_not_dropped(grids):
@@ -272,3 +273,16 @@ def test_tune_ranks_variants_by_the_fixed_rule_and_refuses_the_test_set(grids, t
     assert cli.main(["tune", str(test_grid)]) != 0
     assert "TEST task set: constants are never chosen on it" in capsys.readouterr().err
     assert not (test_grid / "tune.md").exists()
+
+
+def test_a_pretext_strategy_without_the_pretext_task_is_refused():
+    assert select.get_strategy(grid_extras.DEFAULT_STRATEGY).data == "pretext"  # the dev pick
+    with pytest.raises(select.SelectError, match="reads pretext images: name the pretext"):
+        grid_extras.Extras()
+    from qvec_jax import grid_gptq
+
+    with pytest.raises(grid_gptq.GridError, match="reads pretext images: name the pretext"):
+        grid_gptq.GptqCells()
+    grid_gptq.GptqCells(pretext="digits_b")
+    grid_extras.Extras(pretext="digits_b")
+    grid_extras.Extras(strategy="proxy-donor-kl")

@@ -157,9 +157,11 @@ def _cmd_extract(args) -> int:
 
 # ----------------------------------------------------------------------------- patch
 
-#: The strategy of ``qvec patch --lam auto`` when ``--strategy`` is not given. For now
-#: the proxy KL on the ``--proxy`` inputs; the DEV-task-set study of issue 13 sets it.
-DEFAULT_AUTO_STRATEGY = "proxy-kl"
+#: The strategy of ``qvec patch --lam auto`` when ``--strategy`` is not given, and the
+#: images it reads when ``--proxy`` is not: the winner of ``qvec tune`` on the demo's DEV
+#: task set (``proxy-pretext-kl:margin=0.05``, README "Demo results").
+DEFAULT_AUTO_STRATEGY = "proxy-kl:margin=0.05"
+DEFAULT_PROXY = "pretext"
 #: ``--strategy`` choices: weight-only strategies (no data), and ``proxy-<measure>``:
 #: ``select.Proxy`` with that measure on the ``--proxy`` inputs.
 AUTO_STRATEGIES = ("lam=1", "norm-ratio", "alignment", "model-stock", "rtn-error") + tuple(
@@ -175,9 +177,10 @@ def add_patch(sub) -> None:
         "qvec patch runs/fashion/fp/params qvs/digits --lam auto --proxy pretext out/fd",
         "Add lam times a quantization vector to a receiver's FP params. lam=1 is zero-shot "
         "(no receiver data); PTQ the result with `qvec ptq`. --lam auto chooses lam from "
-        f"{list(select.CANDIDATES)} with --strategy (default {DEFAULT_AUTO_STRATEGY}: "
-        "the KL of PTQ(FP_R + lam QV) to FP_R on the --proxy images; a default to be set by "
-        "the DEV-set study of issue 13) and prints the choice, why, and the data it used.",
+        f"{list(select.CANDIDATES)} with --strategy (default {DEFAULT_AUTO_STRATEGY} on "
+        f"--proxy {DEFAULT_PROXY}: the KL of PTQ(FP_R + lam QV) to FP_R on pretext images, "
+        "staying at lam=1 unless another lam is 5% closer; chosen on the demo's DEV task "
+        "set) and prints the choice, why, and the data it used.",
     )
     p.add_argument("fp", help="receiver FP checkpoint")
     p.add_argument("qv", help="QV checkpoint from `qvec extract` or `qvec merge`")
@@ -197,7 +200,8 @@ def add_patch(sub) -> None:
         "--proxy",
         default=None,
         help="--lam auto, proxy-* strategies: the unlabelled images: a task name (view syntax "
-        "works), 'donor' (default: the QV's task), 'pretext' or 'noise'. The receiver's own "
+        f"works), 'donor' (the QV's task), 'pretext' (default {DEFAULT_PROXY}; the donor's "
+        "images when the pretext task is not known) or 'noise'. The receiver's own "
         "task is receiver data (not zero-shot) and is labelled so.",
     )
     p.add_argument("--proxy-size", type=positive_int, default=256, help="proxy images (256)")
@@ -299,13 +303,17 @@ def _auto_lambda(args, fp, fmeta, qv, vmeta):
 
 def _proxy_images(args, fmeta, vmeta, image_size: int):
     donor = vmeta.get("task")
-    text = args.proxy or "donor"
+    fp_meta = _read_fp_meta(vmeta)
+    text = args.proxy or DEFAULT_PROXY
+    if args.proxy is None and sources.pretext_task(fmeta, fp_meta) is None:
+        print("note: the pretext task is not known from the checkpoints' configs; using the "
+              "donor's images (pass --proxy TASK|pretext|donor|noise to choose)")  # fmt: skip
+        text = "donor"
     if text == "donor" and not donor:
         raise QvecError(
             f"--proxy: {args.qv} names no single donor task (a merged QV?); pass --proxy "
             "TASK, pretext or noise"
         )
-    fp_meta = _read_fp_meta(vmeta)
     return sources.resolve(
         text,
         option="--proxy",
