@@ -117,6 +117,17 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True, default=list)
 
 
+#: Top-level sections that no training run reads (only ``qvec demo`` does: task sets, the
+#: grid's lambdas, the report's strategy...). A run's identity ignores them: resuming a
+#: fine-tune and the FP/QAT recipe checks of the grid.
+NOT_TRAINING = ("demo",)
+
+
+def training_diff(a, b) -> list[str]:
+    """:func:`diff` without the keys under :data:`NOT_TRAINING`."""
+    return [k for k in diff(a, b) if k.split(".")[0] not in NOT_TRAINING]
+
+
 def diff(a: ml_collections.ConfigDict | dict, b: ml_collections.ConfigDict | dict) -> list[str]:
     """Dotted keys whose values differ between two configs (as JSON-able dicts)."""
     a = json.loads(to_json(a)) if isinstance(a, ml_collections.ConfigDict) else a

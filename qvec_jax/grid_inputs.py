@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qvec_jax import checkpoints, trees
+from qvec_jax import config as qconfig
 
 __all__ = [
     "MODES",
@@ -109,7 +110,8 @@ def find_checkpoints(
 
 def _recipe(meta: dict) -> dict:
     cfg = dict(meta.get("config") or {})
-    return {k: v for k, v in cfg.items() if k not in _PER_TASK_KEYS}
+    skip = (*_PER_TASK_KEYS, *qconfig.NOT_TRAINING)
+    return {k: v for k, v in cfg.items() if k not in skip}
 
 
 def check_compatible(ckpts: dict[tuple[str, str], Ckpt]) -> list[str]:

@@ -58,7 +58,8 @@ def check_config(cfg, workdir: str, force: bool) -> bool:
         if force:  # --force starts over: the old run's files go
             return True
         raise TrainError(f"{cfg_path}: corrupt JSON ({e}); delete it, or use --force") from None
-    changed = qconfig.diff(old, json.loads(qconfig.to_json(cfg)))
+    # the demo's own settings (report strategy, task sets, ...) never make a run another
+    changed = qconfig.training_diff(old, json.loads(qconfig.to_json(cfg)))
     if changed and not force:
         raise TrainError(
             f"workdir {workdir!r} holds a run with a different config (differs in: "

@@ -281,6 +281,9 @@ def test_workdir_with_another_config_is_refused_unless_forced(qat_run, tmp_path)
     other = _tiny_cfg(mode="qat", **{"optim.lr": 3e-4})
     with pytest.raises(train.TrainError, match=r"optim\.lr.*--force"):
         train.finetune(other, d, progress=False)
+    # the demo's own section is not part of a run's identity: not refused, not redone
+    demo_only = _tiny_cfg(mode="qat", **{"demo.select_strategy": "lam=1"})
+    assert train.finetune(demo_only, d, progress=False) == res
     out = train.finetune(other, d, force=True, stop_after=1, progress=False)
     assert out["stopped_at"] == 1
     assert not os.path.exists(os.path.join(d, "results.json"))

@@ -216,6 +216,11 @@ def test_fp_and_qat_recipes_must_match(tmp_path):
     p.write_text(json.dumps(meta))
     with pytest.raises(transfer.GridError, match="digits: FP .* differs in seed"):
         grid(runs, tmp_path / "g", tasks=["digits"], lambdas=(1.0,))
+    fp_seed = json.loads(checkpoints.meta_file(checkpoint_path(runs, "digits", "fp")).read_text())
+    meta["config"]["seed"] = fp_seed["config"]["seed"]
+    meta["config"]["demo"] = {"select_strategy": "lam=1"}  # the demo's section: not a recipe
+    p.write_text(json.dumps(meta))
+    grid(runs, tmp_path / "g2", tasks=["digits"], lambdas=(1.0,))
 
 
 def test_recipes_differing_between_tasks_are_a_listed_warning(tmp_path):
