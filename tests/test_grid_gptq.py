@@ -138,6 +138,20 @@ def test_needs_gives_table(done):
         assert row["receiver_images"] == want
     js = json.loads((workdir / "summary.json").read_text())
     assert [r["approach"] for r in js["needs_gives"]] == names
+    # a grid resumed with another strategy holds both strategies' cells: one RTN row each,
+    # each named by its own strategy and scored at its own choices
+    other = [c | {"kind": c["kind"].replace("@norm-ratio", "@lam=1"),
+                  "choice": c["choice"] | {"lam": 1.0, "data": "none"}}
+             for c in mine if "@" in c["kind"]]  # fmt: skip
+    both = baselines.needs_gives(cells + other, out["metrics"])
+    rtn_rows = [r for r in both if r["approach"].startswith("RTN(FP_R + lambda QV_D)")]
+    assert [r["approach"] for r in rtn_rows] == [
+        "RTN(FP_R + lambda QV_D), lambda by `lam=1` (data: none)",
+        "RTN(FP_R + lambda QV_D), lambda by `norm-ratio` (data: none)",
+    ]
+    at1 = next(r for r in both if r["approach"].startswith("RTN(FP_R + QV_D), lambda = 1"))
+    assert rtn_rows[0]["mean_test_acc"] == pytest.approx(at1["mean_test_acc"])
+    assert rtn_rows[1] == next(r for r in rows if r["approach"] == rtn_rows[1]["approach"])
 
 
 def test_resume_computes_nothing_new(runs, done, tmp_path):

@@ -83,13 +83,16 @@ def _cross(metrics: dict):
     return [p for p in metrics["pairs"].values() if not p["self"]]
 
 
-def _rtn_qv_rows(metrics: dict, rtn: dict, choices: dict, strategy: str | None) -> list[dict]:
-    """RTN+QV at lambda = 1 and at the strategy's lambda (from the grid's patch cells)."""
+def _rtn_qv_rows(metrics: dict, rtn: dict, by_strategy: dict[str, dict]) -> list[dict]:
+    """RTN+QV at lambda = 1, and at each strategy's lambda (``{strategy: {(receiver,
+    donor): choice}}``, from its GPTQ cells), read from the grid's patch cells."""
     at1 = [(p["curve"][1.0]["test"], rtn.get(p["receiver"])) for p in _cross(metrics)
            if p["curve"].get(1.0, {}).get("test") is not None]  # fmt: skip
     rows = [_row("RTN(FP_R + QV_D), lambda = 1 (zero-shot)", "none", True, at1, "pairs")]
-    if strategy is None:
-        return rows
+    return rows + [_rtn_at(metrics, rtn, c, s) for s, c in sorted(by_strategy.items())]
+
+
+def _rtn_at(metrics: dict, rtn: dict, choices: dict, strategy: str) -> dict:
     picked, lacking = [], 0
     for p in _cross(metrics):
         choice = choices.get((p["receiver"], p["donor"]))
@@ -106,7 +109,7 @@ def _rtn_qv_rows(metrics: dict, rtn: dict, choices: dict, strategy: str | None) 
     row = _row(name, "none", True, picked, "pairs")
     if lacking:
         row["note"] = f"{lacking} pairs' lambda is not in the grid's lambda list"
-    return rows + [row]
+    return row
 
 
 def _gptq_rows(by_kind: dict, rtn: dict) -> list[dict]:
@@ -137,11 +140,14 @@ def needs_gives(cells: list[dict], metrics: dict) -> list[dict]:
     by_kind: dict[str, list[dict]] = {}
     for c in mine:
         by_kind.setdefault(c["kind"], []).append(c)
-    strategy = next((k.split("@", 1)[1] for k in by_kind if "@" in k), None)
-    choices = {(c["receiver"], c["donor"]): c["choice"] for c in mine if "choice" in c}
+    by_strategy: dict[str, dict] = {}  # a grid resumed with another strategy holds both
+    for c in mine:
+        if "@" in c["kind"] and "choice" in c:
+            strategy = c["kind"].split("@", 1)[1]
+            by_strategy.setdefault(strategy, {})[(c["receiver"], c["donor"])] = c["choice"]
     rtn = _rtn(metrics)
     rows = [_row("RTN(FP_R)", "none", False, [(a, None) for a in rtn.values()], "receivers")]
-    rows += _rtn_qv_rows(metrics, rtn, choices, strategy)
+    rows += _rtn_qv_rows(metrics, rtn, by_strategy)
     return rows + _gptq_rows(by_kind, rtn)
 
 
