@@ -102,7 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
     # the test tasks: KL to FP_R on 256 pretext images, staying at lambda=1 unless another
     # lambda is at least 5% closer.
     c.demo.select_strategy = "proxy-pretext-kl:margin=0.05"
-    # Two methods keep the demo near 10 minutes on 2 cores (bench/grid_extras.py: a merge
+    # Two methods keep the demo near 16 minutes on 2 cores (bench/grid_extras.py: a merge
     # cell costs ~1.3 patch cells; 5 receivers x 11 lambdas each); all four:
     # demo.merge_methods=mean,ties,dare,model_stock (about +85 s).
     c.demo.merge_methods = "mean,ties"
