@@ -270,6 +270,8 @@ def test_a_helpful_qv_is_used_and_harmful_qvs_get_lambda_zero(pair):
     for bad in (flipped, huge):
         rec = sel.candidate_scores(fp, bad, SPEC, model, inputs=inputs, strategies=proxies())
         assert {n: c["lam"] for n, c in rec["choices"].items()} == {s.name: 0.0 for s in proxies()}
+        for s in proxies():  # the dev-tuned margin still declines a harmful QV
+            assert sel.choose(s.with_constants({"margin": 0.05}), rec).lam == 0.0, s.name
 
 
 # ------------------------------------------------------------------ data isolation
