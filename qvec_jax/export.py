@@ -176,9 +176,13 @@ def _leaves(arrays: dict, header: dict) -> dict:
     quantized leaf dequantized, every other leaf reshaped as is."""
     bits = header["bits"]
     at = {k: 0 for k in arrays}  # the next unread element of each tensor
-    for name, dtype in (("codes", np.uint8), ("scales", np.float32)):
-        if name in arrays and arrays[name].dtype != dtype:
-            raise ValueError(f"tensor {name!r} is {arrays[name].dtype}, not {np.dtype(dtype)}")
+    wants = {"codes": np.dtype(np.uint8), "scales": np.dtype(np.float32)}
+    for name, a in arrays.items():
+        want = wants.get(name) or (name[len("rest.") :] if name.startswith("rest.") else None)
+        if want is None:
+            raise ValueError(f"unknown tensor {name!r}")
+        if a.dtype.name != np.dtype(want).name:
+            raise ValueError(f"tensor {name!r} is {a.dtype}, not what its name says ({want})")
 
     def take(name: str, n: int, shape) -> np.ndarray:
         if name not in arrays:
@@ -191,6 +195,8 @@ def _leaves(arrays: dict, header: dict) -> dict:
 
     flat = {}
     for p, shape, dtype, scale_shape in header["index"]:
+        if p in flat:
+            raise ValueError(f"leaf {p!r} is twice in the index")
         if scale_shape is None:
             flat[p] = jnp.asarray(take(f"rest.{dtype}", math.prod(shape), shape))
             continue

@@ -59,6 +59,16 @@ DEFAULT_METHODS = ("mean", "ties", "dare", "model_stock")
 #: The no-receiver-data strategy of the report's heatmap: the winner of ``qvec tune`` on
 #: the demo's DEV task set (README "Demo results"); never chosen on a test task set.
 DEFAULT_STRATEGY = "proxy-pretext-kl:margin=0.05"
+#: The default when no pretext task is named: the best variant of the same dev ranking
+#: that reads no pretext images (``qvec tune``'s ``tune.md`` on the dev demo grid).
+NO_PRETEXT_STRATEGY = "proxy-donor-kl:margin=0.2"
+
+
+def default_strategy(pretext: str | None) -> str:
+    """:data:`DEFAULT_STRATEGY`, or :data:`NO_PRETEXT_STRATEGY` without a pretext task."""
+    return DEFAULT_STRATEGY if pretext is not None else NO_PRETEXT_STRATEGY
+
+
 #: The extras' settings of the last grid run (the report reads the strategy there).
 EXTRAS_FILE = "extras.json"
 
@@ -73,13 +83,14 @@ class Extras:
     """What the extras stage computes; every setting is checked here, before any work.
 
     ``strategy``: the no-receiver-data strategy the report's heatmap and merge rows use
-    (a name of ``select.default_strategies``; not measured-dependent). ``methods``: the
+    (a measured family, with tunable constants: ``select.get_strategy``; "auto":
+    :func:`default_strategy` of ``pretext``); stored in its canonical spelling. ``methods``: the
     merge methods (``merge.METHODS``), each at its ``MergeSpec`` defaults (ties density
     0.2, dare p 0.5 seed 0). ``pretext``: the pretext task or None. ``proxy_n`` donor /
     pretext / noise images, ``rx_shots`` unlabelled receiver images, ``seed`` for both.
     """
 
-    strategy: str = DEFAULT_STRATEGY
+    strategy: str = "auto"
     methods: tuple[str, ...] = DEFAULT_METHODS
     pretext: str | None = None
     proxy_n: int = 256
@@ -87,7 +98,10 @@ class Extras:
     seed: int = 0
 
     def __post_init__(self):
+        if self.strategy == "auto":
+            object.__setattr__(self, "strategy", default_strategy(self.pretext))
         s = select.get_strategy(self.strategy, measured_strategies(self.proxy_n, self.rx_shots))
+        object.__setattr__(self, "strategy", s.name)  # one spelling per strategy
         if s.data in ("unlabelled receiver", "labelled receiver"):
             raise select.SelectError(
                 f"extras strategy {self.strategy!r} uses {s.data} data; name one that "

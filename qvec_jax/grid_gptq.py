@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from qvec_jax import checkpoints, gptq, select, trees
 from qvec_jax import data as qdata
-from qvec_jax.grid_extras import DEFAULT_STRATEGY
+from qvec_jax.grid_extras import DEFAULT_STRATEGY, default_strategy
 from qvec_jax.grid_inputs import GridError
 from qvec_jax.grid_run import GridRun
 from qvec_jax.grid_store import GridStore, cell_key
@@ -80,7 +80,8 @@ def is_gptq_cell(cell: dict) -> bool:
 class GptqCells:
     """Which GPTQ cells a grid adds (module docstring), passed as (one of) ``run_grid``'s
     ``extras``. ``calib_size``: images per calibration set; ``strategy``: a
-    no-receiver-data name of ``select.default_strategies`` (None: no strategy cells);
+    no-receiver-data strategy name, tunable constants allowed (None: no strategy cells;
+    "auto": ``grid_extras.default_strategy`` of ``pretext``), stored canonically;
     ``qv_at_one``: the lam = 1 GPTQ+QV cells (False halves their cost); ``pretext``: the
     pretext task (None: no ``pretext`` cells); ``seed``: which images are sampled, and
     the noise; ``batch_size``: images per calibration forward pass."""
@@ -88,7 +89,7 @@ class GptqCells:
     calib_size: int = 128
     sources: tuple[str, ...] = SOURCES
     qv_source: str = "donor"
-    strategy: str | None = DEFAULT_STRATEGY
+    strategy: str | None = "auto"
     qv_at_one: bool = True
     pretext: str | None = None
     seed: int = 0
@@ -111,8 +112,12 @@ class GptqCells:
             qdata.get_task(self.pretext)  # a typo fails here, with did-you-mean
         elif self.qv_source == "pretext":
             raise GridError("gptq qv_source 'pretext' needs the pretext task: pass pretext=")
+        if self.strategy == "auto":
+            object.__setattr__(self, "strategy", default_strategy(self.pretext))
         if self.strategy is not None:
-            data = select.get_strategy(self.strategy).data
+            s = select.get_strategy(self.strategy)
+            object.__setattr__(self, "strategy", s.name)  # one spelling: one cell kind
+            data = s.data
             if data in _RECEIVER_DATA:
                 raise GridError(
                     f"gptq strategy {self.strategy!r} uses {data} data; the GPTQ+QV row "

@@ -101,6 +101,8 @@ def test_refuses_foreign_files(tmp_path, demo):
         "long": (arrays | {"codes": np.append(arrays["codes"], np.uint8(0))}, md,
                  "'codes' holds more"),
         "dtype": (arrays | {"codes": arrays["codes"].astype(np.int32)}, md, "'codes' is int32"),
+        "rest": (arrays | {"rest.float32": arrays["rest.float32"].astype(np.float16)}, md,
+                 "'rest.float32' is float16"),
         "index": (arrays, md | {"qvec_jax": md["qvec_jax"].replace('"packed":"', '"packed":"!')},
                   "unreadable index"),
     }  # fmt: skip

@@ -250,9 +250,9 @@ def test_tune_ranks_variants_by_the_fixed_rule_and_refuses_the_test_set(grids, t
     assert len(names) == len(set(names)) and "proxy-donor-kl:margin=0.2" in names
     assert {"norm-ratio:multiple=0.25", "alignment:scale=16", "model-stock:k=1"} <= set(names)
     zero = [r for r in rows if r["data"] not in rs.RECEIVER_DATA]
-    assert rows[: len(zero)] == zero and js["winner"] == next(
-        r["name"] for r in zero if r["name"] != "lam=1"
-    )
+    assert rows[: len(zero)] == zero and js["winner"] == zero[0]["name"]
+    w = zero[0]["stats"]  # the printed numbers are the winner's
+    assert f"{w['wins']} wins, mean delta {100 * w['mean_delta']:+.1f} pts" in printed
     one = js["lam1"]
     keys = [tune.rank_key({"name": r["name"], "stats": r["stats"]}, {"stats": one}) for r in zero]
     assert keys == sorted(keys)  # ranked: safe first, then mean delta, regret, name
@@ -275,14 +275,34 @@ def test_tune_ranks_variants_by_the_fixed_rule_and_refuses_the_test_set(grids, t
     assert not (test_grid / "tune.md").exists()
 
 
-def test_a_pretext_strategy_without_the_pretext_task_is_refused():
-    assert select.get_strategy(grid_extras.DEFAULT_STRATEGY).data == "pretext"  # the dev pick
-    with pytest.raises(select.SelectError, match="reads pretext images: name the pretext"):
-        grid_extras.Extras()
+def test_the_default_strategy_follows_the_pretext_and_names_are_canonical():
     from qvec_jax import grid_gptq
 
+    assert select.get_strategy(grid_extras.DEFAULT_STRATEGY).data == "pretext"  # the dev pick
+    assert select.get_strategy(grid_extras.NO_PRETEXT_STRATEGY).data == "donor"
+    for make in (grid_extras.Extras, grid_gptq.GptqCells):
+        assert make().strategy == grid_extras.NO_PRETEXT_STRATEGY  # "auto", no pretext
+        assert make(pretext="digits_b").strategy == grid_extras.DEFAULT_STRATEGY
+        # one spelling per strategy, so resumed cells are found under any spelling
+        assert (
+            make(strategy="proxy-donor256-kl:margin=0.050").strategy == "proxy-donor-kl:margin=0.05"
+        )
+        assert make(strategy="proxy-donor-kl:margin=0").strategy == "proxy-donor-kl"
+    with pytest.raises(select.SelectError, match="reads pretext images: name the pretext"):
+        grid_extras.Extras(strategy=grid_extras.DEFAULT_STRATEGY)
     with pytest.raises(grid_gptq.GridError, match="reads pretext images: name the pretext"):
-        grid_gptq.GptqCells()
-    grid_gptq.GptqCells(pretext="digits_b")
-    grid_extras.Extras(pretext="digits_b")
-    grid_extras.Extras(strategy="proxy-donor-kl")
+        grid_gptq.GptqCells(strategy="proxy-pretext-kl")
+
+
+def test_tune_rank_keeps_lam1_unless_a_variant_is_safe_and_better():
+    def row(name, wins, mean, regret):
+        return {"name": name, "stats": {"wins": wins, "mean_delta": mean, "worst_regret": regret}}
+
+    one = row("lam=1", 14, 0.04, 0.06)
+    key = lambda r: tune.rank_key(r, one)  # noqa: E731
+    twin = row("alignment:scale=2", 14, 0.04, 0.06)  # an exact tie: lam=1 first
+    better = row("proxy-pretext-kl:margin=0.05", 16, 0.046, 0.061 - 0.001)
+    riskier = row("proxy-pretext-kl", 16, 0.05, 0.136)  # more gain, larger worst regret
+    fewer = row("proxy-donor-kl", 12, 0.09, 0.01)  # fewer wins than lam=1
+    assert sorted([riskier, fewer, twin, one], key=key) == [one, twin, fewer, riskier]
+    assert sorted([riskier, one, better, twin], key=key)[0] == better

@@ -106,11 +106,17 @@ def test_a_name_with_constants_round_trips_and_refuses_unknown_ones():
         assert sel.get_strategy(name).name == name
         assert sel.get_strategy(sel.get_strategy(name).name) == sel.get_strategy(name)
     assert sel.split_name("a:x=1:y=2.5") == ("a", {"x": 1.0, "y": 2.5})
+    odd = sel.get_strategy("proxy-pretext-kl:margin=0.123456789")  # names are exact
+    assert odd.name == "proxy-pretext-kl:margin=0.123456789" and sel.get_strategy(odd.name) == odd
+    rec = {"candidates": [0.5, 1.0], "proxy/noise/n=256/seed=0/res=8": {"n": 1, "kl": [None] * 2}}
+    assert sel.choose("proxy-noise-kl:margin=0.05", rec).lam == 0.0  # nothing comparable
     for name, msg in [
         ("proxy-noise-kl:n=32", "no constant 'n' \\(tunable: margin\\)"),
         ("lam=1:x=1", "no constant 'x' \\(tunable: none\\)"),
-        ("norm-ratio:multiple", "write constants as ':name=number'"),
+        ("norm-ratio:multiple", "write constants as ':name=finite number'"),
         ("proxy-noise-kl:margin=1.5", "margin must be in \\[0, 1\\)"),
+        ("norm-ratio:multiple=nan", "finite number"),
+        ("model-stock:k=0.5", "k must be finite and >= 1"),
     ]:
         with pytest.raises(sel.SelectError, match=msg):
             sel.get_strategy(name)

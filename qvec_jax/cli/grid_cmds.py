@@ -123,16 +123,18 @@ def add_extras_options(p) -> None:
         default=None,
         metavar="TASK",
         help="--extras: the pretext task (its train images feed the proxy-pretext-* "
-        "strategies; without it they are listed as not measured); --gptq: its train images "
-        "calibrate the 'pretext' rows (without it there are none)",
+        "strategies, the default --strategy among them; without it they are listed as not "
+        "measured); --gptq: its train images calibrate the 'pretext' rows (without it "
+        "there are none)",
     )
     p.add_argument(
         "--strategy",
-        default=grid_extras.DEFAULT_STRATEGY,
+        default="auto",
         help="--extras: the no-receiver-data lambda strategy of the heatmap and the merge "
-        "rows (--gptq: and of the GPTQ+QV and RTN+QV strategy rows), fixed in advance "
-        "(choose it on a DEV task set; default "
-        f"{grid_extras.DEFAULT_STRATEGY})",
+        "rows (--gptq: and of the GPTQ+QV and RTN+QV strategy rows), fixed in advance; "
+        "constants as ':name=value'. Default auto: the dev-tuned "
+        f"{grid_extras.DEFAULT_STRATEGY} with --pretext, else "
+        f"{grid_extras.NO_PRETEXT_STRATEGY} (see `qvec tune`)",
     )
     p.add_argument(
         "--merge-methods",
@@ -355,9 +357,10 @@ def _cmd_tune(args) -> int:
     print(f"{res['n_pairs']} cross-task pairs of the {res['task_set'] or 'unlabelled'} task set; "
           f"lam=1: {one['wins']} wins, mean delta {100 * one['mean_delta']:+.1f} pts")  # fmt: skip
     if res["winner"]:
-        w = res["rows"][0]["stats"]
+        w = next(r["stats"] for r in res["rows"] if r["name"] == res["winner"])
+        regret = "n/a" if w["worst_regret"] is None else f"{100 * w['worst_regret']:.1f} pts"
         print(f"winner: {res['winner']} ({'safe' if res['safe'] else 'NOT safe'} vs lam=1): "
               f"{w['wins']} wins, mean delta {100 * w['mean_delta']:+.1f} pts, worst regret "
-              f"{100 * w['worst_regret']:.1f} pts (optimistic: chosen on these pairs)")  # fmt: skip
+              f"{regret} (optimistic: chosen on these pairs)")  # fmt: skip
     print(f"wrote {res['paths']['tune_md']} and {res['paths']['tune_json']}")
     return 0

@@ -100,8 +100,11 @@ def get_strategy(name: str | Strategy, among: Sequence[Strategy] | None = None) 
     family, constants = split_name(name)
     by_family = {s.family: s for s in (default_strategies() if among is None else among)}
     m = re.fullmatch(r"proxy-(donor|pretext|noise)(\d+)-(kl|agree|cos)", family)
-    if family not in by_family and m and among is None:
-        by_family[family] = Proxy(m[1], m[3], n=int(m[2]))
+    if family not in by_family and m:  # an explicit size: "proxy-donor256-kl" is its family
+        explicit = Proxy(m[1], m[3], n=int(m[2]))
+        if among is None:
+            by_family[family] = explicit
+        family = explicit.family
     if family not in by_family:
         raise SelectError(f"unknown lambda strategy {name!r}; use one of {sorted(by_family)}")
     return by_family[family].with_constants(constants) if constants else by_family[family]

@@ -71,9 +71,17 @@ def split_name(name: str) -> tuple[str, dict[str, float]]:
             constants[k.strip()] = float(v)
         except ValueError:
             eq = ""
-        if not eq or not k.strip():
-            raise SelectError(f"strategy {name!r}: write constants as ':name=number', got {part!r}")
+        if not eq or not k.strip() or not math.isfinite(constants.get(k.strip(), 0.0)):
+            raise SelectError(
+                f"strategy {name!r}: write constants as ':name=finite number', got {part!r}"
+            )
     return family, constants
+
+
+def number(v: float) -> str:
+    """The shortest text that reads back as ``v`` (``2.0`` -> ``"2"``), for names."""
+    text = repr(float(v))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def floats(x) -> list[float | None]:
@@ -133,7 +141,7 @@ class Strategy:
     def name(self) -> str:
         fields = {f.name: f.default for f in dataclasses.fields(self)}
         changed = [(k, getattr(self, k)) for k in self.tunable if getattr(self, k) != fields[k]]
-        return self.family + "".join(f":{k}={v:g}" for k, v in changed)
+        return self.family + "".join(f":{k}={number(v)}" for k, v in changed)
 
     def with_constants(self, constants: Mapping[str, float]) -> Strategy:
         """This strategy with the ``tunable`` constants replaced (others refused)."""

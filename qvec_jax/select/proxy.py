@@ -189,9 +189,9 @@ class Proxy(Strategy):
         scores = [None if d is None else -d for d in dist]
         why = f"{self.measure} of PTQ(FP_R+lam*QV) vs FP_R on {rec['n']} {self.data} inputs"
         lam = pick(cands, scores)
-        if self.margin > 0 and 1.0 in cands and lam != 1.0:
+        if self.margin > 0 and 1.0 in cands and lam in cands and lam != 1.0:
             d1, db = dist[cands.index(1.0)], dist[cands.index(lam)]
-            if d1 is not None and not db < (1.0 - self.margin) * d1:
+            if d1 is not None and db is not None and not db < (1.0 - self.margin) * d1:
                 why += f": closest at {lam:g}, not {self.margin:g} closer than at 1, so {{lam}}"
                 return self._choice(cands, scores, why, lam=1.0)
         return self._choice(cands, scores, why + ": closest at {lam}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import ClassVar
 
 import jax
@@ -23,6 +24,16 @@ from qvec_jax.select.base import CANDIDATES, Choice, SelectError, Strategy, floa
 
 class _Weights(Strategy):
     key: ClassVar[str] = "weights"
+    #: The smallest value the tunable constant may take (None: any finite number).
+    lowest: ClassVar[float | None] = None
+
+    def __post_init__(self):
+        for f in self.tunable:
+            v = getattr(self, f)
+            ok = math.isfinite(v) and (self.lowest is None or v >= self.lowest)
+            if not ok:
+                low = "" if self.lowest is None else f" and >= {self.lowest:g}"
+                raise SelectError(f"{self.family} {f} must be finite{low}, got {v}")
 
     def collect(self, ctx):
         return weight_stats(ctx.fp_r, ctx.qv, ctx.spec, ctx.candidates)
@@ -41,6 +52,7 @@ class NormRatio(_Weights):
     multiple: float = 1.0
     family: ClassVar[str] = "norm-ratio"
     tunable: ClassVar[tuple[str, ...]] = ("multiple",)
+    lowest: ClassVar[float | None] = 0.0
 
     def decide(self, record):
         w = record[self.key]
@@ -73,6 +85,7 @@ class ModelStock(_Weights):
     k: float = 2.0
     family: ClassVar[str] = "model-stock"
     tunable: ClassVar[tuple[str, ...]] = ("k",)
+    lowest: ClassVar[float | None] = 1.0  # k fine-tunes; k >= 1 keeps 1 + (k-1) cos > 0
 
     def decide(self, record):
         w = record[self.key]
