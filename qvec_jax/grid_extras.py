@@ -69,6 +69,26 @@ def default_strategy(pretext: str | None) -> str:
     return DEFAULT_STRATEGY if pretext is not None else NO_PRETEXT_STRATEGY
 
 
+def fixed_strategy(name: str, pretext: str | None, who: str, among=None, error=None):
+    """The no-receiver-data strategy a grid stage (``who``) fixes in advance: ``name``
+    ("auto": :func:`default_strategy`) among ``among`` (``select.get_strategy``). Refuses,
+    in one line (``error``, default ``SelectError``), one that uses receiver data or reads
+    pretext images without a ``pretext`` task."""
+    error = error or select.SelectError
+    s = select.get_strategy(default_strategy(pretext) if name == "auto" else name, among)
+    if s.data in ("unlabelled receiver", "labelled receiver"):
+        raise error(
+            f"{who} strategy {s.name!r} uses {s.data} data; name one that uses no receiver "
+            "data (e.g. lam=1, norm-ratio, proxy-donor-kl)"
+        )
+    if s.data == "pretext" and pretext is None:
+        raise error(
+            f"{who} strategy {s.name!r} reads pretext images: name the pretext task "
+            "(pretext=, --pretext TASK) or another strategy (e.g. proxy-donor-kl)"
+        )
+    return s
+
+
 #: The extras' settings of the last grid run (the report reads the strategy there).
 EXTRAS_FILE = "extras.json"
 
@@ -98,25 +118,14 @@ class Extras:
     seed: int = 0
 
     def __post_init__(self):
-        if self.strategy == "auto":
-            object.__setattr__(self, "strategy", default_strategy(self.pretext))
-        s = select.get_strategy(self.strategy, measured_strategies(self.proxy_n, self.rx_shots))
+        measured = measured_strategies(self.proxy_n, self.rx_shots)
+        s = fixed_strategy(self.strategy, self.pretext, "extras", measured)
         object.__setattr__(self, "strategy", s.name)  # one spelling per strategy
-        if s.data in ("unlabelled receiver", "labelled receiver"):
-            raise select.SelectError(
-                f"extras strategy {self.strategy!r} uses {s.data} data; name one that "
-                "uses no receiver data"
-            )
         bad = [m for m in self.methods if m not in merge.METHODS]
         if bad or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"merge methods {list(self.methods)}: use distinct {merge.METHODS}")
         if self.pretext is not None:
             data.get_task(self.pretext)  # a typo fails here, with did-you-mean
-        elif s.data == "pretext":
-            raise select.SelectError(
-                f"extras strategy {self.strategy!r} reads pretext images: name the pretext "
-                "task (pretext=, --pretext TASK) or another strategy (e.g. proxy-donor-kl)"
-            )
         if self.proxy_n < 1 or not self.rx_shots or min(self.rx_shots) < 1:
             raise ValueError(
                 f"proxy_n={self.proxy_n}, rx_shots={self.rx_shots}: need positive sizes"

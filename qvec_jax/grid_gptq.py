@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from qvec_jax import checkpoints, gptq, select, trees
 from qvec_jax import data as qdata
-from qvec_jax.grid_extras import DEFAULT_STRATEGY, default_strategy
+from qvec_jax.grid_extras import DEFAULT_STRATEGY, fixed_strategy
 from qvec_jax.grid_inputs import GridError
 from qvec_jax.grid_run import GridRun
 from qvec_jax.grid_store import GridStore, cell_key
@@ -68,7 +68,6 @@ KIND = "gptq"
 QV_KIND = "gptq+qv"
 SOURCES = ("receiver", "donor", "pretext", "noise")
 QV_SOURCES = ("donor", "pretext", "noise")
-_RECEIVER_DATA = ("unlabelled receiver", "labelled receiver")
 
 
 def is_gptq_cell(cell: dict) -> bool:
@@ -112,22 +111,9 @@ class GptqCells:
             qdata.get_task(self.pretext)  # a typo fails here, with did-you-mean
         elif self.qv_source == "pretext":
             raise GridError("gptq qv_source 'pretext' needs the pretext task: pass pretext=")
-        if self.strategy == "auto":
-            object.__setattr__(self, "strategy", default_strategy(self.pretext))
-        if self.strategy is not None:
-            s = select.get_strategy(self.strategy)
-            object.__setattr__(self, "strategy", s.name)  # one spelling: one cell kind
-            data = s.data
-            if data in _RECEIVER_DATA:
-                raise GridError(
-                    f"gptq strategy {self.strategy!r} uses {data} data; the GPTQ+QV row "
-                    "needs a no-receiver-data strategy (e.g. lam=1, norm-ratio, proxy-donor-kl)"
-                )
-            if data == "pretext" and self.pretext is None:
-                raise GridError(
-                    f"gptq strategy {self.strategy!r} reads pretext images: name the pretext "
-                    "task (pretext=, --pretext TASK) or another strategy (e.g. proxy-donor-kl)"
-                )
+        if self.strategy is not None:  # one spelling per strategy: one cell kind
+            s = fixed_strategy(self.strategy, self.pretext, "gptq", error=GridError)
+            object.__setattr__(self, "strategy", s.name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"sources": list(self.sources)}
