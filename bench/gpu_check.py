@@ -2,7 +2,7 @@
 
 Prints, in one run, on the default JAX backend:
 
-1. fake-quant (PTQ) of ViT-B/16 at 3 bits per channel, ms (``transfer.ptq_jit``);
+1. fake-quant (PTQ) of ViT-B/16 at 3 bits per channel, ms (``grid.ptq_jit``);
 2. the QAT/FP train-step ratio at batch 128, in float32 and bfloat16 compute (the
    project's ``train.make_train_step``: AdamW, clipping, donated state; uint8 32-px
    images resized to 224 on device, as training feeds them), medians of interleaved steps;
@@ -36,10 +36,10 @@ from grid_cell import report as cell_report  # noqa: E402
 from qvec_jax import train  # noqa: E402
 from qvec_jax.config import load_config  # noqa: E402
 from qvec_jax.data.loader import TrainLoader, place_rows  # noqa: E402
+from qvec_jax.grid import ptq_jit  # noqa: E402
 from qvec_jax.models import vit  # noqa: E402
 from qvec_jax.quant import QuantSpec  # noqa: E402
-from qvec_jax.sharding import make_mesh, put, replicated  # noqa: E402
-from qvec_jax.transfer import ptq_jit  # noqa: E402
+from qvec_jax.sharding import make_mesh, put, replicated, state_shardings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = dict(variant="B/16", image_size=224, batch=128, steps=5, runs=5, cell_n=256,
@@ -73,7 +73,7 @@ def step_ratio(s: dict, mesh, dtype) -> dict:
     params = random_params(model, 0)
     tx, _ = train.make_optimizer(cfg.optim, total_steps=1000)
     abstract = train.abstract_state(params, tx)
-    sh = train.state_shardings(abstract, mesh)
+    sh = state_shardings(abstract, mesh)
     split = random_split(4 * s["batch"], 32, s["image_size"], seed=3)
     x, y = place_rows(split.get(np.arange(s["batch"])), mesh, s["batch"])
     steps, states, ms = {}, {}, {"fp": [], "qat": []}

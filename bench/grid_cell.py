@@ -9,7 +9,7 @@ parts:
   place it on device, where it stays cached). The grid does this once per receiver, so
   a cell pays it divided by the receiver's cells (``--cells-per-receiver``; the paper's
   grid: 3 baselines + 22 donors x 11 lambdas = 245);
-- patch + PTQ: ``transfer.patch_and_quantize(fp, qv, lam)`` to completion;
+- patch + PTQ: ``grid.patch_and_quantize(fp, qv, lam)`` to completion;
 - eval: ``EvalSet.accuracy`` on both cached splits (resize to the model's size on
   device, the forward pass, the count); the streamed (uncached) eval is printed beside.
 
@@ -35,10 +35,10 @@ from qvec_jax import data as qdata
 from qvec_jax.data.pipeline import Split
 from qvec_jax.data.sources import ArrayReader
 from qvec_jax.evaluate import EvalSet
+from qvec_jax.grid import patch_and_quantize
 from qvec_jax.models import vit
 from qvec_jax.quant import QuantSpec
 from qvec_jax.sharding import make_mesh, put, replicated
-from qvec_jax.transfer import patch_and_quantize
 
 GOAL = 0.10
 

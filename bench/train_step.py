@@ -34,7 +34,7 @@ def _jax_steps(variant, batch, image_size, bits):
     from qvec_jax.config import load_config
     from qvec_jax.models import vit
     from qvec_jax.quant import QuantSpec
-    from qvec_jax.sharding import make_mesh
+    from qvec_jax.sharding import make_mesh, state_shardings
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "configs", "paper_vit_b16.py"), ["optim.warmup_steps=1"])
@@ -45,7 +45,7 @@ def _jax_steps(variant, batch, image_size, bits):
     abstract = jax.eval_shape(
         lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
     )
-    sh = train.state_shardings(abstract, mesh)
+    sh = state_shardings(abstract, mesh)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
     y = rng.integers(0, 100, batch).astype(np.int32)

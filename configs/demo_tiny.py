@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.demo.fallback_dev_tasks = "digits_rot90,digits_inv,digits_flip,digits_a"
     c.demo.lambdas = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0, 1.05, 1.2, 1.35, 1.5)  # the paper's
     c.demo.grid_batch_size = 1000
-    # Grid extras (qvec_jax/grid_extras.py): every lambda strategy measured per cross-task
+    # Grid extras (qvec_jax/grid/extras.py): every lambda strategy measured per cross-task
     # pair (proxy inputs: proxy_size train images of the donor, of the pretext task, noise,
     # and 32/128 unlabelled receiver train images) and leave-one-out QV merges.
     c.demo.extras = True
@@ -102,12 +102,12 @@ def get_config() -> ml_collections.ConfigDict:
     # the test tasks: KL to FP_R on 256 pretext images, staying at lambda=1 unless another
     # lambda is at least 5% closer.
     c.demo.select_strategy = "proxy-pretext-kl:margin=0.05"
-    # Two methods keep the demo near 16 minutes on 2 cores (bench/grid_extras.py: a merge
+    # Two methods keep the demo near 16 minutes on 2 cores (bench/extras_cost.py: a merge
     # cell costs ~1.3 patch cells; 5 receivers x 11 lambdas each); all four:
     # demo.merge_methods=mean,ties,dare,model_stock (about +85 s).
     c.demo.merge_methods = "mean,ties"
     c.demo.proxy_size = 256
-    # GPTQ rows (qvec_jax/grid_gptq.py): GPTQ(FP_R) calibrated on receiver train / another
+    # GPTQ rows (qvec_jax/grid/gptq.py): GPTQ(FP_R) calibrated on receiver train / another
     # task / pretext / noise images, and GPTQ(FP_R + lam QV_D) on the donor's images at
     # lam=1 and at select_strategy's lam; gptq_calib_size images per calibration set.
     c.demo.gptq = True

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvec_jax import data as qdata
-from qvec_jax import grid_extras, grid_gptq, report, train, transfer
+from qvec_jax import grid, report, train
 from qvec_jax.config import apply_overrides, load_config
 from qvec_jax.files import atomic_write_text
-from qvec_jax.grid_store import GridStore
+from qvec_jax.grid.store import GridStore
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_tiny.py"
 
@@ -169,12 +169,12 @@ def _finetune_all(cfg, workdir: Path, tasks: list[str], progress: bool) -> Path:
     return runs
 
 
-def extras_of(cfg, pretext: str) -> grid_extras.Extras | None:
+def extras_of(cfg, pretext: str) -> grid.extras.Extras | None:
     """The grid's extras of the demo config (None when ``demo.extras`` is off)."""
     d = cfg.demo
     if not d.extras:
         return None
-    return grid_extras.Extras(
+    return grid.extras.Extras(
         strategy=d.select_strategy,
         methods=tuple(m for m in d.merge_methods.split(",") if m),
         pretext=pretext,
@@ -182,12 +182,12 @@ def extras_of(cfg, pretext: str) -> grid_extras.Extras | None:
     )
 
 
-def gptq_of(cfg, pretext: str) -> grid_gptq.GptqCells | None:
+def gptq_of(cfg, pretext: str) -> grid.gptq.GptqCells | None:
     """The grid's GPTQ rows of the demo config (None when ``demo.gptq`` is off)."""
     d = cfg.demo
     if not d.gptq:
         return None
-    return grid_gptq.GptqCells(
+    return grid.gptq.GptqCells(
         calib_size=int(d.gptq_calib_size), strategy=d.select_strategy, pretext=pretext
     )
 
@@ -199,7 +199,7 @@ def _grid(cfg, workdir: Path, runs: Path, tasks: list[str], progress: bool, extr
         f"[demo] 3/4 grid: {len(tasks)} donors x {len(tasks)} receivers x "
         f"{len(lambdas)} lambdas at {cfg.quant.bits} bits"
     )
-    return transfer.run_grid(
+    return grid.run_grid(
         tasks,
         runs,
         workdir / "grid",

@@ -28,7 +28,7 @@ from vit_layouts import (  # noqa: F401
 )
 
 from qvec_jax import checkpoints as ck
-from qvec_jax import pretrained, train_workdir
+from qvec_jax import pretrained, train
 from qvec_jax.cli import main as cli_main
 
 # ------------------------------------------------------------------------ orbax params
@@ -165,12 +165,12 @@ def test_train_state_roundtrip_keeps_structure_dtypes_and_the_optimizer(tmp_path
     update = jax.jit(tx.update)  # eager optax compiles op by op: slow
     _, opt_state = update(grads, jax.jit(tx.init)(params), params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.int32(17)}
-    mngr = train_workdir.checkpoint_manager(str(tmp_path), keep=2)
-    train_workdir.save_state(mngr, 17, state, crc=12345)
+    mngr = train.workdir.checkpoint_manager(str(tmp_path), keep=2)
+    train.workdir.save_state(mngr, 17, state, crc=12345)
     mngr.wait_until_finished()
     abstract = jax.eval_shape(lambda: state)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    restored, step, crc = train_workdir.restore_state(mngr, abstract, shardings)
+    restored, step, crc = train.workdir.restore_state(mngr, abstract, shardings)
     assert (step, crc) == (17, 12345)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
@@ -182,7 +182,7 @@ def test_train_state_roundtrip_keeps_structure_dtypes_and_the_optimizer(tmp_path
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, u1, u2)))
     wrong = {**abstract, "params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}}
     with pytest.raises(ValueError):
-        train_workdir.restore_state(mngr, wrong, {**shardings, "params": {"w": shardings["step"]}})
+        train.workdir.restore_state(mngr, wrong, {**shardings, "params": {"w": shardings["step"]}})
     mngr.close()
 
 

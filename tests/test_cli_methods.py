@@ -16,7 +16,7 @@ from vit_layouts import random_params
 
 import qvec_jax as q
 from qvec_jax import checkpoints, cli, data, gptq, merge, select
-from qvec_jax.cli import model_cmds
+from qvec_jax.cli import patch_cmd
 
 IMAGE = 16
 META = {"variant": "test/4", "num_classes": 10, "image_size": IMAGE, "backbone_id": "b0"}
@@ -164,7 +164,7 @@ def test_auto_lambda_prints_the_choice_and_data_and_patches_with_it(capsys, ck, 
     fp, fmeta = _p(ck / "digits_fp")
     qv, _ = _p(ck / "qv_digits_rot90")
     model = checkpoints.model_from_meta(fmeta)
-    default = select.split_name(model_cmds.DEFAULT_AUTO_STRATEGY)[1]  # the dev-tuned margin
+    default = select.split_name(patch_cmd.DEFAULT_AUTO_STRATEGY)[1]  # the dev-tuned margin
     strategy = select.Proxy("noise", "kl", n=8).with_constants(default)
     want = select.select_lambda(fp, qv, 2, model, strategy=strategy)
     assert f"lambda {want.lam:g} chosen by {strategy.name} at 2 bits: {want.why}" in out
@@ -374,4 +374,4 @@ def test_help_of_each_new_command_ends_with_an_example(capsys):
         text = capsys.readouterr().out
         assert "example:" in text and f"qvec {cmd} " in text, cmd
         if cmd == "patch":  # the --lam auto default is named (the DEV-set study sets it)
-            assert f"default {model_cmds.DEFAULT_AUTO_STRATEGY}" in " ".join(text.split())
+            assert f"default {patch_cmd.DEFAULT_AUTO_STRATEGY}" in " ".join(text.split())

@@ -19,7 +19,7 @@ from vit_layouts import random_params
 
 import qvec_jax as q
 from qvec_jax import checkpoints, cli
-from qvec_jax.grid_inputs import checkpoint_path
+from qvec_jax.grid.inputs import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo_tiny.py"

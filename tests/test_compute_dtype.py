@@ -9,7 +9,7 @@ import json
 
 import jax.numpy as jnp
 import pytest
-from test_transfer import make_runs
+from test_grid_run import make_runs
 
 import qvec_jax as q
 from qvec_jax import (
@@ -17,15 +17,13 @@ from qvec_jax import (
     cli,
     evaluate,
     gptq,
-    grid_extras,
-    grid_gptq,
+    grid,
     merge,
-    transfer,
     trees,
 )
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
-from qvec_jax.grid_inputs import checkpoint_path
+from qvec_jax.grid.inputs import checkpoint_path
 
 TASK = "digits"
 KW = {"bits": 2, "lambdas": (1.0,), "batch_size": 64, "progress": False}
@@ -52,7 +50,7 @@ def acc_of(cells, kind: str) -> float:
 
 
 def test_grid_in_bfloat16_is_the_definition_and_named(runs, tmp_path):
-    cells = transfer.run_grid([TASK], runs, tmp_path, compute_dtype="bfloat16", **KW)
+    cells = grid.run_grid([TASK], runs, tmp_path, compute_dtype="bfloat16", **KW)
     for kind in ("fp", "ptq_fp"):
         assert acc_of(cells, kind) == pytest.approx(reference(runs, kind, jnp.bfloat16), abs=1e-12)
     assert rp.load_grid_meta(tmp_path)["compute_dtype"] == "bfloat16"
@@ -60,14 +58,14 @@ def test_grid_in_bfloat16_is_the_definition_and_named(runs, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "Model compute: **bfloat16** (params, QVs and PTQ in float32)." in summary
     size = (tmp_path / rp.CELLS_FILE).stat().st_size
-    again = transfer.run_grid([TASK], runs, tmp_path, compute_dtype=jnp.bfloat16, **KW)
+    again = grid.run_grid([TASK], runs, tmp_path, compute_dtype=jnp.bfloat16, **KW)
     assert (tmp_path / rp.CELLS_FILE).stat().st_size == size and len(again) == len(cells)
-    with pytest.raises(transfer.GridError, match="computed in bfloat16, not float32; use another"):
-        transfer.run_grid([TASK], runs, tmp_path, **KW)
+    with pytest.raises(grid.GridError, match="computed in bfloat16, not float32; use another"):
+        grid.run_grid([TASK], runs, tmp_path, **KW)
 
 
 def test_float32_grid_json_and_summary_are_unchanged(runs, tmp_path):
-    cells = transfer.run_grid([TASK], runs, tmp_path, **KW)
+    cells = grid.run_grid([TASK], runs, tmp_path, **KW)
     meta_text = (tmp_path / rp.GRID_META_FILE).read_text()
     assert "compute_dtype" not in json.loads(meta_text)
     want = reference(runs, "ptq_fp", jnp.float32)
@@ -76,18 +74,18 @@ def test_float32_grid_json_and_summary_are_unchanged(runs, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "Model compute" not in summary
     # float32 named explicitly is the default: nothing recomputed, the same files
-    transfer.run_grid([TASK], runs, tmp_path, compute_dtype="float32", **KW)
+    grid.run_grid([TASK], runs, tmp_path, compute_dtype="float32", **KW)
     rp.write_report(tmp_path)
     assert (tmp_path / rp.GRID_META_FILE).read_text() == meta_text
     assert (tmp_path / "summary.md").read_text() == summary
-    with pytest.raises(transfer.GridError, match="computed in float32, not bfloat16"):
-        transfer.run_grid([TASK], runs, tmp_path, compute_dtype="bfloat16", **KW)
+    with pytest.raises(grid.GridError, match="computed in float32, not bfloat16"):
+        grid.run_grid([TASK], runs, tmp_path, compute_dtype="bfloat16", **KW)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bf16", None])
 def test_other_compute_dtypes_are_refused(runs, tmp_path, dtype):
-    with pytest.raises(transfer.GridError, match="compute_dtype=.*use one of"):
-        transfer.run_grid([TASK], runs, tmp_path, compute_dtype=dtype, **KW)
+    with pytest.raises(grid.GridError, match="compute_dtype=.*use one of"):
+        grid.run_grid([TASK], runs, tmp_path, compute_dtype=dtype, **KW)
     assert not (tmp_path / rp.GRID_META_FILE).exists()
 
 
@@ -97,10 +95,10 @@ def test_bfloat16_extras_and_gptq_cells_compute_in_bfloat16(tmp_path):
     tasks = ("digits", "digits_rot90")
     runs = make_runs(tmp_path / "runs", tasks=tasks)
     extras = (
-        grid_extras.Extras(methods=("mean",), proxy_n=16, rx_shots=(8,), strategy="lam=1"),
-        grid_gptq.GptqCells(calib_size=8, sources=("noise",), strategy=None, qv_at_one=False),
+        grid.extras.Extras(methods=("mean",), proxy_n=16, rx_shots=(8,), strategy="lam=1"),
+        grid.gptq.GptqCells(calib_size=8, sources=("noise",), strategy=None, qv_at_one=False),
     )
-    cells = transfer.run_grid(list(tasks), runs, tmp_path / "g", compute_dtype="bfloat16",
+    cells = grid.run_grid(list(tasks), runs, tmp_path / "g", compute_dtype="bfloat16",
                               extras=extras, **KW)  # fmt: skip
     cells = rp.load_cells(tmp_path / "g")
     r = "digits"
@@ -116,9 +114,9 @@ def test_bfloat16_extras_and_gptq_cells_compute_in_bfloat16(tmp_path):
     want = evaluate.accuracy(bf16, q.patch(fp, qv, m["lam"]), test, q.QuantSpec(2), batch_size=64)
     assert m["acc"]["test"] == pytest.approx(want, abs=1e-12)
     (g,) = [c for c in cells if c["kind"].startswith("gptq") and c["receiver"] == r]
-    images = grid_gptq.calib_images(g["calib"], 28)
+    images = grid.gptq.calib_images(g["calib"], 28)
     gq = gptq.gptq(fp, checkpoints.model_from_meta(meta), images, q.QuantSpec(2),
-                   batch_size=grid_gptq.GptqCells.batch_size)  # fmt: skip
+                   batch_size=grid.gptq.GptqCells.batch_size)  # fmt: skip
     assert g["acc"]["test"] == pytest.approx(evaluate.accuracy(bf16, gq, test, batch_size=64),
                                              abs=1e-12)  # fmt: skip
     assert rp.load_grid_meta(tmp_path / "g")["compute_dtype"] == "bfloat16"

@@ -324,7 +324,7 @@ def test_a_view_of_any_task_is_named_by_its_options(name, base, kw):
 
 
 def test_named_view_is_the_derived_data_and_a_run_directory_name(tmp_path):
-    from qvec_jax.grid_inputs import checkpoint_path
+    from qvec_jax.grid.inputs import checkpoint_path
 
     got = D.load_split("digits@rot90=1", "test", image_size=8)
     want = D.load_split("digits_rot90", "test", image_size=8)

@@ -20,7 +20,7 @@ from qvec_jax import data as D
 from qvec_jax import evaluate, quant
 from qvec_jax.models import vit
 from qvec_jax.sharding import make_mesh, replicated, shard_batch
-from qvec_jax.train_step import create_state, loss_fn, make_train_step
+from qvec_jax.train.step import create_state, loss_fn, make_train_step
 
 TOL = 2e-5
 

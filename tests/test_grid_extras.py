@@ -10,21 +10,21 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_transfer import LAMBDAS, TASKS, make_runs
+from test_grid_run import LAMBDAS, TASKS, make_runs
 
 import qvec_jax as q
-from qvec_jax import checkpoints, cli, grid_extras, merge, select, transfer
+from qvec_jax import checkpoints, cli, grid, merge, select
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
 from qvec_jax.evaluate import accuracy
-from qvec_jax.grid_inputs import checkpoint_path, find_checkpoints
-from qvec_jax.grid_store import GridStore, cell_key, lam_key
+from qvec_jax.grid.inputs import checkpoint_path, find_checkpoints
+from qvec_jax.grid.store import GridStore, cell_key, lam_key
 from qvec_jax.report import extras as rx
 from qvec_jax.report import strategies as rs
 from qvec_jax.report import tune
 
 METHODS = ("mean", "ties")
-EXTRAS = grid_extras.Extras(methods=METHODS, pretext="digits_b")
+EXTRAS = grid.extras.Extras(methods=METHODS, pretext="digits_b")
 KW = {"bits": 2, "lambdas": LAMBDAS, "batch_size": 64, "progress": False}
 
 
@@ -34,9 +34,9 @@ def grids(tmp_path_factory):
     extras computed in the copy."""
     tmp = tmp_path_factory.mktemp("extras")
     runs = make_runs(tmp / "runs")
-    transfer.run_grid(list(TASKS), runs, tmp / "main", **KW)
+    grid.run_grid(list(TASKS), runs, tmp / "main", **KW)
     shutil.copytree(tmp / "main", tmp / "ext")
-    transfer.run_grid(list(TASKS), runs, tmp / "ext", extras=EXTRAS, **KW)
+    grid.run_grid(list(TASKS), runs, tmp / "ext", extras=EXTRAS, **KW)
     return runs, tmp / "main", tmp / "ext"
 
 
@@ -52,14 +52,14 @@ def test_extras_cells_exist_and_are_complete(grids):
     _, _, ext = grids
     scores, merges = _cells(ext, "scores"), _cells(ext, "merge")
     pairs = {(d, r) for d in TASKS for r in TASKS if d != r}
-    loo = {(grid_extras.loo_donor(m), r) for m in METHODS for r in TASKS}
+    loo = {(grid.extras.loo_donor(m), r) for m in METHODS for r in TASKS}
     assert {(c["donor"], c["receiver"]) for c in scores} == pairs | loo
     assert len(scores) == len(pairs | loo)
-    want = {(grid_extras.loo_donor(m), r, lam_key(lam)) for m in METHODS for r in TASKS
+    want = {(grid.extras.loo_donor(m), r, lam_key(lam)) for m in METHODS for r in TASKS
             for lam in LAMBDAS}  # fmt: skip
     assert {(c["donor"], c["receiver"], lam_key(c["lam"])) for c in merges} == want
     assert all(set(c["acc"]) == {"val", "test"} for c in merges)
-    measured = {s.name for s in grid_extras.measured_strategies()}
+    measured = {s.name for s in grid.extras.measured_strategies()}
     for c in scores:
         rec = c["scores"]
         assert rec["candidates"] == [0.0, *LAMBDAS]
@@ -84,7 +84,7 @@ def test_strategy_score_is_the_patch_cell_at_its_pick(grids):
     cells = GridStore(ext).cells()
     main = [c for c in cells if c["kind"] in ("fp", "ptq_fp", "ptq_qat", "patch")]
     metrics = rp.compute_metrics(main)
-    strategies = grid_extras.measured_strategies()
+    strategies = grid.extras.measured_strategies()
     sm = rs.strategy_metrics(cells, metrics, strategies, "proxy-donor-kl")
     by = _by_key(ext)
     picks = 0
@@ -113,7 +113,7 @@ def test_strategy_score_is_the_patch_cell_at_its_pick(grids):
 def test_loo_merge_excludes_the_receiver(grids):
     runs, _, ext = grids
     ckpts, _ = find_checkpoints(list(TASKS), runs)
-    run = grid_extras._ExtrasRun(EXTRAS, ckpts, q.QuantSpec(2), (0.0, *LAMBDAS), {})
+    run = grid.extras._ExtrasRun(EXTRAS, ckpts, q.QuantSpec(2), (0.0, *LAMBDAS), {})
     r = "digits_rot90"
     cell = _by_key(ext)[("merge", "loo:ties", r, lam_key(0.5))]
     others = [t for t in TASKS if t != r]
@@ -137,7 +137,7 @@ def test_report_has_a_row_per_strategy_and_merge(grids, tmp_path):
     _, _, ext = grids
     out = rp.write_report(ext, tmp_path)
     text = out["summary"]
-    for s in grid_extras.measured_strategies():
+    for s in grid.extras.measured_strategies():
         line = next(ln for ln in text.splitlines() if ln.startswith(f"| `{s.name}` |"))
         assert f"| {rs.DATA_LABELS[s.data]} |" in line
     assert f"| `{rp.LAMBDA_BEST}` | {rs.DATA_LABELS['labelled receiver']} |" in text
@@ -146,7 +146,7 @@ def test_report_has_a_row_per_strategy_and_merge(grids, tmp_path):
     assert "| average single donor | pairs |" in text
     assert "(no receiver data) | receivers |" in text
     assert "| oracle best single donor (uses receiver test labels) | receivers |" in text
-    fixed = grid_extras.DEFAULT_STRATEGY
+    fixed = grid.extras.DEFAULT_STRATEGY
     assert f"Fixed in advance (not chosen on these tasks): **`{fixed}`**" in text
     assert out["paths"][rx.STRATEGY_FIGURE].is_file()
     js = json.loads(out["paths"]["summary_json"].read_text())
@@ -173,7 +173,7 @@ def test_unmeasured_strategies_are_listed_not_dropped(grids):
 def test_resume_computes_nothing_new(grids, tmp_path):
     runs, _, ext = grids
     before = {p.name: p.read_text() for p in GridStore(ext).cell_files() if p.exists()}
-    transfer.run_grid(list(TASKS), runs, ext, extras=EXTRAS, **KW)
+    grid.run_grid(list(TASKS), runs, ext, extras=EXTRAS, **KW)
     after = {p.name: p.read_text() for p in GridStore(ext).cell_files() if p.exists()}
     assert after == before
     # a run killed during the extras: only the lost extras are recomputed
@@ -181,9 +181,9 @@ def test_resume_computes_nothing_new(grids, tmp_path):
     shutil.copytree(ext, work)
     lines = (work / "cells.jsonl").read_text().splitlines(keepends=True)
     lost = [json.loads(x) for x in lines[-3:]]
-    assert all(c["kind"] in grid_extras.EXTRA_KINDS for c in lost)
+    assert all(c["kind"] in grid.extras.EXTRA_KINDS for c in lost)
     (work / "cells.jsonl").write_text("".join(lines[:-3]) + lines[-3][:20])  # torn tail
-    transfer.run_grid(list(TASKS), runs, work, extras=EXTRAS, **KW)
+    grid.run_grid(list(TASKS), runs, work, extras=EXTRAS, **KW)
     new = (work / "cells.jsonl").read_text().splitlines()
     assert new[:-3] == [x.rstrip("\n") for x in lines[:-3]]
     assert {cell_key(json.loads(x)) for x in new[-3:]} == {cell_key(c) for c in lost}
@@ -194,9 +194,9 @@ def test_changed_setup_recomputes_the_scores_cells(grids):
     ckpts, _ = find_checkpoints(list(TASKS), runs)
     done = {cell_key(c): c for c in GridStore(ext).cells()}
     cands = (0.0, *LAMBDAS)
-    assert grid_extras.plan_extras(EXTRAS, list(TASKS), ckpts, LAMBDAS, cands, done) == []
-    other = grid_extras.Extras(methods=METHODS, pretext="digits_b", seed=1)
-    todo = grid_extras.plan_extras(other, list(TASKS), ckpts, LAMBDAS, cands, done)
+    assert grid.extras.plan_extras(EXTRAS, list(TASKS), ckpts, LAMBDAS, cands, done) == []
+    other = grid.extras.Extras(methods=METHODS, pretext="digits_b", seed=1)
+    todo = grid.extras.plan_extras(other, list(TASKS), ckpts, LAMBDAS, cands, done)
     assert {c["kind"] for c in todo} == {"scores"} and len(todo) == len(_cells(ext, "scores"))
 
 
@@ -262,7 +262,7 @@ def test_tune_ranks_variants_by_the_fixed_rule_and_refuses_the_test_set(grids, t
         [c for c in cells if c["kind"] in (*rp.BASELINE_KINDS, "patch")],
         tasks=meta["tasks"], lambdas=meta["lambdas"],
     )  # fmt: skip
-    s = select.get_strategy(js["winner"], grid_extras.measured_strategies())
+    s = select.get_strategy(js["winner"], grid.extras.measured_strategies())
     sm = rs.strategy_metrics(cells, metrics, [s], s.name)
     assert sm["rows"][0]["stats"] == next(r["stats"] for r in rows if r["name"] == s.name)
     # never on the test task set
@@ -276,22 +276,20 @@ def test_tune_ranks_variants_by_the_fixed_rule_and_refuses_the_test_set(grids, t
 
 
 def test_the_default_strategy_follows_the_pretext_and_names_are_canonical():
-    from qvec_jax import grid_gptq
-
-    assert select.get_strategy(grid_extras.DEFAULT_STRATEGY).data == "pretext"  # the dev pick
-    assert select.get_strategy(grid_extras.NO_PRETEXT_STRATEGY).data == "donor"
-    for make in (grid_extras.Extras, grid_gptq.GptqCells):
-        assert make().strategy == grid_extras.NO_PRETEXT_STRATEGY  # "auto", no pretext
-        assert make(pretext="digits_b").strategy == grid_extras.DEFAULT_STRATEGY
+    assert select.get_strategy(grid.extras.DEFAULT_STRATEGY).data == "pretext"  # the dev pick
+    assert select.get_strategy(grid.extras.NO_PRETEXT_STRATEGY).data == "donor"
+    for make in (grid.extras.Extras, grid.gptq.GptqCells):
+        assert make().strategy == grid.extras.NO_PRETEXT_STRATEGY  # "auto", no pretext
+        assert make(pretext="digits_b").strategy == grid.extras.DEFAULT_STRATEGY
         # one spelling per strategy, so resumed cells are found under any spelling
         assert (
             make(strategy="proxy-donor256-kl:margin=0.050").strategy == "proxy-donor-kl:margin=0.05"
         )
         assert make(strategy="proxy-donor-kl:margin=0").strategy == "proxy-donor-kl"
     with pytest.raises(select.SelectError, match="reads pretext images: name the pretext"):
-        grid_extras.Extras(strategy=grid_extras.DEFAULT_STRATEGY)
-    with pytest.raises(grid_gptq.GridError, match="reads pretext images: name the pretext"):
-        grid_gptq.GptqCells(strategy="proxy-pretext-kl")
+        grid.extras.Extras(strategy=grid.extras.DEFAULT_STRATEGY)
+    with pytest.raises(grid.gptq.GridError, match="reads pretext images: name the pretext"):
+        grid.gptq.GptqCells(strategy="proxy-pretext-kl")
 
 
 def test_tune_rank_keeps_lam1_unless_a_variant_is_safe_and_better():

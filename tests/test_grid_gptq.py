@@ -8,15 +8,15 @@ import json
 
 import numpy as np
 import pytest
-from test_transfer import make_runs
+from test_grid_run import make_runs
 
 import qvec_jax as q
-from qvec_jax import checkpoints, evaluate, gptq, grid_extras, grid_gptq, quant, select, transfer
+from qvec_jax import checkpoints, evaluate, gptq, grid, quant, select
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
-from qvec_jax.grid_gptq import GptqCells
-from qvec_jax.grid_inputs import GridError, checkpoint_path, find_checkpoints
-from qvec_jax.grid_store import GridStore, cell_key
+from qvec_jax.grid.gptq import GptqCells
+from qvec_jax.grid.inputs import GridError, checkpoint_path, find_checkpoints
+from qvec_jax.grid.store import GridStore, cell_key
 from qvec_jax.report import baselines
 
 TASKS = ("digits", "digits_rot90")
@@ -28,16 +28,16 @@ def runs(tmp_path_factory):
     return make_runs(tmp_path_factory.mktemp("runs"), TASKS)
 
 
-def grid(runs, workdir, extras=OPTS, **kw):
+def make_grid(runs, workdir, extras=OPTS, **kw):
     kw = {"bits": 2, "lambdas": (0.5, 1.0), "batch_size": 64, "progress": False, **kw}
-    return transfer.run_grid(list(TASKS), runs, workdir, extras=extras, **kw)
+    return grid.run_grid(list(TASKS), runs, workdir, extras=extras, **kw)
 
 
 @pytest.fixture(scope="module")
 def done(runs, tmp_path_factory):
     """A grid with its GPTQ cells: (workdir, cells)."""
     workdir = tmp_path_factory.mktemp("grid")
-    return workdir, grid(runs, workdir)
+    return workdir, make_grid(runs, workdir)
 
 
 def by_key(cells):
@@ -46,10 +46,10 @@ def by_key(cells):
 
 def test_a_cell_for_every_source_and_pair(done):
     _, cells = done
-    mine = [c for c in cells if grid_gptq.is_gptq_cell(c)]
+    mine = [c for c in cells if grid.gptq.is_gptq_cell(c)]
     kinds = {(c["kind"], c["receiver"], c["donor"]) for c in mine}
     for r, d in (("digits", "digits_rot90"), ("digits_rot90", "digits")):
-        for src in grid_gptq.SOURCES:
+        for src in grid.gptq.SOURCES:
             assert (f"gptq:{src}", r, None) in kinds
         assert ("gptq+qv:donor", r, d) in kinds
         assert ("gptq+qv:donor@norm-ratio", r, d) in kinds
@@ -74,7 +74,7 @@ def test_a_cell_for_every_source_and_pair(done):
 def _direct(runs, r, calib, tree_of=lambda fp: fp):
     fp, meta = checkpoints.restore_params(checkpoint_path(runs, r, "fp"))
     model = checkpoints.model_from_meta(meta)
-    images = grid_gptq.calib_images(calib, 28)
+    images = grid.gptq.calib_images(calib, 28)
     params = gptq.gptq(tree_of(fp), model, images, quant.QuantSpec(2))
     return evaluate.accuracy(model, params, qdata.load_split(r, "test", image_size=28))
 
@@ -105,7 +105,7 @@ def test_receiver_calibration_reads_only_the_train_split(done, monkeypatch):
         return real(task, split, **kw)
 
     monkeypatch.setattr(qdata, "load_split", spy)
-    images = grid_gptq.calib_images(cell["calib"], 28)
+    images = grid.gptq.calib_images(cell["calib"], 28)
     assert asked == [("digits", "train")]
     train = real("digits", "train", image_size=28).images
     # every calibration image is one of the train split's inputs
@@ -122,13 +122,13 @@ def test_needs_gives_table(done):
     names = [r["approach"] for r in rows]
     assert names[0] == "RTN(FP_R)" and len(rows) == 1 + 2 + 4 + 2
     rtn = {r: out["metrics"]["baselines"][r]["ptq_fp"]["test"] for r in TASKS}
-    mine = [c for c in cells if grid_gptq.is_gptq_cell(c)]
+    mine = [c for c in cells if grid.gptq.is_gptq_cell(c)]
     for row in rows:
         assert row["receiver_labels"] == "no"
         is_qv = "QV" in row["approach"]
         assert row["donor_qat"] == ("yes" if is_qv else "no")
         assert row["over"] == ("pairs" if is_qv else "receivers")
-    for src in grid_gptq.SOURCES:
+    for src in grid.gptq.SOURCES:
         row = next(r for r in rows if r["approach"].startswith(f"GPTQ(FP_R), calibration: {src}"))
         accs = [(c["acc"]["test"], rtn[c["receiver"]]) for c in mine if c["kind"] == f"gptq:{src}"]
         assert row["mean_test_acc"] == pytest.approx(np.mean([a for a, _ in accs]))
@@ -160,13 +160,13 @@ def test_resume_computes_nothing_new(runs, done, tmp_path):
     before = store.cells_path.read_bytes()
     ckpts = find_checkpoints(TASKS, runs)[0]
     assert OPTS.run(list(TASKS), ckpts, store, quant.QuantSpec(2), [0.5, 1.0]) == 0
-    grid(runs, workdir)
+    make_grid(runs, workdir)
     assert store.cells_path.read_bytes() == before
     # a run killed after some GPTQ cells: the rerun computes exactly the missing ones
     lines = before.decode().splitlines(keepends=True)
     (tmp_path / "cells.jsonl").write_text("".join(lines[:-3]))
     (tmp_path / "grid.json").write_bytes((workdir / "grid.json").read_bytes())
-    again = grid(runs, tmp_path)
+    again = make_grid(runs, tmp_path)
     assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == len(lines)
     assert {k: c["acc"] for k, c in by_key(again).items()} == {
         k: c["acc"] for k, c in by_key(cells).items()
@@ -175,8 +175,8 @@ def test_resume_computes_nothing_new(runs, done, tmp_path):
 
 def test_without_gptq_the_summary_is_the_rtn_grids(runs, done, tmp_path):
     workdir, cells = done
-    plain = grid(runs, tmp_path, extras=None)
-    assert not any(grid_gptq.is_gptq_cell(c) for c in plain)
+    plain = make_grid(runs, tmp_path, extras=None)
+    assert not any(grid.gptq.is_gptq_cell(c) for c in plain)
     summary = rp.write_report(tmp_path, cells=plain)["summary"]
     assert baselines.TITLE not in summary
     with_gptq = rp.write_report(workdir, cells=cells)["summary"]
@@ -201,9 +201,9 @@ def test_options_are_checked_before_any_work():
 
 
 def test_strategy_lambda_comes_from_the_grids_scores_cells(runs, tmp_path):
-    scores = grid_extras.Extras(strategy="proxy-donor16-kl", methods=(), proxy_n=16, rx_shots=(8,))
+    scores = grid.extras.Extras(strategy="proxy-donor16-kl", methods=(), proxy_n=16, rx_shots=(8,))
     opts = GptqCells(calib_size=16, sources=("noise",), qv_at_one=False, strategy=scores.strategy)
-    cells = grid(runs, tmp_path, extras=[scores, opts])
+    cells = make_grid(runs, tmp_path, extras=[scores, opts])
     picks = {(c["receiver"], c["donor"]): c["scores"] for c in cells if c["kind"] == "scores"}
     mine = [c for c in cells if c["kind"] == "gptq+qv:donor@proxy-donor16-kl"]
     assert len(mine) == 2 and len(picks) == 2
@@ -226,7 +226,7 @@ def test_cli_gptq_adds_only_its_section(runs, tmp_path, capsys):
     start = with_gptq.index(f"\n\n## {baselines.TITLE}")
     assert with_gptq[:start] + "\n" == plain  # the GPTQ section comes last
     cells = GridStore(tmp_path / "g").cells()
-    assert {c["calib"]["n"] for c in cells if grid_gptq.is_gptq_cell(c)} == {8}
+    assert {c["calib"]["n"] for c in cells if grid.gptq.is_gptq_cell(c)} == {8}
     assert not any(c["kind"] == "gptq:pretext" for c in cells)  # no --pretext, no pretext rows
     capsys.readouterr()
     assert cli.main([*common, str(tmp_path / "x"), "--calib-size", "8"]) == 1

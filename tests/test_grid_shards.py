@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_transfer import LAMBDAS, TASKS, make_runs
+from test_grid_run import LAMBDAS, TASKS, make_runs
 
-from qvec_jax import transfer
+from qvec_jax import grid
 from qvec_jax.files import WorkdirLocked
-from qvec_jax.grid_store import GridStore, cell_key
+from qvec_jax.grid.store import GridStore, cell_key
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["--tasks", ",".join(TASKS), "--bits", "2", "--lambdas", ",".join(map(str, LAMBDAS)),
@@ -32,7 +32,7 @@ def one_process(runs, tmp_path_factory):
     from qvec_jax import report
 
     work = tmp_path_factory.mktemp("one")
-    cells = transfer.run_grid(list(TASKS), runs, work, bits=2, lambdas=LAMBDAS, batch_size=64,
+    cells = grid.run_grid(list(TASKS), runs, work, bits=2, lambdas=LAMBDAS, batch_size=64,
                               progress=False)  # fmt: skip
     report.write_report(work, cells=cells)
     return work
@@ -57,8 +57,8 @@ def all_cells(workdir) -> list[tuple]:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
 def test_every_cell_has_exactly_one_shard_and_receivers_stay_together(n):
-    cells = transfer.plan_cells(TASKS, LAMBDAS, _all_ckpts(), {}).expected
-    owners = [transfer.shard_of(c, TASKS, n) for c in cells]
+    cells = grid.plan_cells(TASKS, LAMBDAS, _all_ckpts(), {}).expected
+    owners = [grid.shard_of(c, TASKS, n) for c in cells]
     assert all(0 <= o < n for o in owners)
     by_receiver = {}
     for c, o in zip(cells, owners):
@@ -89,7 +89,7 @@ def test_shard_jobs_merge_to_the_one_process_grid(runs, one_process, tmp_path):
     assert (work / "grid.csv").read_bytes() == (one_process / "grid.csv").read_bytes()
     # a rerun of a shard finds its cells done; an unsharded rerun computes nothing new
     sizes = {p.name: p.stat().st_size for p in work.glob("cells*.jsonl")}
-    cells = transfer.run_grid(list(TASKS), runs, work, bits=2, lambdas=LAMBDAS, batch_size=64,
+    cells = grid.run_grid(list(TASKS), runs, work, bits=2, lambdas=LAMBDAS, batch_size=64,
                               progress=False)  # fmt: skip
     assert {p.name: p.stat().st_size for p in work.glob("cells*.jsonl")} == sizes
     assert sorted(cell_key(c) for c in cells) == all_cells(one_process)
@@ -100,8 +100,8 @@ import sys, jax
 pid, port, runs, work = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                            process_id=pid)
-from qvec_jax import report, transfer
-cells = transfer.run_grid(sys.argv[5].split(","), runs, work, bits=2,
+from qvec_jax import grid, report
+cells = grid.run_grid(sys.argv[5].split(","), runs, work, bits=2,
                           lambdas=[float(x) for x in sys.argv[6].split(",")], batch_size=64,
                           progress=False)
 if pid == 0:
@@ -152,10 +152,10 @@ def test_a_shard_is_held_once_and_excludes_the_whole_grid(runs, tmp_path):
     store = GridStore(tmp_path)
     with store.lock((0, 2), command="test"):
         with pytest.raises(WorkdirLocked):
-            transfer.run_grid(list(TASKS[:1]), runs, tmp_path, bits=2, lambdas=LAMBDAS,
+            grid.run_grid(list(TASKS[:1]), runs, tmp_path, bits=2, lambdas=LAMBDAS,
                               shard=(0, 2), progress=False)  # fmt: skip
         with pytest.raises(WorkdirLocked):
-            transfer.run_grid(list(TASKS[:1]), runs, tmp_path, bits=2, lambdas=LAMBDAS,
+            grid.run_grid(list(TASKS[:1]), runs, tmp_path, bits=2, lambdas=LAMBDAS,
                               progress=False)  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qvec_jax.grid_store import CELLS_FILE, GRID_META_FILE, GridStore, GridStoreError, cell_key
+from qvec_jax.grid.store import CELLS_FILE, GRID_META_FILE, GridStore, GridStoreError, cell_key
 
 
 def cell(kind="patch", d="a", r="b", lam=0.5, test=0.7):

@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 
 import qvec_jax as q
 from qvec_jax import merge as M
+from qvec_jax.merge import methods as merge_methods
 
 SHAPES = {
     "enc/block_0/kernel": (4, 6),
@@ -224,7 +225,7 @@ def test_blocks_do_not_change_the_result(spec, monkeypatch):
     """Large leaves are merged in column blocks; the block size is invisible (DARE too)."""
     qvs = qvs_of(3, seed=6)
     whole = merged_vec(q.merge_qvs(qvs, spec))
-    monkeypatch.setattr(M, "_BLOCK", 6)  # leaves of 24 and 12 entries span several blocks
+    monkeypatch.setattr(merge_methods, "_BLOCK", 6)  # leaves of 24 and 12 entries: many blocks
     np.testing.assert_allclose(merged_vec(q.merge_qvs(qvs, spec)), whole, rtol=1e-6, atol=0)
 
 
@@ -330,15 +331,15 @@ finite = st.floats(-1e3, 1e3, width=32)
 def test_radix_select_is_the_exact_kth_largest(arrays, frac):
     allv = np.sort(np.abs(np.concatenate([a.ravel() for a in arrays]).astype(np.float64)))[::-1]
     m = 1 + int(frac * (allv.size - 1))
-    assert float(M._kth_largest_abs(arrays, m)) == allv[m - 1]  # small: np.partition
+    assert float(merge_methods._kth_largest_abs(arrays, m)) == allv[m - 1]  # small: np.partition
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(M, "_SMALL", 0)  # the leaf-streamed radix select of large trees
-        assert float(M._kth_largest_abs(arrays, m)) == allv[m - 1]
+        assert float(merge_methods._kth_largest_abs(arrays, m)) == allv[m - 1]
 
 
 def test_global_ties_through_the_radix_path(monkeypatch):
     qvs = qvs_of(3, seed=8)
-    monkeypatch.setattr(M, "_SMALL", 0)
+    monkeypatch.setattr(merge_methods, "_SMALL", 0)
     for density in (0.1, 0.5):
         out = merged_vec(M.ties_merge(qvs, density, W3))
         np.testing.assert_allclose(out, ref_ties(vecs(qvs), density, W3), atol=1e-6)

@@ -24,16 +24,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import vit_tree, with_int_leaves
+from test_grid_run import make_runs
 from test_train import _tiny_cfg
-from test_transfer import make_runs
 
 import qvec_jax as q
 from qvec_jax import checkpoints as ck
 from qvec_jax import data as qdata
-from qvec_jax import evaluate, packing, quant, train, train_workdir, transfer
+from qvec_jax import evaluate, grid, packing, quant, train
 from qvec_jax.files import WorkdirLocked, workdir_lock
-from qvec_jax.grid_inputs import checkpoint_path
-from qvec_jax.grid_store import GridStore, GridStoreError
+from qvec_jax.grid.inputs import checkpoint_path
+from qvec_jax.grid.store import GridStore, GridStoreError
 from qvec_jax.models import vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_patch_accepts_numpy_and_jax_scalars_and_a_traced_lam():
 def test_grid_refuses_bad_lambdas_before_writing(tmp_path, lambdas, match):
     work = tmp_path / "grid"
     with pytest.raises((TypeError, ValueError), match=match):
-        transfer.run_grid(["digits"], tmp_path / "runs", work, bits=2, lambdas=lambdas)
+        grid.run_grid(["digits"], tmp_path / "runs", work, bits=2, lambdas=lambdas)
     assert not work.exists()
 
 
@@ -233,7 +233,7 @@ def test_a_nan_checkpoint_in_a_grid_names_the_checkpoint_and_the_leaf(tmp_path):
     save_legacy(fp, bad, {"kind": "params", **meta})
     work = tmp_path / "grid"
     with pytest.raises(ck.CheckpointError, match=rf"{fp}: leaf Transformer/encoder_norm/bias"):
-        transfer.run_grid(["digits"], runs, work, bits=2, lambdas=[1.0], progress=False)
+        grid.run_grid(["digits"], runs, work, bits=2, lambdas=[1.0], progress=False)
     assert GridStore(work).cells() == []  # no cell computed from it
 
 
@@ -246,7 +246,7 @@ def test_corrupt_meta_and_grid_json_name_the_file(tmp_path):
     store.workdir.mkdir()
     store.meta_path.write_text("{oops")
     with pytest.raises(GridStoreError, match=rf"{store.meta_path}: not JSON"):
-        transfer.run_grid(["digits"], tmp_path, store.workdir, bits=2, progress=False)
+        grid.run_grid(["digits"], tmp_path, store.workdir, bits=2, progress=False)
     assert store.meta_path.read_text() == "{oops"
 
 
@@ -324,11 +324,11 @@ def test_a_corrupt_config_json_names_the_file_and_is_left_alone(tmp_path):
 def test_torn_metrics_tail_is_dropped_and_other_bad_lines_name_the_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.9}\n{"step": 6, "lo')
-    train_workdir.truncate_metrics(str(path), 4)
+    train.workdir.truncate_metrics(str(path), 4)
     assert path.read_text() == '{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.9}\n'
     path.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
     with pytest.raises(train.TrainError, match=rf"{path}:2: not a JSON metrics record"):
-        train_workdir.truncate_metrics(str(path), 4)
+        train.workdir.truncate_metrics(str(path), 4)
     assert path.read_text() == '{"step": 2}\nnot json\n{"step": 4}\n'
 
 
@@ -336,7 +336,7 @@ def test_torn_metrics_tail_is_dropped_and_other_bad_lines_name_the_file(tmp_path
 
 HOLDER = """
 import sys
-from qvec_jax.grid_store import GridStore
+from qvec_jax.grid.store import GridStore
 from qvec_jax.files import workdir_lock
 work, what = sys.argv[1], sys.argv[2]
 if what == "finetune":
@@ -387,7 +387,7 @@ def test_a_second_grid_stops_at_once_and_shards_share_a_workdir(tmp_path):
     work = tmp_path / "g"
     with Holder(work, "grid") as h:
         with pytest.raises(WorkdirLocked, match=rf"grid.lock is held by pid {h.p.pid}"):
-            transfer.run_grid(["digits"], tmp_path / "runs", work, bits=2, progress=False)
+            grid.run_grid(["digits"], tmp_path / "runs", work, bits=2, progress=False)
         assert sorted(os.listdir(work)) == ["grid.lock"]
     with Holder(work, "shard") as h:
         with GridStore(work).lock((1, 2)):  # another shard runs alongside

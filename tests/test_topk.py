@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qvec_jax import topk
+from qvec_jax.merge import topk
 
 
 def kth_ref(arrays, m) -> float:

@@ -297,7 +297,7 @@ _MESH_SCRIPT = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_train import _tiny_cfg
-    from qvec_jax import train, checkpoints
+    from qvec_jax import checkpoints, train
     assert jax.device_count() == 8, jax.devices()
     for name, fsdp in (("dp", False), ("fsdp", True)):
         d = {out!r} + "/" + name

@@ -1,11 +1,12 @@
 """The ``qvec`` command: every argparse parser of the project lives in this package.
 
-Library modules hold no argparse. :mod:`.common` has what all subcommands share
-(``QvecError``, the output check, checkpoint restore), :mod:`.model_cmds` the commands
-over checkpoints (convert, extract, patch, eval), :mod:`.quant_cmds` merge, ptq and
-export, :mod:`.run_cmds` the commands
-that run experiments (tasks, finetune, demo), :mod:`.grid_cmds` the transfer grid and its
-report (grid, report).
+Library modules hold no argparse. One module per group of commands:
+
+- :mod:`.common`: what all subcommands share (``QvecError``, output checks, restore);
+- :mod:`.model_cmds`: convert, extract, eval; :mod:`.patch_cmd`: patch;
+- :mod:`.quant_cmds`: merge, ptq, export;
+- :mod:`.run_cmds`: tasks, finetune, demo;
+- :mod:`.grid_cmds`: grid, report, tune.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import os
 import sys
 
-from qvec_jax.cli import grid_cmds, model_cmds, quant_cmds, run_cmds
+from qvec_jax.cli import grid_cmds, model_cmds, patch_cmd, quant_cmds, run_cmds
 from qvec_jax.cli.common import QvecError
 
 __all__ = [
@@ -36,7 +37,7 @@ COMMANDS = (
     run_cmds.add_finetune,
     model_cmds.add_extract,
     quant_cmds.add_merge,
-    model_cmds.add_patch,
+    patch_cmd.add_patch,
     quant_cmds.add_ptq,
     quant_cmds.add_export,
     model_cmds.add_eval,

@@ -1,7 +1,7 @@
 """``qvec grid | report``: the donor x receiver x lambda transfer grid and its report.
 
 ``qvec grid`` reads the fine-tunes of ``qvec finetune`` and hands the cells to
-``transfer.run_grid`` (with the optional extras and GPTQ rows); ``qvec report``
+``grid.run_grid`` (with the optional extras and GPTQ rows); ``qvec report``
 rewrites the report of a grid workdir from its cells.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 
 from qvec_jax import config as qconfig
-from qvec_jax import grid_extras, grid_gptq, report, select, train, transfer
+from qvec_jax import grid, report, select, train
 from qvec_jax.cli.common import (
     QvecError,
     add_parser,
@@ -25,7 +25,7 @@ from qvec_jax.cli.common import (
     task_names,
     writing,
 )
-from qvec_jax.grid_inputs import MODES, checkpoint_path
+from qvec_jax.grid.inputs import MODES, checkpoint_path
 
 
 def print_headline(result: dict) -> None:
@@ -133,14 +133,14 @@ def add_extras_options(p) -> None:
         help="--extras: the no-receiver-data lambda strategy of the heatmap and the merge "
         "rows (--gptq: and of the GPTQ+QV and RTN+QV strategy rows), fixed in advance; "
         "constants as ':name=value'. Default auto: the dev-tuned "
-        f"{grid_extras.DEFAULT_STRATEGY} with --pretext, else "
-        f"{grid_extras.NO_PRETEXT_STRATEGY} (see `qvec tune`)",
+        f"{grid.extras.DEFAULT_STRATEGY} with --pretext, else "
+        f"{grid.extras.NO_PRETEXT_STRATEGY} (see `qvec tune`)",
     )
     p.add_argument(
         "--merge-methods",
-        default=",".join(grid_extras.DEFAULT_METHODS),
+        default=",".join(grid.extras.DEFAULT_METHODS),
         help="--extras: comma-separated merge methods of the leave-one-out rows "
-        f"(default {','.join(grid_extras.DEFAULT_METHODS)}; 'sum' also exists)",
+        f"(default {','.join(grid.extras.DEFAULT_METHODS)}; 'sum' also exists)",
     )
     p.add_argument(
         "--proxy-size",
@@ -150,8 +150,8 @@ def add_extras_options(p) -> None:
     )
 
 
-def extras_of(args) -> grid_extras.Extras | None:
-    """The ``grid_extras.Extras`` the options ask for (None without --extras)."""
+def extras_of(args) -> grid.extras.Extras | None:
+    """The ``grid.extras.Extras`` the options ask for (None without --extras)."""
     given = [o for o in ("pretext",) if getattr(args, o) is not None]
     if not args.extras:
         if given and not getattr(args, "gptq", False):
@@ -160,7 +160,7 @@ def extras_of(args) -> grid_extras.Extras | None:
     pretext = task_names(args.pretext, "--pretext", one=True)[0] if args.pretext else None
     methods = tuple(m for m in args.merge_methods.split(",") if m)
     try:
-        return grid_extras.Extras(
+        return grid.extras.Extras(
             strategy=args.strategy, methods=methods, pretext=pretext, proxy_n=args.proxy_size
         )
     except ValueError as e:
@@ -186,15 +186,15 @@ def add_gptq_options(p) -> None:
     )
 
 
-def gptq_of(args) -> grid_gptq.GptqCells | None:
-    """The ``grid_gptq.GptqCells`` the options ask for (None without --gptq)."""
+def gptq_of(args) -> grid.gptq.GptqCells | None:
+    """The ``grid.gptq.GptqCells`` the options ask for (None without --gptq)."""
     if not args.gptq:
         if args.calib_size is not None:
             raise QvecError("--calib-size applies with --gptq only; add --gptq")
         return None
     pretext = task_names(args.pretext, "--pretext", one=True)[0] if args.pretext else None
     try:
-        return grid_gptq.GptqCells(
+        return grid.gptq.GptqCells(
             calib_size=args.calib_size or 128, strategy=args.strategy, pretext=pretext
         )
     except ValueError as e:
@@ -248,14 +248,14 @@ def _cmd_grid(args) -> int:
     tasks = task_names(args.tasks, "--tasks")
     bits, gran, batch, data_dir, dtype = _grid_settings(args)
     extras = [s for s in (extras_of(args), gptq_of(args)) if s is not None] or None
-    lambdas = transfer.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
+    lambdas = grid.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
     workdir, runs = Path(args.workdir), args.runs or args.workdir
     inputs = [checkpoint_path(runs, t, m) for t in tasks for m in MODES]
     check_folder(workdir, inputs + ([args.config] if args.config else []), "--workdir")
     missing = None
     with writing(workdir, "--workdir"):
         try:
-            cells = transfer.run_grid(
+            cells = grid.run_grid(
                 tasks,
                 runs,
                 workdir,
@@ -270,9 +270,9 @@ def _cmd_grid(args) -> int:
                 extras=extras,
                 compute_dtype=dtype,
             )
-        except transfer.MissingCheckpoints as e:
+        except grid.MissingCheckpoints as e:
             missing, cells = e, e.cells
-        except transfer.GridError as e:
+        except grid.GridError as e:
             raise QvecError(str(e)) from None
         if args.shard is not None:
             expected = report.load_grid_meta(workdir).get("expected_cells", "?")

@@ -1,7 +1,7 @@
 """Metrics, tables and plots over the stored cells of a transfer grid.
 
 Split by job: :mod:`~qvec_jax.report.metrics` (pure functions of the cell records that
-:mod:`qvec_jax.transfer` stores through :class:`qvec_jax.grid_store.GridStore`),
+:mod:`qvec_jax.grid.run` stores through :class:`qvec_jax.grid.store.GridStore`),
 :mod:`~qvec_jax.report.markdown` (``summary.md`` and the printed headline) and
 :mod:`~qvec_jax.report.plots` (heatmaps and curves). :func:`write_report` writes them
 all. Accuracies and deltas are fractions in ``grid.csv``/``summary.json`` and
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from qvec_jax.files import atomic_write_text
-from qvec_jax.grid_store import CELLS_FILE, GRID_META_FILE, SPLITS, GridStore, cell_key, lam_key
+from qvec_jax.grid.store import CELLS_FILE, GRID_META_FILE, SPLITS, GridStore, cell_key, lam_key
 from qvec_jax.report.baselines import gptq_sections, needs_gives
 from qvec_jax.report.extras import (
     extras_json,
@@ -153,7 +153,7 @@ def write_report(
     ``heatmap_delta_lambda1.png``, ``heatmap_delta_lambda_best.png``,
     ``heatmap_recovery.png`` and ``lambda_curves.png`` into ``out_dir`` (default: the
     workdir). ``cells``: the grid's cells when the caller already holds them (as
-    :func:`qvec_jax.transfer.run_grid` returns them); read from the workdir otherwise.
+    :func:`qvec_jax.grid.run.run_grid` returns them); read from the workdir otherwise.
     ``extras``: add the lambda-strategy and merge sections (and
     ``heatmap_delta_strategy.png``) when the grid has their cells (``report.extras``;
     ``strategy``: the fixed strategy they use, default the grid's).

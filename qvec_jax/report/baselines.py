@@ -1,6 +1,6 @@
 """``summary.md``'s GPTQ rows: "What each approach needs and what it gives" (issue 15).
 
-One row per approach, from the grid's cells (:mod:`qvec_jax.grid_gptq` adds the GPTQ
+One row per approach, from the grid's cells (:mod:`qvec_jax.grid.gptq` adds the GPTQ
 ones): RTN(FP_R); RTN+QV at lambda = 1 and at the configured no-receiver-data strategy's
 lambda; GPTQ(FP_R) with each calibration source; GPTQ+QV at lambda = 1 and at the
 strategy's lambda. Columns: whether it reads the receiver's labels, how many of the
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 
-from qvec_jax.grid_gptq import KIND, QV_KIND, SOURCES, is_gptq_cell
+from qvec_jax.grid.gptq import KIND, QV_KIND, SOURCES, is_gptq_cell
 from qvec_jax.report.markdown import table
 
 __all__ = ["HEADER", "TITLE", "gptq_sections", "needs_gives"]

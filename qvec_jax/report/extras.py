@@ -1,9 +1,9 @@
 """The report's extras: lambda strategies and leave-one-out merges, from the ``scores``
-and ``merge`` cells of :mod:`qvec_jax.grid_extras` (absent cells: no extras at all, so
+and ``merge`` cells of :mod:`qvec_jax.grid.extras` (absent cells: no extras at all, so
 ``summary.md`` is then exactly the report without them).
 
 The strategy of the heatmap and of the merge rows is fixed in advance: ``strategy=``,
-else the one the grid ran with (``extras.json``), else ``grid_extras.DEFAULT_STRATEGY``;
+else the one the grid ran with (``extras.json``), else ``grid.extras.DEFAULT_STRATEGY``;
 never chosen on the tasks being reported.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvec_jax.grid_extras import (
+from qvec_jax.grid.extras import (
     DEFAULT_STRATEGY,
     EXTRA_KINDS,
     measured_strategies,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 
-from qvec_jax.grid_store import SPLITS, cell_key
+from qvec_jax.grid.store import SPLITS, cell_key
 
 ZERO_SHOT = "lambda=1 (zero-shot)"
 LAMBDA_BEST = "lambda_best (chosen on receiver val: uses receiver data)"

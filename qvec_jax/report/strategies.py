@@ -1,7 +1,7 @@
 """Lambda strategies scored on a grid (issue 13): pure functions of its cells.
 
 A strategy's choice on a cross-task pair (D, R) is ``select.choose(strategy, record)``
-of the pair's ``scores`` cell (:mod:`qvec_jax.grid_extras`); its score is the test
+of the pair's ``scores`` cell (:mod:`qvec_jax.grid.extras`); its score is the test
 accuracy at that lambda, read from the ``patch`` cell ``(D, R, lam)``, or from the
 ``ptq_fp`` cell when ``lam = 0`` (no patch). Nothing is recomputed, so any strategy,
 with any constants, can be scored from a stored grid.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import statistics
 
 from qvec_jax import select
-from qvec_jax.grid_store import lam_key
+from qvec_jax.grid.store import lam_key
 from qvec_jax.report.markdown import _pts, _rate, _ratio, table
 from qvec_jax.report.metrics import LAMBDA_BEST, _stats, recovery
 from qvec_jax.report.plots import plot_heatmap

@@ -1,6 +1,6 @@
 """Unlabelled proxy inputs for lambda selection: a seeded sample of a task's TRAIN images.
 
-Shared by the grid's strategy measurements (:mod:`qvec_jax.grid_extras`) and ``qvec
+Shared by the grid's strategy measurements (:mod:`qvec_jax.grid.extras`) and ``qvec
 patch --lam auto --proxy`` so both read the same images for the same (task, n, seed).
 Only the train split is read (never val or test) and the labels are never touched.
 """

@@ -1,8 +1,8 @@
 """FP and QAT fine-tuning: one loop, one config, on a ``jax.sharding`` mesh, resumable.
 
-The step (optimizer, loss, jitted update) is ``qvec_jax.train_step``; this module runs
+The step (optimizer, loss, jitted update) is :mod:`qvec_jax.train.step`; this module runs
 it: setup and the loop with logging and checkpoints (the final save and eval are
-``qvec_jax.train_workdir.finish``). With the same config and seed, FP and QAT start
+:func:`qvec_jax.train.workdir.finish`). With the same config and seed, FP and QAT start
 from the same params (same fresh head) and see the same batches in the same order, so
 ``QAT - FP`` isolates quantization.
 
@@ -47,7 +47,7 @@ from jax.sharding import Mesh
 from qvec_jax import quant
 from qvec_jax.data.loader import TrainLoader, place_rows
 from qvec_jax.sharding import make_mesh, state_shardings
-from qvec_jax.train_step import (  # noqa: F401  (re-exported: train's public API)
+from qvec_jax.train.step import (
     MODES,
     TrainError,
     abstract_state,
@@ -57,17 +57,14 @@ from qvec_jax.train_step import (  # noqa: F401  (re-exported: train's public AP
     check_numbers,
     create_state,
     diverged,
-    head_mask,
-    loss_fn,
     make_optimizer,
     make_train_step,
 )
-from qvec_jax.train_workdir import (
+from qvec_jax.train.workdir import (
     batch_crc,
     check_config,
     checkpoint_manager,
     claim_workdir,
-    final_eval,  # noqa: F401  (re-exported: train's public API)
     finish,
     lock,
     restore_state,

@@ -1,4 +1,4 @@
-"""The evaluation of a grid's cells (``transfer.run_grid``'s engine).
+"""The evaluation of a grid's cells (``grid.run_grid``'s engine).
 
 :class:`GridRun` loads the checkpoints of one grid call on demand (each checked against
 the first one's backbone), keeps one receiver's FP params and one donor's QV on device
@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from qvec_jax import checkpoints, quant, trees
 from qvec_jax import data as qdata
 from qvec_jax.evaluate import EvalSet
-from qvec_jax.grid_inputs import backbone_signature, check_same_backbone
-from qvec_jax.grid_store import SPLITS, GridStore
+from qvec_jax.grid.inputs import backbone_signature, check_same_backbone
+from qvec_jax.grid.store import SPLITS, GridStore
 from qvec_jax.sharding import make_mesh, put, replicated
 
 __all__ = ["GridRun", "patch_and_quantize", "ptq_jit"]

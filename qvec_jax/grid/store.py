@@ -2,7 +2,7 @@
 
 A grid workdir holds ``cells.jsonl`` (one JSON cell record per line, appended as cells
 finish) and ``grid.json`` (what the grid was asked for: tasks, lambdas, quantizer,
-checkpoints, missing ones). :mod:`qvec_jax.transfer` writes through a
+checkpoints, missing ones). :mod:`qvec_jax.grid.run` writes through a
 :class:`GridStore`, :mod:`qvec_jax.report` reads through one; nothing else touches the
 files. A cell record::
 

@@ -24,7 +24,7 @@ trees, nor ``k`` stacked copies of a large leaf (bench/merge.py measures it). Gl
 statistics (TIES's global trim threshold, Model Stock's global cosine) take extra
 streamed passes.
 
-``MergeSpec`` (in :mod:`qvec_jax.merge_spec`, re-exported here) is the recipe (method +
+``MergeSpec`` (:mod:`qvec_jax.merge.spec`) is the recipe (method +
 parameters), frozen and JSON-serializable, so a merged checkpoint can record how it was made.
 """
 
@@ -35,10 +35,10 @@ import zlib
 import jax
 import numpy as np
 
-from . import topk
-from .merge_spec import COMBINES, METHODS, SCOPES, MergeSpec  # noqa: F401  (re-exported)
-from .paths import PyTree, Rule, check_same_structure, flatten, is_float, unflatten
-from .trees import HEAD_RULE
+from qvec_jax.merge import topk
+from qvec_jax.merge.spec import MergeSpec
+from qvec_jax.paths import PyTree, Rule, check_same_structure, flatten, is_float, unflatten
+from qvec_jax.trees import HEAD_RULE
 
 # --- the entry points ---------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The grid's extras: lambda-strategy measurements and leave-one-out QV merges
-(issues 13 and 14), computed after the main cells of :func:`qvec_jax.transfer.run_grid`.
+(issues 13 and 14), computed after the main cells of :func:`qvec_jax.grid.run.run_grid`.
 
 Two more cell kinds go to the same record files (keyed by ``grid_store.cell_key``):
 
@@ -17,7 +17,7 @@ Two more cell kinds go to the same record files (keyed by ``grid_store.cell_key`
 A cell records ``sources`` (the checkpoint fingerprints it was computed from) and
 ``setup`` (the proxy settings or the merge recipe); a cell whose sources or setup
 changed is recomputed, so a killed run resumes with only the missing extras.
-Device work is jitted with params as arguments (``transfer.patch_and_quantize``,
+Device work is jitted with params as arguments (``grid.patch_and_quantize``,
 ``select``'s jitted passes); a receiver's FP params and proxy inputs go to the
 device once per receiver, each donor's images once per run.
 """
@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 
 from qvec_jax import data, merge, select
 from qvec_jax.files import atomic_write_text
-from qvec_jax.grid_run import GridRun, patch_and_quantize
-from qvec_jax.grid_store import GridStore, cell_key
+from qvec_jax.grid.cells import GridRun, patch_and_quantize
+from qvec_jax.grid.run import shard_of
+from qvec_jax.grid.store import GridStore, cell_key
 from qvec_jax.sharding import put
-from qvec_jax.transfer import shard_of
 
 __all__ = [
     "DEFAULT_METHODS",

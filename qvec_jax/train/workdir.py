@@ -22,7 +22,7 @@ from qvec_jax import config as qconfig
 from qvec_jax import quant
 from qvec_jax.files import atomic_write_text, workdir_lock
 from qvec_jax.sharding import replicated
-from qvec_jax.train_step import TrainError
+from qvec_jax.train.step import TrainError
 
 __all__ = [
     "batch_crc",

@@ -1,4 +1,5 @@
-"""The donor x receiver x lambda transfer grid (METHOD.md, "Transfer protocol").
+"""The grid's entry point, :func:`run_grid`: the donor x receiver x lambda transfer grid
+(METHOD.md, "Transfer protocol").
 
 For tasks fine-tuned FP and QAT from one pretrained backbone, with checkpoints at
 ``RUNS/<task>/fp/params`` and ``RUNS/<task>/qat/params`` (``qvec finetune --workdir
@@ -13,7 +14,7 @@ splits:
                over the backbone (head excluded).
 
 Each finished cell is appended to ``WORKDIR/cells.jsonl`` (fsynced per cell, through
-:class:`qvec_jax.grid_store.GridStore`). A rerun skips cells already there (and
+:class:`qvec_jax.grid.store.GridStore`). A rerun skips cells already there (and
 recomputes any whose checkpoints changed since), so an interrupted grid resumes and
 adding a task or a lambda computes only the new cells.
 Missing checkpoints are listed in ``grid.json`` and never skipped silently:
@@ -29,7 +30,7 @@ appends to its own ``cells.shard-<i>-of-<n>.jsonl`` and holds its own lock
 (:meth:`GridStore.lock`); :meth:`GridStore.cells` merges all record files, so
 ``qvec report`` (or a final ``run_grid`` without a shard) reports the whole grid.
 
-Efficiency (:mod:`qvec_jax.grid_run` evaluates the cells): params are jit *arguments*.
+Efficiency (:mod:`qvec_jax.grid.cells` evaluates the cells): params are jit *arguments*.
 ``PTQ(FP_R + lam * QV_D)`` is built by one jitted function of ``(fp, qv, lam)`` and
 evaluated by one jitted function of ``(params, batch)``, so the whole grid compiles once
 per receiver model shape (not per cell); each patched, quantized tree lives on device
@@ -48,26 +49,17 @@ import jax
 import jax.numpy as jnp
 
 from qvec_jax import quant, trees
-from qvec_jax.grid_inputs import (
+from qvec_jax.grid.cells import GridRun
+from qvec_jax.grid.inputs import (
     GridError,
     MissingCheckpoints,
     check_compatible,
     find_checkpoints,
 )
-from qvec_jax.grid_run import GridRun, patch_and_quantize, ptq_jit
-from qvec_jax.grid_store import GridStore, cell_key
+from qvec_jax.grid.store import GridStore, cell_key
 from qvec_jax.train import COMPUTE_DTYPES
 
-__all__ = [
-    "DEFAULT_LAMBDAS",
-    "GridError",
-    "MissingCheckpoints",
-    "patch_and_quantize",
-    "plan_cells",
-    "ptq_jit",
-    "run_grid",
-    "shard_of",
-]
+__all__ = ["DEFAULT_LAMBDAS", "plan_cells", "run_grid", "shard_of"]
 
 
 #: The paper's lambda grid (METHOD.md).
@@ -268,8 +260,8 @@ def run_grid(
     checkpoint is missing and not ``allow_missing``; :class:`GridError` if the
     checkpoints do not share one backbone; ``files.WorkdirLocked`` (at once) if another
     grid run holds ``workdir`` (or this shard of it).
-    ``extras``: a ``grid_extras.Extras`` (lambda-strategy measurements, leave-one-out
-    merges), a ``grid_gptq.GptqCells`` (GPTQ rows), or a sequence of them, computed in
+    ``extras``: a ``grid.extras.Extras`` (lambda-strategy measurements, leave-one-out
+    merges), a ``grid.gptq.GptqCells`` (GPTQ rows), or a sequence of them, computed in
     order after the main cells, under the same lock and shard.
     ``compute_dtype``: "float32" or "bfloat16", the model's activations and matmuls in
     every evaluation; params, QVs, the patch and PTQ stay float32 (PTQ before the cast).

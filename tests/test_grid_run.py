@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import qvec_jax as q
-from qvec_jax import checkpoints, evaluate, transfer
+from qvec_jax import checkpoints, evaluate, grid
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
-from qvec_jax.grid_inputs import checkpoint_path
+from qvec_jax.grid.inputs import checkpoint_path
 from qvec_jax.models import vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +78,9 @@ def runs(tmp_path_factory):
     return make_runs(tmp_path_factory.mktemp("runs"))
 
 
-def grid(runs, workdir, tasks=TASKS, lambdas=LAMBDAS, **kw):
+def make_grid(runs, workdir, tasks=TASKS, lambdas=LAMBDAS, **kw):
     kw = {"bits": 2, "lambdas": lambdas, "batch_size": 64, "progress": False, **kw}
-    return transfer.run_grid(list(tasks), runs, workdir, **kw)
+    return grid.run_grid(list(tasks), runs, workdir, **kw)
 
 
 def n_expected(n_tasks, n_lams):
@@ -91,7 +91,7 @@ def test_grid_cells_match_direct_evaluation(runs, tmp_path):
     from qvec_jax import data
     from qvec_jax.evaluate import accuracy
 
-    cells = grid(runs, tmp_path, tasks=TASKS[:2])
+    cells = make_grid(runs, tmp_path, tasks=TASKS[:2])
     assert len(cells) == n_expected(2, 2)
     by = {rp.cell_key(c): c for c in cells}
     # an independent computation of two cells, with the eager public API
@@ -115,14 +115,14 @@ def test_grid_cells_match_direct_evaluation(runs, tmp_path):
 
 
 def test_resume_computes_only_missing_cells(runs, tmp_path):
-    full = grid(runs, tmp_path / "full", tasks=TASKS[:2])
+    full = make_grid(runs, tmp_path / "full", tasks=TASKS[:2])
     # a partially computed grid: keep the first 5 records, plus a torn last line
     part = tmp_path / "part"
     part.mkdir()
     lines = (tmp_path / "full" / rp.CELLS_FILE).read_text().splitlines()
     (part / rp.CELLS_FILE).write_text("\n".join(lines[:5]) + '\n{"kind": "pat')
     before = {rp.cell_key(c): c for c in rp.load_cells(part)}
-    cells = grid(runs, part, tasks=TASKS[:2])
+    cells = make_grid(runs, part, tasks=TASKS[:2])
     assert len(cells) == len(full)
     records = [json.loads(x) for x in (part / rp.CELLS_FILE).read_text().splitlines()[:5]]
     assert [rp.cell_key(c) for c in records] == list(before)
@@ -133,23 +133,23 @@ def test_resume_computes_only_missing_cells(runs, tmp_path):
     assert all(ref[rp.cell_key(c)] == c["acc"] for c in cells)
 
     # adding a task and a lambda computes only the new cells
-    cells = grid(runs, part, tasks=TASKS, lambdas=(0.5, 1.0, 1.5))
+    cells = make_grid(runs, part, tasks=TASKS, lambdas=(0.5, 1.0, 1.5))
     n_new = len((part / rp.CELLS_FILE).read_text().splitlines()) - len(lines)
     assert len(cells) == n_expected(3, 3)
     assert n_new == n_expected(3, 3) - n_expected(2, 2)
 
     # a rerun with nothing new computes nothing
     size = (part / rp.CELLS_FILE).stat().st_size
-    grid(runs, part, tasks=TASKS, lambdas=(0.5, 1.0, 1.5))
+    make_grid(runs, part, tasks=TASKS, lambdas=(0.5, 1.0, 1.5))
     assert (part / rp.CELLS_FILE).stat().st_size == size
 
 
 def test_changed_checkpoint_recomputes_its_cells(tmp_path):
     runs = make_runs(tmp_path / "runs", TASKS[:2])
-    grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
+    make_grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
     n0 = len((tmp_path / "g" / rp.CELLS_FILE).read_text().splitlines())
     make_runs(runs, ("digits",), noise_seed=3, modes=("qat",))  # digits' QAT is fine-tuned again
-    grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
+    make_grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
     new = [json.loads(x) for x in (tmp_path / "g" / rp.CELLS_FILE).read_text().splitlines()[n0:]]
     # cells that use QAT_digits: PTQ(QAT) of digits and the two patch cells with donor digits
     assert sorted(rp.cell_key(c) for c in new) == sorted(
@@ -165,8 +165,8 @@ def test_missing_checkpoints_are_listed_and_fail_unless_allowed(tmp_path):
     runs = make_runs(tmp_path / "runs", TASKS[:2])
     make_runs(runs, ("digits_a",), modes=("fp",))  # digits_a has no QAT: receiver only
     tasks = [*TASKS, "digits_b"]  # digits_b: nothing at all
-    with pytest.raises(transfer.MissingCheckpoints) as e:
-        grid(runs, tmp_path / "g", tasks=tasks, lambdas=(1.0,))
+    with pytest.raises(grid.MissingCheckpoints) as e:
+        make_grid(runs, tmp_path / "g", tasks=tasks, lambdas=(1.0,))
     msg = str(e.value)
     assert "digits_a/qat" in msg and "digits_b/fp" in msg and "digits_b/qat" in msg
     assert "--allow-missing" in msg
@@ -178,7 +178,7 @@ def test_missing_checkpoints_are_listed_and_fail_unless_allowed(tmp_path):
     assert ("ptq_fp", "", "digits_a", "") in keys and ("ptq_qat", "", "digits_a", "") not in keys
     assert not any("digits_b" in k or k[1] == "digits_a" for k in keys)
 
-    cells = grid(runs, tmp_path / "g", tasks=tasks, lambdas=(1.0,), allow_missing=True)
+    cells = make_grid(runs, tmp_path / "g", tasks=tasks, lambdas=(1.0,), allow_missing=True)
     assert {rp.cell_key(c) for c in cells} == keys
     out = rp.write_report(tmp_path / "g")
     assert "`digits_b` fp" in out["summary"] and "`digits_a` qat" in out["summary"]
@@ -188,8 +188,8 @@ def test_missing_checkpoints_are_listed_and_fail_unless_allowed(tmp_path):
 def test_mismatched_backbones_are_refused(tmp_path):
     runs = make_runs(tmp_path / "runs", TASKS[:2])
     make_runs(runs, ("digits_a",), seed=5)  # another random backbone
-    with pytest.raises(transfer.GridError, match="backbone_id=.*digits_a/fp"):
-        grid(runs, tmp_path / "g", tasks=TASKS)
+    with pytest.raises(grid.GridError, match="backbone_id=.*digits_a/fp"):
+        make_grid(runs, tmp_path / "g", tasks=TASKS)
     assert not (tmp_path / "g" / rp.CELLS_FILE).exists()
 
 
@@ -204,8 +204,8 @@ def test_same_id_different_tree_names_tasks_and_path(tmp_path):
         flat[bad + "/kernel"] = flat[bad + "/kernel"][:, :48]
         flat[bad + "/bias"] = flat[bad + "/bias"][:48]
         checkpoints.save_params(path, q.unflatten(flat), meta)
-    with pytest.raises(transfer.GridError, match=rf"digits_rot90/\w+ and digits/fp .* at {bad}/"):
-        grid(runs, tmp_path / "g", tasks=["digits", "digits_rot90"], lambdas=(1.0,))
+    with pytest.raises(grid.GridError, match=rf"digits_rot90/\w+ and digits/fp .* at {bad}/"):
+        make_grid(runs, tmp_path / "g", tasks=["digits", "digits_rot90"], lambdas=(1.0,))
 
 
 def test_fp_and_qat_recipes_must_match(tmp_path):
@@ -214,13 +214,13 @@ def test_fp_and_qat_recipes_must_match(tmp_path):
     meta = json.loads(p.read_text())
     meta["config"]["seed"] = 2
     p.write_text(json.dumps(meta))
-    with pytest.raises(transfer.GridError, match="digits: FP .* differs in seed"):
-        grid(runs, tmp_path / "g", tasks=["digits"], lambdas=(1.0,))
+    with pytest.raises(grid.GridError, match="digits: FP .* differs in seed"):
+        make_grid(runs, tmp_path / "g", tasks=["digits"], lambdas=(1.0,))
     fp_seed = json.loads(checkpoints.meta_file(checkpoint_path(runs, "digits", "fp")).read_text())
     meta["config"]["seed"] = fp_seed["config"]["seed"]
     meta["config"]["demo"] = {"select_strategy": "lam=1"}  # the demo's section: not a recipe
     p.write_text(json.dumps(meta))
-    grid(runs, tmp_path / "g2", tasks=["digits"], lambdas=(1.0,))
+    make_grid(runs, tmp_path / "g2", tasks=["digits"], lambdas=(1.0,))
 
 
 def test_recipes_differing_between_tasks_are_a_listed_warning(tmp_path):
@@ -230,16 +230,16 @@ def test_recipes_differing_between_tasks_are_a_listed_warning(tmp_path):
         meta = json.loads(p.read_text())
         meta["config"]["seed"] = 7  # both runs of the task agree, but not with digits
         p.write_text(json.dumps(meta))
-    grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
+    make_grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(1.0,))
     (warning,) = rp.load_grid_meta(tmp_path / "g")["warnings"]
     assert "task digits_rot90" in warning and "seed" in warning
     assert warning in rp.write_report(tmp_path / "g")["summary"]
 
 
 def test_other_bits_in_same_workdir_is_refused(runs, tmp_path):
-    grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,))
-    with pytest.raises(transfer.GridError, match="2-bit channel"):
-        grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,), bits=3)
+    make_grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,))
+    with pytest.raises(grid.GridError, match="2-bit channel"):
+        make_grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,), bits=3)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -283,7 +283,7 @@ def test_cli_extract_patch_ptq_eval_round_trip(runs, tmp_path, capsys):
     assert qvec("eval", tmp_path / "w2", "--splits", "test", "--batch-size", "64") == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the same number as the grid's cell for (D=digits, R=digits_rot90, lam=0.5)
-    cells = grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(0.5,))
+    cells = make_grid(runs, tmp_path / "g", tasks=TASKS[:2], lambdas=(0.5,))
     cell = next(c for c in cells if rp.cell_key(c) == ("patch", "digits", "digits_rot90", "0.5"))
     assert res["task"] == "digits_rot90" and res["test"] == pytest.approx(cell["acc"]["test"])
 
@@ -369,18 +369,18 @@ def test_every_subcommand_help_has_an_example(capsys):
 
 @pytest.mark.slow  # clears the jit caches, so it recompiles everything it runs
 def test_grid_compiles_once_per_model_shape_not_per_cell(runs, tmp_path):
-    jitted = (transfer.patch_and_quantize, transfer.ptq_jit, evaluate.count_correct)
+    jitted = (grid.patch_and_quantize, grid.ptq_jit, evaluate.count_correct)
     two = ["digits", "digits_rot90"]  # same model shape (10 classes)
     jax.clear_caches()
-    small = _count_compiles(lambda: grid(runs, tmp_path / "a", tasks=two, lambdas=(1.0,)))
+    small = _count_compiles(lambda: make_grid(runs, tmp_path / "a", tasks=two, lambdas=(1.0,)))
     assert small > 0 and all(fn._cache_size() == 1 for fn in jitted)
     lambdas = (0.3, 0.6, 1.0, 1.2, 1.5)
-    large = _count_compiles(lambda: grid(runs, tmp_path / "b", tasks=two, lambdas=lambdas))
+    large = _count_compiles(lambda: make_grid(runs, tmp_path / "b", tasks=two, lambdas=lambdas))
     assert len(rp.load_cells(tmp_path / "b")) == n_expected(2, 5) > 2 * n_expected(2, 1)
     assert large == 0  # 2.5x the cells, new lambdas and donors: not one compilation more
     assert all(fn._cache_size() == 1 for fn in jitted)
     # a receiver with another head shape is another model shape: one more of each
-    grid(runs, tmp_path / "c", tasks=[*two, "digits_a"], lambdas=(1.0,))
+    make_grid(runs, tmp_path / "c", tasks=[*two, "digits_a"], lambdas=(1.0,))
     assert [fn._cache_size() for fn in jitted] == [2, 2, 2]
 
 
@@ -406,13 +406,13 @@ def _count_compiles(fn):
 def test_grid_on_8_host_devices_matches_one_device(runs, tmp_path):
     from conftest import run_multidevice
 
-    one = {rp.cell_key(c): c["acc"] for c in grid(runs, tmp_path / "one", tasks=TASKS[:2])}
+    one = {rp.cell_key(c): c["acc"] for c in make_grid(runs, tmp_path / "one", tasks=TASKS[:2])}
     out = run_multidevice(
         f"""
         import jax, json
-        from qvec_jax import transfer
+        from qvec_jax import grid
         assert jax.device_count() == 8
-        cells = transfer.run_grid({list(TASKS[:2])!r}, {str(runs)!r}, {str(tmp_path / "eight")!r},
+        cells = grid.run_grid({list(TASKS[:2])!r}, {str(runs)!r}, {str(tmp_path / "eight")!r},
                                   bits=2, lambdas={list(LAMBDAS)!r}, batch_size=60,
                                   progress=False)
         print(json.dumps(len(cells)))
@@ -427,21 +427,21 @@ def test_grid_on_8_host_devices_matches_one_device(runs, tmp_path):
 
 
 def test_a_quant_spec_names_the_same_grid_as_bits(runs, tmp_path):
-    grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,))
+    make_grid(runs, tmp_path, tasks=TASKS[:1], lambdas=(1.0,))
     size = (tmp_path / rp.CELLS_FILE).stat().st_size
     kw = {"lambdas": (1.0,), "batch_size": 64, "progress": False}
-    transfer.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2), **kw)
+    grid.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2), **kw)
     assert (tmp_path / rp.CELLS_FILE).stat().st_size == size  # nothing recomputed
     one_leaf = q.Rule({r"encoderblock_0/MlpBlock_3/Dense_0/kernel$": (1,)})
-    with pytest.raises(transfer.GridError, match=r"at 2-bit channel, not 2-bit channel \(rule"):
-        transfer.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2, rule=one_leaf), **kw)
+    with pytest.raises(grid.GridError, match=r"at 2-bit channel, not 2-bit channel \(rule"):
+        grid.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2, rule=one_leaf), **kw)
     with pytest.raises(TypeError, match="not both"):
-        transfer.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2), bits=3, **kw)
-    with pytest.raises(transfer.GridError, match="no quantizer"):
-        transfer.run_grid(TASKS[:1], runs, tmp_path, **kw)
+        grid.run_grid(TASKS[:1], runs, tmp_path, spec=q.QuantSpec(2), bits=3, **kw)
+    with pytest.raises(grid.GridError, match="no quantizer"):
+        grid.run_grid(TASKS[:1], runs, tmp_path, **kw)
     # the rule travels with the spec into every PTQ of the grid, and grid.json names it
     spec = q.QuantSpec(2, rule=one_leaf)
-    cells = transfer.run_grid(TASKS[:1], runs, tmp_path / "rule", spec=spec, **kw)
+    cells = grid.run_grid(TASKS[:1], runs, tmp_path / "rule", spec=spec, **kw)
     assert rp.load_grid_meta(tmp_path / "rule")["rule"] == repr(one_leaf)
     fp, meta = checkpoints.restore_params(checkpoint_path(runs, TASKS[0], "fp"))
     test = qdata.load_split(TASKS[0], "test", image_size=28)

@@ -1,7 +1,7 @@
 """GPTQ rows of the transfer grid (issue 15): where the zero-shot QV stands against the
 quantizer that a user with a few unlabelled images would deploy.
 
-:func:`qvec_jax.transfer.run_grid` with a :class:`GptqCells` among its ``extras`` adds,
+:func:`qvec_jax.grid.run.run_grid` with a :class:`GptqCells` among its ``extras`` adds,
 for every receiver R, after its RTN cells and in the same record files:
 
 - ``gptq:<source>``: acc(GPTQ(FP_R)), calibrated on ``calib_size`` images of a source:
@@ -41,12 +41,12 @@ from tqdm.auto import tqdm
 
 from qvec_jax import checkpoints, gptq, select, trees
 from qvec_jax import data as qdata
-from qvec_jax.grid_extras import DEFAULT_STRATEGY, fixed_strategy
-from qvec_jax.grid_inputs import GridError
-from qvec_jax.grid_run import GridRun
-from qvec_jax.grid_store import GridStore, cell_key
+from qvec_jax.grid.cells import GridRun
+from qvec_jax.grid.extras import DEFAULT_STRATEGY, fixed_strategy
+from qvec_jax.grid.inputs import GridError
+from qvec_jax.grid.run import shard_of
+from qvec_jax.grid.store import GridStore, cell_key
 from qvec_jax.sharding import put
-from qvec_jax.transfer import shard_of
 
 __all__ = [
     "DEFAULT_STRATEGY",
@@ -80,7 +80,7 @@ class GptqCells:
     """Which GPTQ cells a grid adds (module docstring), passed as (one of) ``run_grid``'s
     ``extras``. ``calib_size``: images per calibration set; ``strategy``: a
     no-receiver-data strategy name, tunable constants allowed (None: no strategy cells;
-    "auto": ``grid_extras.default_strategy`` of ``pretext``), stored canonically;
+    "auto": ``grid.extras.default_strategy`` of ``pretext``), stored canonically;
     ``qv_at_one``: the lam = 1 GPTQ+QV cells (False halves their cost); ``pretext``: the
     pretext task (None: no ``pretext`` cells); ``seed``: which images are sampled, and
     the noise; ``batch_size``: images per calibration forward pass."""
@@ -231,7 +231,7 @@ def _cell(kind, r, d, lam, sources, calib) -> dict:
 
 def stored_choices(stored: list[dict], strategy: str | None) -> dict[tuple, dict]:
     """``{(receiver, donor): Choice dict}`` of ``strategy`` re-decided from the grid's
-    ``scores`` cells (:mod:`qvec_jax.grid_extras`) that hold its measurement (so a
+    ``scores`` cells (:mod:`qvec_jax.grid.extras`) that hold its measurement (so a
     strategy with tuned constants reuses them too)."""
     if strategy is None:
         return {}

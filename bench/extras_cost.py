@@ -7,8 +7,8 @@ them (the extras only), timed apart, with the number of cells of each kind. With
 demo's 5 tasks: 20 scores cells of pairs + 5 x methods LOO scores cells + 5 x methods x
 lambdas merge cells.
 
-    python bench/grid_extras.py                                  # the demo's 5 tasks
-    python bench/grid_extras.py --tasks digits,digits_rot90,digits_inv --lambdas 0.5,1
+    python bench/extras_cost.py                                  # the demo's 5 tasks
+    python bench/extras_cost.py --tasks digits,digits_rot90,digits_inv --lambdas 0.5,1
 
 Measured (``--lambdas 0.5,1``, 4 methods, 2 CPU cores shared with other jobs, load ~5):
 main 65 cells 234 s, extras 294 s; per cell: patch 3.34 s, merge 4.41 s (1.3x a patch
@@ -28,8 +28,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qvec_jax import checkpoints, data, grid_extras, transfer
-from qvec_jax.grid_inputs import checkpoint_path
+from qvec_jax import checkpoints, data, grid
+from qvec_jax.grid.inputs import checkpoint_path
 from qvec_jax.models import vit
 
 DEMO_TASKS = "fmnist_a,fmnist_b,fmnist_rot90,digits,digits_rot90"
@@ -64,22 +64,22 @@ def main() -> None:
     ap.add_argument("--tasks", default=DEMO_TASKS)
     ap.add_argument("--pretext", default="fashion_mnist")
     ap.add_argument("--lambdas", default="0.15,0.3,0.45,0.6,0.75,0.9,1,1.05,1.2,1.35,1.5")
-    ap.add_argument("--methods", default=",".join(grid_extras.DEFAULT_METHODS))
+    ap.add_argument("--methods", default=",".join(grid.extras.DEFAULT_METHODS))
     ap.add_argument("--variant", default="demo/4")
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=1000)
     args = ap.parse_args()
     tasks = args.tasks.split(",")
     lambdas = [float(x) for x in args.lambdas.split(",")]
-    ex = grid_extras.Extras(pretext=args.pretext, methods=tuple(args.methods.split(",")))
+    ex = grid.extras.Extras(pretext=args.pretext, methods=tuple(args.methods.split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         runs, work = Path(tmp) / "runs", Path(tmp) / "grid"
         make_runs(runs, tasks, args.variant, args.image_size)
         kw = dict(bits=2, lambdas=lambdas, batch_size=args.batch_size, progress=False)
         t0 = time.perf_counter()
-        transfer.run_grid(tasks, runs, work, **kw)
+        grid.run_grid(tasks, runs, work, **kw)
         t1 = time.perf_counter()
-        cells = transfer.run_grid(tasks, runs, work, extras=ex, **kw)
+        cells = grid.run_grid(tasks, runs, work, extras=ex, **kw)
         t2 = time.perf_counter()
     kinds = collections.Counter(c["kind"] for c in cells)
     secs = collections.defaultdict(float)
