@@ -14,7 +14,10 @@ parts:
   device, the forward pass, the count); the streamed (uncached) eval is printed beside.
 
 Goal (issue 10): host input + patch + PTQ under 10% of the cell when the splits are
-cached. Medians over ``--runs`` cells after a warm-up cell (compiles).
+cached. All in one process. Host input is timed once (no warm-up). Then one warm-up cell
+on the cached and one on the streamed splits (compiles); patch + PTQ and eval are each
+the median over ``--runs`` cells on the cached splits (the cell is the sum of the parts'
+medians); the streamed eval is the median over ``max(1, runs // 2)`` cells run after them.
 
     python bench/grid_cell.py                          # ViT-B/16 @ 224, 256 images/split
     python bench/grid_cell.py --n 16 --runs 2          # a few minutes on 2 CPU cores

@@ -13,7 +13,16 @@ and decoded from the array_record files).
   the device under jit; its time is measured apart (device ms/image, here the CPU
   backend unless an accelerator is present).
 - grain: images/s of ``data.loader.TrainLoader`` with ``--workers`` worker processes,
-  against a consumer of ``--target`` images/s.
+  against a consumer of ``--target`` images/s (host batches; no transfer to the device).
+
+How it times, in this one process (grain workers aside), once (no repeats, no medians):
+with ``nb`` = min(8, images // ``--batch``) batches, "before" and then "after" (not
+interleaved) each run one untimed warm-up batch, then one timed pass over the other
+``nb - 1`` batches: the mean time per image of that pass. The device preprocess: one
+call that compiles, then the mean of 3 calls. grain: 2 batches untimed, then the mean
+rate over ``2 * nb``.
+Without the ``tfds`` extra (tensorflow-datasets, array_record, grain) it prints which
+extra to install and exits with status 2. The last line is ``headline: name=value ...``.
 
 Goal (issue 10): host time per image falls >= 10x.
 
@@ -72,8 +81,15 @@ def reference_before(images, max_value: float, image_size: int, view=IDENTITY) -
 
 def build_dataset(root: str, n: int) -> None:
     """``n`` random 32x32 RGB PNGs (train) + n/8 (test) as TFDS array_record under ``root``."""
-    import tensorflow_datasets as tfds
-    from absl import logging
+    try:  # the ``tfds`` extra: building and reading the dataset, and the grain loader
+        import array_record  # noqa: F401
+        import grain  # noqa: F401
+        import tensorflow_datasets as tfds
+        from absl import logging
+    except ImportError as e:
+        print(f"bench/input.py needs the tfds extra (missing: {e.name or e}): "
+              "pip install -e '.[tfds]'")  # fmt: skip
+        raise SystemExit(2) from None
     from PIL import Image
 
     tfds.disable_progress_bar()

@@ -8,10 +8,14 @@ ViT-B/16 part: N random fp32 QVs with the backbone shapes of ``create_model("B/1
 second, and the extra peak memory during the call in units of one QV: RSS (a thread
 samples /proc/self/statm every 2 ms; baseline: the RSS just before the call) and the
 NumPy heap (tracemalloc). Streaming leaf by leaf should keep RSS near 1 (the output)
-whatever N. Side by side, in the same run: ``trees.weighted_sum`` (the plain
+whatever N. Side by side, in the same process: ``trees.weighted_sum`` (the plain
 ``jax.tree.map`` mean, the floor) and, for N where it fits in ``--budget-gib``, TIES as
 the paper's code does it (all N vectors flattened into one (N, d) matrix, a
-``kthvalue`` threshold per row), whose extra memory grows with N.
+``kthvalue`` threshold per row), whose extra memory grows with N. Each (N, method) is
+called ``--runs`` times in a row (default 1), one method after another (not
+interleaved), with no warm-up call: at the default the time is one call that includes any
+compile, and the sampler thread and tracemalloc run during it. Time: the median of the
+runs ("x floor": that median over the floor's); memory: the maximum.
 
 Demo part: 5 QVs of the demo model ("demo/4", 16x16 inputs, 0.3M entries); each method's
 first call in this process (cold: includes any compile) and the median warm call, wall

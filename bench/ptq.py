@@ -6,7 +6,11 @@ Prints, for the 72 quantized kernels (84,934,656 weights, read once and written 
 ms and GB/s of ``q.ptq``; the floor, a jitted per-leaf copy (``-x``) of the same leaves
 in the same run; a straightforward NumPy per-leaf quantizer (same formula, METHOD.md);
 PyTorch per-row on ``[out, in]`` matrices if torch is installed; and peak RSS.
-Times are medians over ``--runs`` after a warm-up, with [min, max].
+All in one process: one warm-up call of each, then ``--runs`` runs interleaved (each run
+calls every variant once). Times are medians over ``--runs``, with [min, max]; ratios are
+taken run by run, then their median. Peak RSS is the whole process's ``ru_maxrss`` (the
+JAX tree, the NumPy and torch inputs and every variant's output), not ``q.ptq``'s own.
+The last line is ``headline: name=value ...``.
 """
 
 from __future__ import annotations

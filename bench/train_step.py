@@ -1,14 +1,20 @@
 """Train-step cost of QAT vs FP: ViT-B/16, batch 8, 224px, CPU.
 
 QAT adds O(params) work (fake-quantizing 72 kernels) to an O(params x tokens x batch)
-step, so QAT/FP should be close to 1 (aim: <= 1.10). Prints, in one run:
+step, so QAT/FP should be close to 1 (aim: <= 1.10). Prints, in one run of this script,
+each measurement in its own child process (started one after another):
 
 - JAX step time FP and QAT (the project's own ``train.make_train_step``: AdamW +
-  clipping, donated state), interleaved FP/QAT repeats, median -> ratio;
-- peak RSS of a process that runs only the QAT (and only the FP) step;
+  clipping, donated state), in one child: one untimed step each (compile), then
+  ``--repeats`` interleaved FP/QAT steps, median -> ratio of the medians;
+- peak RSS (the child's whole ``ru_maxrss``) of a child that runs only the QAT (and one
+  that runs only the FP) step, once after one untimed step; it still builds both modes'
+  train states, so the other mode's idle params and AdamW state are in that figure;
 - the same ratio for the authors' PyTorch formulation (a ``Linear`` wrapper computing
   ``w + (fq(w) - w).detach()``) on timm's ViT-B/16 (or, if timm does not import, a
-  built-in module of the same structure), if torch is installed.
+  built-in module of the same structure), if torch is installed: in another child, one
+  warm-up step each, then ``--repeats`` interleaved FP/QAT steps, median. JAX and
+  PyTorch absolute times therefore come from separate processes, not interleaved.
 
     python bench/train_step.py [--repeats 3] [--variant B/16] [--batch 8] [--json out.json]
 """
