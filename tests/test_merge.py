@@ -333,7 +333,7 @@ def test_radix_select_is_the_exact_kth_largest(arrays, frac):
     m = 1 + int(frac * (allv.size - 1))
     assert float(merge_methods._kth_largest_abs(arrays, m)) == allv[m - 1]  # small: np.partition
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(M, "_SMALL", 0)  # the leaf-streamed radix select of large trees
+        mp.setattr(merge_methods, "_SMALL", 0)  # the leaf-streamed radix select of large trees
         assert float(merge_methods._kth_largest_abs(arrays, m)) == allv[m - 1]
 
 

@@ -27,7 +27,7 @@ from qvec_jax.cli.common import (
 
 #: The strategy of ``qvec patch --lam auto`` when ``--strategy`` is not given, and the
 #: images it reads when ``--proxy`` is not: the winner of ``qvec tune`` on the demo's DEV
-#: task set (``proxy-pretext-kl:margin=0.05``, README "Demo results").
+#: task set (``proxy-pretext-kl:margin=0.05``, docs/results.md).
 DEFAULT_AUTO_STRATEGY = "proxy-kl:margin=0.05"
 DEFAULT_PROXY = "pretext"
 #: ``--strategy`` choices: weight-only strategies (no data), and ``proxy-<measure>``:

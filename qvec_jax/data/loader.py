@@ -52,7 +52,7 @@ def _order(n: int, seed: int) -> grain.MapDataset:
 
 
 def stream_positions(n: int, seed: int, start: int, stop: int) -> np.ndarray:
-    """Positions (0..n-1 in the split) of stream elements ``start .. stop-1``."""
+    """Positions (0..n-1 in the split) of stream elements ``start:stop``."""
     return np.fromiter(_order(n, seed)[start:stop], np.int64, stop - start)
 
 
@@ -76,8 +76,8 @@ class _ReadBatch:
 
 
 class TrainLoader:
-    """Iterate ``(images, labels)``: this host's rows of batches ``start_step ..
-    end_step-1`` (``end_step=None``: endless). Use as a context manager or call
+    """Iterate ``(images, labels)``: this host's rows of batches ``start_step:end_step``
+    (``end_step=None``: endless). Use as a context manager or call
     :meth:`close` (it stops the worker processes).
 
     ``mesh``: the rows are those of this process's devices (``sharding.host_rows``);

@@ -57,7 +57,7 @@ EXTRA_KINDS = ("scores", "merge")
 #: The merge methods of the leave-one-out rows (``merge.METHODS`` adds "sum").
 DEFAULT_METHODS = ("mean", "ties", "dare", "model_stock")
 #: The no-receiver-data strategy of the report's heatmap: the winner of ``qvec tune`` on
-#: the demo's DEV task set (README "Demo results"); never chosen on a test task set.
+#: the demo's DEV task set (docs/results.md); never chosen on a test task set.
 DEFAULT_STRATEGY = "proxy-pretext-kl:margin=0.05"
 #: The default when no pretext task is named: the best variant of the same dev ranking
 #: that reads no pretext images (``qvec tune``'s ``tune.md`` on the dev demo grid).

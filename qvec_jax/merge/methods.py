@@ -2,7 +2,7 @@
 
 Notation: ``v_1..v_k`` are the QVs (any same-structure pytrees), ``w_i`` the weights
 (default: uniform), ``d`` the number of merged entries. The merge of QVs is a QV, to be
-patched with ``trees.patch(receiver, merged, lam)`` as a single donor's would be.
+patched with ``trees.patch(receiver, merged, lam)`` as a single donor's would be::
 
     mean          sum_i w_i v_i / sum_i w_i
     sum           sum_i w_i v_i           (task arithmetic, Ilharco et al. 2023, arXiv:2212.04089)
@@ -58,7 +58,7 @@ def merge_qvs(
     """Merge ``qvs`` by ``method`` (a name or a ``MergeSpec``); see the module docstring.
 
     ``merge_qvs(qvs, "ties", density=0.2)`` is ``merge_qvs(qvs, MergeSpec("ties",
-    density=0.2))``. Returns a nested dict of the merged leaves (float, not ``exclude``d).
+    density=0.2))``. Returns a nested dict of the merged leaves (float, not matched by ``exclude``).
     """
     kw = dict(weights=weights, density=density, p=p, seed=seed, combine=combine, scope=scope)
     if isinstance(method, MergeSpec):
@@ -98,6 +98,7 @@ def ties_merge(qvs, density=0.2, weights=None, *, scope="global", exclude=HEAD_R
     3. disjoint mean: ``sum_{i in A} w_i trim(v_i) / sum_{i in A} w_i`` over
        ``A = {i : sign(trim(v_i)) = g}``; 0 where ``A`` is empty or ``g = 0`` (the
        reference code breaks the rare exact ``g = 0`` by a majority sign instead).
+
     The paper's final scale ``lambda`` is the ``lam`` of ``trees.patch``.
     """
     spec = MergeSpec("ties", weights, density=density, scope=scope)

@@ -26,7 +26,7 @@ def compute_dtype(dtypes) -> np.dtype:
     """The dtype to compute in for inputs of ``dtypes``: their promotion, at least float32.
 
     float64 only under ``jax_enable_x64`` (JAX's canonical dtype), so host results match
-    what the same computation would give as ``jax.Array``s.
+    what the same computation would give as ``jax.Array`` values.
     """
     return _compute_dtype(tuple(dtypes), bool(jax.config.jax_enable_x64))
 

@@ -97,7 +97,7 @@ def _zip_has_pickle(path: Path) -> bool:
 
 
 def read_dir(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """A Hugging Face model directory: all *.safetensors shards (+ config.json if any)."""
+    """A Hugging Face model directory: all ``*.safetensors`` shards (+ config.json if any)."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         found = sorted(p.name for p in path.iterdir())[:10]
