@@ -1,7 +1,7 @@
 """The CPU recipe of the embedded default: a tiny ViT ("demo/4" at 16x16), minutes on 2 cores.
 
 Same loop and fields as configs/paper_vit_b16.py; the numbers are chosen so that the
-paper's regime holds at this scale (see the README, "The embedded demo"):
+paper's regime holds at this scale (see docs/demo.md):
 
 - a backbone pretrained from scratch on a pretext task (``demo``: Fashion-MNIST, 10 classes);
 - fine-tuning moves it only a little: backbone lr 1e-5, as the paper, for 300 steps;
@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     # and 32/128 unlabelled receiver train images) and leave-one-out QV merges.
     c.demo.extras = True
     # The no-receiver-data strategy of the report's heatmap, merge and GPTQ+QV rows: the
-    # winner of `qvec tune` on the DEV task set (README "Demo results"), never chosen on
+    # winner of `qvec tune` on the DEV task set (docs/results.md), never chosen on
     # the test tasks: KL to FP_R on 256 pretext images, staying at lambda=1 unless another
     # lambda is at least 5% closer.
     c.demo.select_strategy = "proxy-pretext-kl:margin=0.05"

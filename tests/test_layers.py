@@ -7,7 +7,7 @@ but the module graph as a whole must have no cycle. Every import counts, also th
 inside functions (a lazy import is still a dependency). Subpackages (``data/``,
 ``cli/``, ...) take their top-level name's layer; the package root ``qvec_jax`` is the
 public facade, on the top layer with the CLI. A module missing from ``LAYERS`` fails the
-test: a new module must be given its layer here (and in the README's Layout section).
+test: a new module must be given its layer here (and in docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def test_every_module_has_a_layer():
     unknown = sorted(m for m in MODULES if _component(m) not in LAYERS)
     assert not unknown, (
         f"modules without a layer: {unknown}; add them to LAYERS in tests/test_layers.py "
-        "and to the README's Layout section"
+        "and to docs/architecture.md"
     )
 
 
