@@ -1,4 +1,5 @@
-"""End to end: `qvec demo --quick` writes every report file, and summary.md agrees with grid.csv."""
+"""End to end: `qvec demo --quick` writes every report file, and summary.md agrees with
+grid.csv; the README's example and the two notebooks that read the demo run on it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_notebooks import run_notebook
 
 from qvec_jax import checkpoints, cli, demo
 
@@ -113,3 +115,12 @@ def test_readme_method_example_runs(quick_demo):
     q = ns["q"]
     assert q.size_report(ns["patched"], bits=2)["compression"] > 4
     assert set(q.flatten(ns["qv"])) < set(q.flatten(ns["fp_d"]))  # the head is left out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_transfer_grid.ipynb"])
+def test_notebook_runs_on_the_quick_demo(name, quick_demo, monkeypatch, tmp_path):
+    env = {"QVEC_NB_QUICK": "1", "QVEC_NB_WORKDIR": str(quick_demo)}
+    run_notebook(name, env, monkeypatch, tmp_path)  # run_demo inside reuses every stage
+    if name == "02_transfer_grid.ipynb":
+        assert (quick_demo / "grid_small" / "summary.md").is_file()
