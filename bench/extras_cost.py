@@ -1,4 +1,4 @@
-"""Time the grid's extras stage (``grid_extras``) at the demo's size.
+"""Time the grid's extras stage (``qvec_jax.grid.extras``) at the demo's size.
 
 Random ``demo/4`` checkpoints at 16 px (a random backbone, FP = backbone + noise, QAT =
 FP + noise: accuracies are meaningless, the cost is real) for the demo's tasks, read

@@ -1,6 +1,6 @@
 """Time one transfer-grid cell at ViT-B/16 shapes: host input, patch + PTQ, and eval.
 
-A cell (``transfer.py``) is ``acc(PTQ(FP_R + lam * QV_D))`` on the receiver's val and
+A cell (``qvec_jax.grid``) is ``acc(PTQ(FP_R + lam * QV_D))`` on the receiver's val and
 test splits. Here, with random params of the model's shapes and N random uint8 RGB
 images per split at their stored resolution (32 px, as CIFAR), through the grid's own
 parts:

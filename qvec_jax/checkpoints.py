@@ -53,6 +53,8 @@ class CheckpointMeta(TypedDict, total=False):
     image_size: int
     num_classes: int
     representation_size: int
+    layer_norm_eps: float  # the ViT's LayerNorm epsilon (absent: 1e-6; HF ViTs: 1e-12)
+    activation: str  # the ViT's MLP activation, models.vit.ACTIVATIONS (absent: "gelu")
     task: str
     mode: str  # "fp", "qat" or "patched"
     bits: int
@@ -98,17 +100,74 @@ def validate_meta(meta: dict, where: str | os.PathLike) -> CheckpointMeta:
     return CheckpointMeta(**meta)
 
 
+#: The meta keys of a model's architecture beyond its variant (:func:`model_meta`).
+ARCH_KEYS = ("layer_norm_eps", "activation")
+
+
+def model_meta(model: ViT) -> dict:
+    """The meta keys :func:`model_from_meta` rebuilds ``model`` from: variant, sizes and
+    the architecture fields an imported config can set (``ARCH_KEYS``)."""
+    return dict(
+        variant=model.variant,
+        num_classes=model.num_classes,
+        image_size=model.image_size,
+        representation_size=model.representation_size,
+        **{k: getattr(model, k) for k in ARCH_KEYS},
+    )
+
+
 def model_from_meta(meta: CheckpointMeta) -> ViT:
-    """Rebuild the :class:`ViT` described by a checkpoint's meta."""
+    """Rebuild the :class:`ViT` described by a checkpoint's meta (``ARCH_KEYS`` that are
+    absent take the model's defaults: the meta of a Google or timm model need not say)."""
+    arch = {k: meta[k] for k in ARCH_KEYS if meta.get(k) is not None}
     try:
         return create_model(
             meta["variant"],
             num_classes=meta.get("num_classes"),
             image_size=meta["image_size"],
             representation_size=meta.get("representation_size"),
+            **arch,
         )
     except KeyError as e:
         raise CheckpointError(f"checkpoint meta lacks {e}; it has {sorted(meta)}") from e
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint meta: {e}") from None
+
+
+def quantized(meta: CheckpointMeta, path: str | os.PathLike | None = None) -> str | None:
+    """What makes a checkpoint already quantized, in words (``"a packed export (3-bit
+    gptq, channel)"``, ``"a `qvec ptq` output (2-bit rtn, channel)"``), or None. Known from
+    the meta (``ptq``, set by ``qvec ptq`` and ``qvec export``) or, for a packed export,
+    from ``path`` being a file. Quantizing it again would re-round its values and lose
+    its codes (GPTQ's above all)."""
+    ptq = meta.get("ptq")
+    packed = (path is not None and Path(path).is_file()) or bool((ptq or {}).get("packed"))
+    if not ptq and not packed:
+        return None
+    ptq = ptq if isinstance(ptq, dict) else {}
+    bits = f"{ptq['bits']}-bit" if "bits" in ptq else ""
+    method = ptq.get("method", "rtn") if ptq else ""  # `qvec ptq`'s RTN record names none
+    how = ", ".join(str(x) for x in (bits, method, ptq.get("granularity")) if x)
+    what = "a packed export" if packed else "a `qvec ptq` output"
+    return f"{what} ({how})" if how else what
+
+
+def describe(meta: CheckpointMeta, path: str | os.PathLike | None = None) -> str:
+    """What a checkpoint is, in words, from its meta: a packed export, a `qvec ptq` output,
+    a quantization vector, a patched model, an FP or QAT fine-tune of a task, or a model
+    with no run mode (a converted pretrained one)."""
+    q = quantized(meta, path)
+    task = f" of task {meta['task']!r}" if meta.get("task") else ""
+    if q:
+        return q + task
+    if meta.get("kind") == "qv":
+        return f"a quantization vector{task}"
+    if meta.get("patch") or meta.get("mode") == "patched":
+        return f"a patched checkpoint{task} (`qvec patch`)"
+    mode = meta.get("mode")
+    if mode in ("fp", "qat"):
+        return f"{'an FP' if mode == 'fp' else 'a QAT'} fine-tune{task}"
+    return f"a model with no run mode in its meta{task} (a converted pretrained checkpoint?)"
 
 
 def backbone_id(params) -> str:

@@ -182,13 +182,15 @@ def extras_of(cfg, pretext: str) -> grid.extras.Extras | None:
     )
 
 
-def gptq_of(cfg, pretext: str) -> grid.gptq.GptqCells | None:
-    """The grid's GPTQ rows of the demo config (None when ``demo.gptq`` is off)."""
+def gptq_of(cfg, pretext: str, extras: grid.extras.Extras | None) -> grid.gptq.GptqCells | None:
+    """The grid's GPTQ rows of the demo config (None when ``demo.gptq`` is off); with
+    ``extras``, their strategy (sized to ``demo.proxy_size``), as ``qvec grid`` does."""
     d = cfg.demo
     if not d.gptq:
         return None
+    strategy = extras.strategy if extras is not None else d.select_strategy
     return grid.gptq.GptqCells(
-        calib_size=int(d.gptq_calib_size), strategy=d.select_strategy, pretext=pretext
+        calib_size=int(d.gptq_calib_size), strategy=strategy, pretext=pretext
     )
 
 
@@ -233,7 +235,8 @@ def run_demo(
         print(f"note: {note}")
     print(f"[demo] {set_line(chosen.task_set)}: {', '.join(tasks)}")
     # the extras' and GPTQ rows' settings are checked before any training
-    extras = [s for s in (extras_of(cfg, pretext), gptq_of(cfg, pretext)) if s is not None]
+    ex = extras_of(cfg, pretext)
+    extras = [s for s in (ex, gptq_of(cfg, pretext, ex)) if s is not None]
     t0, times = time.perf_counter(), {}
 
     def stage(name):

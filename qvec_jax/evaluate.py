@@ -39,7 +39,20 @@ class EvalError(ValueError):
 
 
 class HeadWarning(UserWarning):
-    """The model's head has more classes than the evaluated task."""
+    """The model's head has more classes than the evaluated task.
+
+    Shown as one line, ``HeadWarning: <message>`` (not Python's ``file:line:`` form with
+    the source line under it); caught, filtered and recorded like any warning."""
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    if isinstance(category, type) and issubclass(category, HeadWarning):
+        return f"{category.__name__}: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
+warnings.formatwarning = _format_warning  # HeadWarning's only; other warnings as before
 
 
 def check_head(model, split) -> None:

@@ -10,7 +10,9 @@ durable. On any error the temporary file is removed and the target is left untou
 Orbax checkpoints are not plain files; orbax renames its own directories atomically.
 
 :func:`workdir_lock` keeps two runs out of one workdir: an OS file lock (``flock``) on a
-lock file inside it, released by the kernel when the holder exits or dies.
+lock file inside it, released by the kernel when the holder exits or dies
+(:func:`workdir_locks` takes several at once). :func:`directory_lock` is a short mutex
+on a directory, for a read-check-replace of a file that several lock holders share.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -31,7 +33,9 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "directory_lock",
     "workdir_lock",
+    "workdir_locks",
 ]
 
 
@@ -113,19 +117,123 @@ class WorkdirLocked(ValueError):
     """Another live process holds the workdir's lock; the message says which one."""
 
 
-def _holder(fd: int) -> str:
-    """Who holds the lock, from what the holder wrote into the lock file."""
+#: How much of a lock file is read for its holder records.
+_RECORDS_MAX = 1 << 20
+
+
+def _gone(info: dict) -> bool:
+    """Whether the process a holder record names has exited (only known on this host)."""
+    if info.get("host") != socket.gethostname():
+        return False
     try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except (OSError, ValueError):
-        info = {}
-    if not info.get("pid"):
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError, OverflowError):
+        return False  # alive but not ours (EPERM), or a pid we cannot check
+    return False
+
+
+def _records(fd: int) -> list[dict]:
+    """The holder records of a lock file (one JSON object a line), those of exited
+    processes dropped: a shared lock's file keeps the records of holders that left."""
+    try:
+        text = os.pread(fd, _RECORDS_MAX, 0).decode(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            info = json.loads(line)
+        except ValueError:
+            continue  # a record still being written
+        if isinstance(info, dict) and info.get("pid") and not _gone(info):
+            out.append(info)
+    return out
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, from what the holders wrote into the lock file."""
+    infos = _records(fd)
+    if not infos:
         return "another process (it has not written its name yet)"
-    who = (
-        f"pid {info['pid']} on host {info.get('host', '?')} since {info.get('started', '?')} "
-        f"({info.get('command', '?')})"
-    )
-    return f"shared runs, among them {who}" if info.get("shared") else who
+    who = [
+        f"pid {i['pid']} on host {i.get('host', '?')} since {i.get('started', '?')} "
+        f"({i.get('command', '?')})"
+        for i in infos[-3:]
+    ]
+    if not any(i.get("shared") for i in infos):
+        return who[-1]
+    more = f" and {len(infos) - 3} more" if len(infos) > 3 else ""
+    return "shared runs, among them " + "; ".join(who) + more
+
+
+class _Flock:
+    """One ``flock`` on ``<workdir>/<name>.lock``: taken (or refused) first, its holder
+    record written later (:meth:`record`), so a process refused on a later lock of the
+    same call leaves no record behind."""
+
+    def __init__(self, workdir: Path, name: str, shared: bool):
+        self.workdir, self.path, self.shared = workdir, workdir / f"{name}.lock", shared
+        self.fd, self.recorded = -1, False
+
+    def __enter__(self) -> _Flock:
+        # O_APPEND: shared holders add their records side by side, never over each other
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _holder(self.fd)
+            os.close(self.fd)
+            raise WorkdirLocked(
+                f"{self.workdir} is in use: {self.path.name} is held by {who}; wait for that "
+                "run to finish (or stop it), or use another workdir"
+            ) from None
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self
+
+    def record(self, info: dict) -> None:
+        """Write this holder's record: the only one of an exclusive lock, one more line of
+        a shared one (whose exited holders' lines readers skip)."""
+        if not self.shared:
+            os.ftruncate(self.fd, 0)
+        os.write(self.fd, (json.dumps({**info, "shared": self.shared}) + "\n").encode())
+        self.recorded = True
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.recorded and not self.shared:  # no stale name for the next holder's rivals
+                os.ftruncate(self.fd, 0)
+        finally:
+            os.close(self.fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def workdir_locks(
+    workdir: str | os.PathLike, locks: Sequence[tuple[str, bool]], *, command: str | None = None
+) -> Iterator[list[Path]]:
+    """Hold every lock ``(name, shared)`` of ``locks`` (see :func:`workdir_lock`), taken in
+    order, for the body; refuse at once if another process holds one.
+
+    The holder records are written only once every lock is held: a process refused on
+    any of them has changed none of the lock files, so the next refused process still
+    names the live holder. Yields the lock files' paths.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command or " ".join(sys.argv),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(_Flock(workdir, name, shared)) for name, shared in locks]
+        for lock in held:
+            lock.record(info)
+        yield [lock.path for lock in held]
 
 
 @contextlib.contextmanager
@@ -138,33 +246,26 @@ def workdir_lock(
     killed or crashes, so a stale lock never blocks a rerun. The holder writes its pid,
     host, command and start time into the file, and :class:`WorkdirLocked` quotes
     them. ``shared=True`` takes a shared lock: any number of shared holders
-    coexist (e.g. the shards of one grid), while an exclusive holder excludes them all.
-    The lock file is left in place (unlinking it would race with the next locker). The
-    workdir is created if needed.
+    coexist (e.g. the shards of one grid), each adding its record, while an exclusive
+    holder excludes them all. A refused process writes nothing into the file, and the
+    records of holders that have exited are not quoted. The lock file is left in place
+    (unlinking it would race with the next locker). The workdir is created if needed.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise WorkdirLocked(
-                f"{workdir} is in use: {path.name} is held by {_holder(fd)}; wait for that "
-                "run to finish (or stop it), or use another workdir"
-            ) from None
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": command or " ".join(sys.argv),
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "shared": shared,
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    with workdir_locks(workdir, [(name, shared)], command=command) as (path,):
         yield path
-        if not shared:  # no stale name for the next holder's rivals to read
-            os.ftruncate(fd, 0)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` itself for the body, waiting for the
+    current holder: a mutex for a short read-check-replace of a file in it among
+    processes that share the directory (the shards of a grid and ``grid.json``). Nothing
+    is created. Where directories cannot be locked (some network file systems) the body
+    runs unlocked."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        os.close(fd)  # releases the flock

@@ -158,7 +158,7 @@ def test_restore_errors_name_the_path(tmp_path):
 
 
 def test_train_state_roundtrip_keeps_structure_dtypes_and_the_optimizer(tmp_path, ref):
-    """The resumable state as ``train`` checkpoints it (train_workdir's CheckpointManager)."""
+    """The resumable state as ``train`` checkpoints it (train.workdir's CheckpointManager)."""
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
     params = jax.tree.map(jnp.asarray, ref[1])
     grads = jax.tree.map(lambda x: np.full(x.shape, 0.1, np.float32), ref[1])

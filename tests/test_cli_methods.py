@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli_safety import refused
+from test_cli_safety import refused, snapshot
 from vit_layouts import random_params
 
 import qvec_jax as q
-from qvec_jax import checkpoints, cli, data, gptq, merge, select
+from qvec_jax import checkpoints, cli, data, gptq, grid, merge, select
 from qvec_jax.cli import patch_cmd
+from qvec_jax.data import overlap
+from qvec_jax.report import tune
 
 IMAGE = 16
 META = {"variant": "test/4", "num_classes": 10, "image_size": IMAGE, "backbone_id": "b0"}
@@ -375,3 +377,85 @@ def test_help_of_each_new_command_ends_with_an_example(capsys):
         assert "example:" in text and f"qvec {cmd} " in text, cmd
         if cmd == "patch":  # the --lam auto default is named (the DEV-set study sets it)
             assert f"default {patch_cmd.DEFAULT_AUTO_STRATEGY}" in " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- issue 20
+
+
+def test_auto_lambda_on_images_that_hold_receiver_images_is_not_zero_shot(capsys, ck, tmp_path):
+    """digits_a's train images ARE digits images (classes 0-4, same view), in digits' train
+    and val splits: the label says so with the counts, and the patch is not zero-shot."""
+    before = snapshot(ck)
+    opts = ("--proxy", "digits_a", "--proxy-size", "64", "--strategy", "proxy-agree")
+    out, _, meta = _auto(capsys, ck, tmp_path, *opts)
+    want = overlap.overlap_counts("digits_a", 64, "digits")
+    assert want["train"] > 0 and want["val"] > 0 and want["test"] == 0
+    said = f"{want['train']} train, {want['val']} val, 0 test"
+    assert (f"data: 64 train images of task digits_a (another task; it holds receiver images: "
+            f"{said}: receiver data, NOT zero-shot)") in out  # fmt: skip
+    assert f"{sum(want.values())} are the receiver's own images ({said})" in out
+    assert meta["patch"]["zero_shot"] is False
+    used = meta["patch"]["select"]["inputs"]
+    assert used["overlap"] == want and used["receiver_data"] is True
+    # images of another view share nothing: zero-shot, and the counts say 0 per split
+    out, _, meta = _auto(capsys, ck, tmp_path / "inv", "--proxy", "digits_inv", "--proxy-size",
+                         "8", "--strategy", "proxy-agree")  # fmt: skip
+    assert meta["patch"]["zero_shot"] is True and "NOT zero-shot" not in out
+    assert meta["patch"]["select"]["inputs"]["overlap"] == overlap.zero_counts()
+    assert snapshot(ck) == before  # the inputs are untouched
+
+
+def test_patch_takes_every_strategy_name_tune_prints(capsys, ck, tmp_path):
+    names = [s.name for s in tune.variants(grid.extras.measured_strategies(8, (4,)))]
+    parser = cli.build_parser()
+    for name in names:  # argparse accepts each (it exits on a refused --strategy)
+        args = parser.parse_args(["patch", "fp", "qv", "out", "--lam", "auto", "--strategy", name])
+        assert args.strategy == name
+    for name, zero_shot in [
+        ("proxy-pretext8-kl:margin=0.05", True),  # the pretext (digits_flip) images, 8 of them
+        ("proxy-donor8-agree:margin=0.1", True),
+        ("proxy-noise8-cos", True),
+        ("proxy-rx4-kl:margin=0.2", False),  # the receiver's own images
+        ("model-stock:k=4", True),
+    ]:
+        assert name in names
+        out, _, meta = _auto(capsys, ck, tmp_path / name.replace(":", "_"), "--strategy", name)
+        assert f"chosen by {name} at 2 bits" in out
+        assert meta["patch"]["select"]["strategy"] == name
+        assert meta["patch"]["zero_shot"] is zero_shot
+
+
+def test_patch_refuses_a_strategy_name_at_odds_with_its_options(capsys, ck, tmp_path):
+    fp, qv, out = ck / "digits_fp", ck / "qv_digits_rot90", tmp_path / "never"
+    auto = ["patch", fp, qv, out, "--lam", "auto", "--strategy"]
+    refused(capsys, ck, [*auto, "proxy-pretext8-kl", "--proxy-size", "16"],
+            ["--proxy-size 16", "proxy-pretext8-kl", "reads 8 images"])  # fmt: skip
+    refused(capsys, ck, [*auto, "proxy-pretext8-kl", "--proxy", "noise"],
+            ["--proxy noise", "proxy-pretext8-kl", "reads pretext images"])  # fmt: skip
+    refused(capsys, ck, [*auto, "proxy-kl:margin=0.1:margin=0.2"],
+            ["constant 'margin' is given twice"], code=cli.EXIT_USAGE)  # fmt: skip
+    refused(capsys, ck, [*auto, "val-best"], ["'val-best'"], code=cli.EXIT_USAGE)
+    refused(capsys, ck, ["patch", fp, qv, out, "--proxy-size", "8"], ["--proxy-size", "--lam auto"])
+    assert not out.exists()
+
+
+def test_calib_donor_of_a_merged_qv_and_calib_typos_are_refused(capsys, ck, tmp_path):
+    merged, patched = tmp_path / "m", tmp_path / "patched"
+    qvs = [str(ck / "qv_digits_rot90"), str(ck / "qv_digits_inv")]
+    assert cli.main(["merge", *qvs, str(merged)]) == 0
+    run_ok(capsys, "patch", ck / "digits_fp", merged, patched)
+    assert _p(patched)[1]["patch"]["donor"] == "digits_rot90+digits_inv"
+    for cmd, out in (("ptq", tmp_path / "q"), ("export", tmp_path / "q.safetensors")):
+        argv = [cmd, patched, out, "--bits", "2", "--method", "gptq", "--calib-size", "8"]
+        argv.append("--calib")
+        says = ["--calib donor", "merged", "digits_rot90, digits_inv", "pass another --calib"]
+        refused(capsys, tmp_path, [*argv, "donor"], says)
+        err = refused(capsys, tmp_path, [*argv, "pretxt"], ["'pretxt'", "Did you mean: pretext?"])
+        assert "pets" not in err
+        refused(capsys, tmp_path, [*argv, "donr"], ["Did you mean: donor?"])
+        refused(capsys, tmp_path, [*argv, "digts"], ["'digts'", "digits"])
+        assert not out.exists()
+    # the receiver keyword: the checkpoint's own task, labelled as receiver data
+    said = run_ok(capsys, "ptq", patched, tmp_path / "r", "--bits", "2", "--method", "gptq",
+                  "--calib", "receiver", "--calib-size", "8")  # fmt: skip
+    assert "8 train images of task digits (the receiver's own task: receiver data, NOT" in said

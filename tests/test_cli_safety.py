@@ -9,6 +9,7 @@ before and after the command.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -415,3 +416,178 @@ def test_the_command_line_exits_with_the_documented_codes(base, tmp_path):
     r = qvec_sub("convert", tmp_path / "missing.npz", tmp_path / "o", QVEC_DEBUG="1")
     assert r.returncode == 1 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- inputs that are
+# what they claim (issue 20): extract's pair, quantizing twice, merge's inputs, one writer
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """FP and QAT fine-tunes of ``digits`` on backbone b0 (two QAT runs), a QAT run of
+    another task and one of another backbone, and what the commands make of them: QVs
+    (``extract``), `ptq` outputs (RTN, GPTQ), a packed export and a patched model."""
+    root = tmp_path_factory.mktemp("made")
+    _, params = random_params(0, num_classes=10)
+    meta = {"variant": "test/4", "num_classes": 10, "image_size": 28, "task": "digits",
+            "bits": 2, "granularity": "channel", "backbone_id": "b0", "config": {}}  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def nudged(scale):
+        return q.unflatten({k: v + scale * rng.standard_normal(v.shape).astype(np.float32)
+                            for k, v in q.flatten(params).items()})  # fmt: skip
+
+    runs = {
+        "fp": ("fp", {}),
+        "qat": ("qat", {}),
+        "qat_b": ("qat", {}),
+        "qat_task": ("qat", {"task": "digits_rot90"}),
+        "qat_bb": ("qat", {"backbone_id": "b1"}),
+    }
+    fp = nudged(0.01)
+    for name, (mode, over) in runs.items():
+        tree = fp if name == "fp" else nudged(0.05)
+        checkpoints.save_params(root / name, tree, {**meta, "mode": mode, **over})
+    for argv in (
+        ["extract", root / "qat", root / "fp", root / "qv_a"],
+        ["extract", root / "qat_b", root / "fp", root / "qv_b"],
+        ["ptq", root / "qat", root / "ptq_rtn", "--bits", "2"],
+        [
+            "ptq",
+            root / "fp",
+            root / "ptq_gptq",
+            "--bits",
+            "3",
+            "--method",
+            "gptq",
+            "--calib",
+            "noise",
+            "--calib-size",
+            "8",
+        ],  # fmt: skip
+        ["export", root / "qat", root / "packed.safetensors", "--bits", "2"],
+        ["patch", root / "fp", root / "qv_a", root / "patched", "--lam", "1"],
+    ):
+        assert cli.main([str(a) for a in argv]) == 0, argv
+    return root
+
+
+@pytest.mark.parametrize(
+    "qat, what",
+    [
+        ("packed.safetensors", "is a packed export (2-bit, rtn, channel) of task 'digits', not"),
+        ("ptq_rtn", "is a `qvec ptq` output (2-bit, rtn, channel) of task 'digits', not a QAT"),
+        ("ptq_gptq", "is a `qvec ptq` output (3-bit, gptq, channel) of task 'digits', not a QAT"),
+        ("patched", "is a patched checkpoint of task 'digits' (`qvec patch`), not a QAT"),
+        ("qv_a", "is a quantization vector of task 'digits', not a QAT"),
+        ("qat_task", "is task 'digits_rot90' but"),
+        ("qat_bb", "(backbone_id b1) and"),
+    ],
+)  # fmt: skip
+def test_extract_refuses_a_qat_argument_that_is_not_a_qat_run_of_the_task(capsys, made, qat, what):
+    out = made / "never"
+    refused(capsys, made, ["extract", made / qat, made / "fp", out], [made / qat, what])
+    assert not out.exists()
+
+
+def test_extract_refuses_an_fp_run_as_qat_and_a_non_fp_run_as_fp(capsys, made, tmp_path):
+    fp2 = tmp_path / "fp2"  # another FP run of the task, as QAT: not the swapped pair
+    shutil.copytree(made / "fp", fp2)
+    what = f"{fp2} is an FP fine-tune of task 'digits', not a QAT fine-tune"
+    refused(capsys, tmp_path, ["extract", fp2, made / "fp", tmp_path / "x"], [what])
+    kinds = {"ptq_rtn": "`qvec ptq` output", "patched": "patched checkpoint",
+             "packed.safetensors": "packed export", "qat_b": "QAT fine-tune"}  # fmt: skip
+    for fp, kind in kinds.items():
+        refused(capsys, made, ["extract", made / "qat", made / fp, made / "x"],
+                [f"{made / fp} is a {kind}", "not an FP fine-tune"])  # fmt: skip
+
+
+@pytest.mark.parametrize("cmd", ["ptq", "export"])
+@pytest.mark.parametrize(
+    "src, what",
+    [
+        ("ptq_rtn", "a `qvec ptq` output (2-bit, rtn, channel)"),
+        ("ptq_gptq", "a `qvec ptq` output (3-bit, gptq, channel)"),
+        ("packed.safetensors", "a packed export (2-bit, rtn, channel)"),
+    ],
+)
+def test_ptq_and_export_refuse_an_input_that_is_already_quantized(capsys, made, cmd, src, what):
+    out = made / ("again.safetensors" if cmd == "export" else "again")
+    argv = [cmd, made / src, out, "--bits", "3"]
+    refused(capsys, made, argv, [made / src, what, "already quantized"])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("src", ["ptq_rtn", "ptq_gptq", "packed.safetensors"])
+def test_patch_refuses_a_receiver_that_is_already_quantized(capsys, made, src):
+    refused(capsys, made, ["patch", made / src, made / "qv_a", made / "never_patched"],
+            [str(made / src), "already quantized", "qvec patch"])  # fmt: skip
+    assert not (made / "never_patched").exists()
+
+
+def test_eval_bits_refuses_an_input_that_is_already_quantized(capsys, made):
+    src = made / "ptq_gptq"
+    refused(capsys, made, ["eval", src, "--bits", "3", "--splits", "val"],
+            ["--bits", src, "already quantized"])  # fmt: skip
+
+
+def test_merge_refuses_one_qv_given_twice(capsys, made, tmp_path):
+    a = made / "qv_a"
+    refused(capsys, made, ["merge", a, made / "qv_b", a, "--method", "sum", made / "m"],
+            [f"QV {a} is given twice"])  # fmt: skip
+    refused(capsys, made, ["merge", a, f"{made}/./qv_a", made / "m"], ["is given twice"])
+    copy = tmp_path / "copy_of_a"
+    shutil.copytree(a, copy)
+    refused(capsys, tmp_path, ["merge", a, copy, tmp_path / "m"],
+            [f"QV {copy} equals QV {a} (same fingerprint"])  # fmt: skip
+
+
+def test_merge_takes_negative_weights(capsys, made, tmp_path):
+    from qvec_jax import merge
+
+    a, b = made / "qv_a", made / "qv_b"
+    for opt in (["--weights", "-1,1"], ["--weights=-1,1"], ["--weights", "-.5,-2"]):
+        out = tmp_path / opt[-1].replace(",", "_")
+        rc, err = qvec(capsys, "merge", a, b, "--method", "sum", *opt, out)
+        assert rc == 0, err
+        w = [float(x) for x in opt[-1].split("=")[-1].split(",")]
+        got, meta = checkpoints.restore_params(out)
+        want = merge.merge_qvs([checkpoints.restore_params(p)[0] for p in (a, b)],
+                               merge.MergeSpec("sum", tuple(w)))  # fmt: skip
+        assert meta["merge"]["spec"]["weights"] == w
+        for k, v in q.flatten(want).items():
+            np.testing.assert_array_equal(q.flatten(got)[k], np.asarray(v), err_msg=k)
+
+
+def _qvec_procs(*argvs) -> list[tuple[int, str, str]]:
+    """Run ``qvec ARGV`` processes at the same time; their (rc, stdout, stderr)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "qvec_jax.cli", *map(str, a)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for a in argvs]  # fmt: skip
+    return [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in procs]
+
+
+@pytest.mark.parametrize("cmd", ["merge", "export"])
+def test_a_second_writer_of_one_output_stops_in_one_line(made, tmp_path, cmd):
+    from qvec_jax.cli.common import claim
+
+    out = tmp_path / ("out.safetensors" if cmd == "export" else "out")
+    argv = ([cmd, made / "qv_a", made / "qv_b", out] if cmd == "merge"
+            else [cmd, made / "fp", out, "--bits", "2"])  # fmt: skip
+    with claim(out):  # this process writes OUT: a qvec started now stops at once
+        ((rc, so, err),) = _qvec_procs(argv)
+        assert (out.parent / f".{out.name}.qvec-lock").read_text().strip() == str(os.getpid())
+    assert rc == 1 and "wrote" not in so and not out.exists()
+    assert err.strip() == (f"qvec {cmd}: error: output {out} is being written by another qvec "
+                           f"process (pid {os.getpid()}); wait for it to finish or choose "
+                           "another output")  # fmt: skip
+    # two qvec processes at once: one writes, the other stops (held, or written meanwhile)
+    results = sorted(_qvec_procs(argv, argv))
+    (rc0, so0, err0), (rc1, so1, err1) = results
+    assert (rc0, rc1) == (0, 1), results
+    assert so0.count("wrote") == 1 and "wrote" not in so1
+    assert len(err1.strip().splitlines()) == 1 and str(out) in err1, err1
+    why = ("being written by another qvec", "written by another command", "already exists")
+    assert any(w in err1 for w in why), err1
+    checkpoints.restore_params(out)  # whole and verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no lock file left

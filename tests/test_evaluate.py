@@ -71,3 +71,35 @@ def test_eval_set_cached_and_streamed_count_the_same(setup):
         assert es.accuracy(model, p0, quant.QuantSpec(2)) == evaluate.accuracy(
             model, p0, split, batch_size=100, bits=2
         )
+
+
+def test_head_warning_is_one_clean_line_and_still_catchable(tmp_path):
+    import subprocess
+    import sys
+    import warnings
+    from pathlib import Path
+
+    from qvec_jax import checkpoints
+
+    model = vit.create_model("test/4", num_classes=10, image_size=28)
+    meta = {"variant": "test/4", "num_classes": 10, "image_size": 28}
+    ck = checkpoints.save_params(tmp_path / "ck", model.init_params(jax.random.key(0)), meta)
+    r = subprocess.run(
+        [sys.executable, "-m", "qvec_jax.cli", "eval", str(ck), "--task", "digits_a",
+         "--splits", "val"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [
+        "HeadWarning: digits_a/val: the model's head has 10 classes but the task only 5; is "
+        "this the checkpoint of another task? (predictions of the extra classes count as wrong)"
+    ], r.stderr  # no "file.py:line:" prefix, no source line under it
+    # library use: a warning like any other, which a caller catches or turns into an error
+    split = qdata.load_split("digits_a", "val", image_size=28)
+    with pytest.warns(evaluate.HeadWarning, match="head has 10 classes but the task only 5"):
+        evaluate.check_head(model, split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", evaluate.HeadWarning)
+        with pytest.raises(evaluate.HeadWarning):
+            evaluate.check_head(model, split)

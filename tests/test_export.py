@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import jax
@@ -42,7 +43,7 @@ def test_round_trip_is_ptq(demo, tmp_path, bits, granularity):
     loaded, header = E.load_packed(f)
     assert_same_tree(loaded, q.ptq(params, spec))
     assert header["meta"] == meta
-    assert (header["bits"], header["granularity"], header["version"]) == (bits, granularity, 2)
+    assert (header["bits"], header["granularity"], header["version"]) == (bits, granularity, 3)
     assert header["rule"][0] == [spec.rule.patterns[0][0].pattern, [1, 2]]
     # tensor bytes = size_report exactly; the rest is the safetensors JSON header
     assert size == f.stat().st_size == E.packed_size(params, spec, meta=meta)
@@ -108,15 +109,22 @@ def test_refuses_foreign_files(tmp_path, demo):
     }  # fmt: skip
     for name, (tensors, metadata, why) in damaged.items():
         cut = tmp_path / f"{name}.safetensors"
-        save_file(tensors, str(cut), metadata)
+        save_file(tensors, str(cut), with_checksums(metadata, tensors))  # the layout is wrong
         with pytest.raises(E.ExportError, match=f"{name}.safetensors: damaged .*{why}") as e:
             E.load_packed(cut)
         assert "\n" not in str(e.value)
     old = tmp_path / "v1.safetensors"
-    v1 = md["qvec_jax"].replace('"version":2', '"version":1')
+    v1 = md["qvec_jax"].replace('"version":3', '"version":1')
     save_file(arrays, str(old), md | {"qvec_jax": v1})
-    with pytest.raises(E.ExportError, match="version 1 is not 2; re-export"):
+    with pytest.raises(E.ExportError, match="version 1 is not 3; re-export"):
         E.load_packed(old)
+
+
+def with_checksums(md: dict, tensors: dict) -> dict:
+    """``md`` with the header's crc32 table recomputed for ``tensors``."""
+    header = json.loads(md["qvec_jax"])
+    header["crc32"] = {k: E.crc32(v) for k, v in tensors.items()}
+    return md | {"qvec_jax": json.dumps(header)}
 
 
 def test_bad_export_leaves_target_untouched(demo, tmp_path):
@@ -129,3 +137,83 @@ def test_bad_export_leaves_target_untouched(demo, tmp_path):
     with pytest.raises(E.ExportError, match="extra: cannot store dtype complex64"):
         E.export_packed(bad, f, 2)
     assert f.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def tensor_spans(f) -> dict[str, tuple[int, int]]:
+    """``{tensor: (first byte, end byte)}`` in the file, from its safetensors header."""
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    head = json.loads(raw[8 : 8 + n])
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in head.items() if k != "__metadata__"}  # fmt: skip
+
+
+@pytest.fixture
+def exported(demo, tmp_path):
+    """A real 2-bit export of the demo model, with the params it must load as."""
+    _, params = demo
+    f = tmp_path / "m.safetensors"
+    E.export_packed(params, f, 2, meta={"variant": "demo/4", "num_classes": 10, "image_size": 16})
+    return f, q.ptq(params, 2)
+
+
+def test_a_flipped_bit_in_any_tensor_is_refused_naming_the_file_and_tensor(exported, tmp_path):
+    from qvec_jax import checkpoints
+
+    good, _ = exported
+    spans = tensor_spans(good)
+    assert set(spans) == {"codes", "scales", "rest.float32"}
+    for name, (a, b) in spans.items():
+        for at, bit in ((a, 0), ((a + b) // 2, 5), (b - 1, 7)):  # first, middle, last byte
+            raw = bytearray(good.read_bytes())
+            raw[at] ^= 1 << bit
+            bad = tmp_path / f"bad-{name}.safetensors"
+            bad.write_bytes(bytes(raw))
+            with pytest.raises(E.ExportError, match="does not match its checksum") as e:
+                E.load_packed(bad)
+            msg = str(e.value)
+            assert msg.startswith(f"{bad}: tensor {name!r} ") and "\n" not in msg, msg
+            assert "re-export" in msg
+            with pytest.raises(checkpoints.CheckpointError, match=f"tensor {name!r}"):
+                checkpoints.restore_params(bad)  # what qvec eval / patch / grid read with
+            assert bad.read_bytes() == bytes(raw)  # the damaged file is left as it is
+
+
+def test_randomized_codes_are_refused_and_an_intact_file_loads_bit_identically(exported, tmp_path):
+    good, want = exported
+    before = good.read_bytes()
+    for _ in range(2):
+        got, _ = E.load_packed(good)
+        assert_same_tree(got, want)
+    assert good.read_bytes() == before  # loading reads only
+    a, b = tensor_spans(good)["codes"]
+    raw = bytearray(before)
+    raw[a:b] = np.random.default_rng(0).integers(0, 256, b - a, dtype=np.uint8).tobytes()
+    bad = tmp_path / "random-codes.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(E.ExportError, match=rf"{bad}: tensor 'codes' does not match its checksum"):
+        E.load_packed(bad)
+
+
+def test_version_2_files_without_checksums_are_refused_with_a_message_to_re_export(exported):
+    good, _ = exported
+    with safe_open(str(good), framework="numpy") as f:
+        md, arrays = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(md["qvec_jax"])
+    del header["crc32"]
+    v2 = good.with_name("v2.safetensors")
+    save_file(arrays, str(v2), md | {"qvec_jax": json.dumps(header | {"version": 2})})
+    with pytest.raises(E.ExportError, match=rf"{v2}: .* version 2 is not 3 \(written before "
+                       r"per-tensor checksums.*re-export it"):  # fmt: skip
+        E.load_packed(v2)
+    nosums = good.with_name("nosums.safetensors")  # a version 3 header without its table
+    save_file(arrays, str(nosums), md | {"qvec_jax": json.dumps(header)})
+    with pytest.raises(E.ExportError, match=rf"{nosums}: damaged .* no crc32 table"):
+        E.load_packed(nosums)
+    extra = good.with_name("extra.safetensors")  # a tensor the table does not list
+    save_file(arrays | {"x": np.zeros(2, np.float32)}, str(extra), md)
+    with pytest.raises(E.ExportError, match=rf"{extra}: damaged .*tensor 'x' has no checksum"):
+        E.load_packed(extra)

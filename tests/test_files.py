@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvec_jax.files import atomic_path, atomic_write_bytes, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _debris(directory):
@@ -79,3 +84,99 @@ def test_missing_directory_is_a_one_line_error_naming_it(tmp_path):
     p = tmp_path / "nope" / "x.txt"
     with pytest.raises(FileNotFoundError, match="nope.*does not exist; create it first"):
         atomic_write_text(p, "x")
+
+
+# ------------------------------------------------------------------ lock holder records
+
+LOCKER = """
+import json, sys
+from qvec_jax.files import WorkdirLocked, workdir_locks
+work, hold, locks = sys.argv[1], sys.argv[2] == "hold", json.loads(sys.argv[3])
+try:
+    with workdir_locks(work, [tuple(x) for x in locks], command=sys.argv[4]):
+        print("locked", flush=True)
+        if hold:
+            sys.stdin.readline()
+except WorkdirLocked as e:
+    print(e, flush=True)
+    sys.exit(3)
+"""
+
+
+def locker(work, hold: bool, locks, command: str) -> subprocess.Popen:
+    """A real process taking ``locks`` of ``work``; it holds them until told to exit
+    (``hold``) or leaves at once."""
+    args = [str(work), "hold" if hold else "try", json.dumps(locks), command]
+    return subprocess.Popen(
+        [sys.executable, "-c", LOCKER, *args], cwd=ROOT, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+class Held:
+    """A holder process, killed on exit from the ``with``."""
+
+    def __init__(self, work, locks, command):
+        self.p = locker(work, True, locks, command)
+        assert self.p.stdout.readline().strip() == "locked", self.p.stderr.read()
+
+    def __enter__(self):
+        return self.p
+
+    def __exit__(self, *exc):
+        self.p.kill()
+        self.p.wait()
+
+
+def refused(work, locks, command="rival") -> tuple[int, str]:
+    """Run a rival that is refused; its pid (dead by now) and its one-line message."""
+    p = locker(work, False, locks, command)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 3, (out, err)
+    assert len(out.strip().splitlines()) == 1
+    return p.pid, out.strip()
+
+
+def _locks(work) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(work).glob("*.lock"))}
+
+
+SHARD0 = [("grid", True), ("grid.shard-0-of-2", False)]
+
+
+def test_a_refused_run_leaves_the_holder_record_and_the_next_one_names_the_holder(tmp_path):
+    with Held(tmp_path, [("grid", False)], "the holder") as h:
+        before = _locks(tmp_path)
+        for _ in range(2):
+            pid, msg = refused(tmp_path, [("grid", False)])
+            assert f"grid.lock is held by pid {h.pid} " in msg and "(the holder)" in msg
+            assert f"pid {pid} " not in msg
+            assert _locks(tmp_path) == before  # the refused run wrote nothing
+    assert os.listdir(tmp_path) == ["grid.lock"]
+
+
+def test_a_shard_refused_on_its_own_lock_leaves_the_shared_record(tmp_path):
+    """The bug: a second copy of a shard took grid.lock (shared), wrote its name there,
+    was refused on its shard lock and exited; the next refused run named its dead pid."""
+    with Held(tmp_path, SHARD0, "shard 0") as h:
+        before = _locks(tmp_path)
+        pid, msg = refused(tmp_path, SHARD0, "shard 0 again")
+        assert f"grid.shard-0-of-2.lock is held by pid {h.pid} " in msg
+        assert _locks(tmp_path) == before
+        pid2, msg = refused(tmp_path, [("grid", False)], "whole grid")
+        assert f"grid.lock is held by shared runs, among them pid {h.pid} " in msg
+        assert f"pid {pid} " not in msg and f"pid {pid2} " not in msg
+        assert _locks(tmp_path) == before
+
+
+def test_a_shared_holder_that_left_is_not_named(tmp_path):
+    """Two shards share grid.lock; once one has finished, only the other is named."""
+    with Held(tmp_path, SHARD0, "shard 0") as h:
+        done = locker(tmp_path, False, [("grid", True), ("grid.shard-1-of-2", False)], "s1")
+        assert done.communicate(timeout=60)[0].strip() == "locked" and done.returncode == 0
+        assert f'"pid": {done.pid},' in (tmp_path / "grid.lock").read_text()  # it wrote its name
+        before = _locks(tmp_path)
+        _, msg = refused(tmp_path, [("grid", False)], "whole grid")
+        assert f"pid {h.pid} " in msg and "(shard 0)" in msg
+        assert f"pid {done.pid} " not in msg and "(s1)" not in msg
+        assert _locks(tmp_path) == before

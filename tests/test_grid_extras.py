@@ -10,12 +10,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from test_cli_safety import refused, snapshot
 from test_grid_run import LAMBDAS, TASKS, make_runs
 
 import qvec_jax as q
 from qvec_jax import checkpoints, cli, grid, merge, select
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
+from qvec_jax.cli import grid_cmds
+from qvec_jax.data import overlap
 from qvec_jax.evaluate import accuracy
 from qvec_jax.grid.inputs import checkpoint_path, find_checkpoints
 from qvec_jax.grid.store import GridStore, cell_key, lam_key
@@ -304,3 +307,128 @@ def test_tune_rank_keeps_lam1_unless_a_variant_is_safe_and_better():
     fewer = row("proxy-donor-kl", 12, 0.09, 0.01)  # fewer wins than lam=1
     assert sorted([riskier, fewer, twin, one], key=key) == [one, twin, fewer, riskier]
     assert sorted([riskier, one, better, twin], key=key)[0] == better
+
+
+# ----------------------------------------------------------------------------- issue 20
+
+
+def _counts_text(c: dict) -> str:
+    return f"{c['train']} train, {c['val']} val, {c['test']} test"
+
+
+def test_strategy_rows_count_the_receiver_images_their_data_holds(grids, tmp_path):
+    """digits_b (the pretext) holds digits images (classes 5-9, same view), in its train
+    AND val splits; digits and digits_a hold each other's. The rows say so, per split, from
+    the counts the scores cells carry, and from names alone for cells made before."""
+    _, _, ext = grids
+    for c in _cells(ext, "scores"):
+        donors = c["setup"].get("donors") or [c["donor"]]
+        r = c["receiver"]
+        assert c["overlap"]["donor"] == select.images_overlap(donors, 256, r, measured=256)
+        assert c["overlap"]["pretext"] == select.images_overlap("digits_b", 256, r)
+    pre = select.images_overlap("digits_b", 256, "digits")
+    assert pre["train"] > 0 and pre["val"] > 0 and pre["test"] == 0
+    assert select.images_overlap("digits_b", 256, "digits_a") == overlap.zero_counts()
+    donor = overlap.add_counts([select.images_overlap("digits", 256, "digits_a"),
+                                select.images_overlap("digits_a", 256, "digits")])  # fmt: skip
+    text = rp.write_report(ext, tmp_path / "a")["summary"]
+    lines = text.splitlines()
+
+    def row(name):
+        return next(ln for ln in lines if ln.startswith(f"| `{name}` |"))
+
+    assert rs.SHARED_HEADER in text
+    for m in ("kl", "agree", "cos"):
+        assert row(f"proxy-pretext-{m}").endswith(
+            f"| they hold receiver images for 1/3 receivers: {_counts_text(pre)} "
+            "(NOT receiver-free) |"
+        )
+        assert row(f"proxy-donor-{m}").endswith(
+            f"| they hold receiver images for 2/6 pairs: {_counts_text(donor)} "
+            "(NOT receiver-free) |"
+        )
+        assert row(f"proxy-noise-{m}").endswith("| none |")
+    assert row("lam=1").endswith("| none |") and row("norm-ratio").endswith("| none |")
+    fixed = next(ln for ln in lines if ln.startswith("Fixed in advance"))
+    assert f"1/3 receivers: {_counts_text(pre)} (NOT receiver-free)" in fixed
+    # the merge rows' fixed strategy reads the same pretext images, and says so
+    assert (
+        f"`@ {grid.extras.DEFAULT_STRATEGY}` reads pretext train images in the merge rows" in text
+    )
+    # a grid stored before the cells carried counts reports the same, counted from names
+    old = tmp_path / "old"
+    shutil.copytree(ext, old)
+    recs = [json.loads(x) for x in (old / "cells.jsonl").read_text().splitlines()]
+    (old / "cells.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in c.items() if k != "overlap"}) + "\n" for c in recs)
+    )
+    assert not any("overlap" in c for c in GridStore(old).cells())
+    assert rp.write_report(old, tmp_path / "b")["summary"] == text
+
+
+def test_another_proxy_size_sizes_the_strategy_instead_of_naming_an_unknown_one(grids, tmp_path):
+    for pretext, want in ((None, "proxy-donor64-kl:margin=0.2"),
+                          ("digits_b", "proxy-pretext64-kl:margin=0.05")):  # fmt: skip
+        assert grid.extras.Extras(proxy_n=64, pretext=pretext).strategy == want
+    assert grid.extras.Extras(strategy="proxy-donor-agree", proxy_n=64).strategy == (
+        "proxy-donor64-agree"
+    )
+    with pytest.raises(select.SelectError, match="'proxy-donor128-kl'"):  # the user's own name
+        grid.extras.Extras(strategy="proxy-donor128-kl", proxy_n=64)
+    # the CLI: the extras and the GPTQ rows run the same sized strategy
+    argv = ["grid", "--tasks", ",".join(TASKS), "--workdir", "w", "--bits", "2", "--extras"]
+    args = cli.build_parser().parse_args([*argv, "--gptq", "--proxy-size", "64"])
+    ex = grid_cmds.extras_of(args)
+    assert ex.strategy == "proxy-donor64-kl:margin=0.2" and ex.proxy_n == 64
+    assert grid_cmds.gptq_of(args, ex).strategy == ex.strategy
+    # end to end: the grid runs with 8 proxy images and reports its sized strategy
+    runs, main, _ = grids
+    work = tmp_path / "p8"
+    shutil.copytree(main, work)
+    cmd = ["grid", "--tasks", ",".join(TASKS), "--runs", str(runs), "--workdir", str(work),
+           "--bits", "2", "--lambdas", "0.5,1", "--batch-size", "64", "--no-progress",
+           "--extras", "--proxy-size", "8", "--merge-methods", "mean",
+           "--pretext", "digits_b"]  # fmt: skip
+    assert cli.main(cmd) == 0
+    assert {c["setup"]["proxy_n"] for c in _cells(work, "scores")} == {8}
+    summary = (work / "summary.md").read_text()
+    assert "**`proxy-pretext8-kl:margin=0.05`**" in summary and "unknown" not in summary
+
+
+def test_extras_options_without_extras_are_refused_naming_them(grids, tmp_path, capsys):
+    runs, _, _ = grids
+    base = ["grid", "--tasks", ",".join(TASKS), "--runs", runs, "--bits", "2", "--workdir"]
+    before = snapshot(runs)
+    for extra, says in [
+        (["--strategy", "lam=1"], "--strategy applies with --extras or --gptq only"),
+        (["--merge-methods", "mean"], "--merge-methods applies with --extras only"),
+        (["--proxy-size", "8"], "--proxy-size applies with --extras only"),
+        (["--gptq", "--proxy-size", "8"], "--proxy-size applies with --extras only"),
+        (["--gptq", "--merge-methods", "mean"], "--merge-methods applies with --extras only"),
+        (["--extras", "--strategy", "norm-ratio:multiple=1:multiple=2"],
+         "constant 'multiple' is given twice"),
+    ]:  # fmt: skip
+        refused(capsys, tmp_path, [*base, tmp_path / "w", *extra], [says])
+        assert not (tmp_path / "w").exists()
+    assert snapshot(runs) == before
+
+
+def test_report_refuses_a_strategy_the_grid_refuses(grids, tmp_path, capsys):
+    _, _, ext = grids
+    before = snapshot(ext)
+    for name, says in [
+        ("proxy-rx32-kl", "uses unlabelled receiver data"),
+        ("proxy-pretext-kl:margin=0.1:margin=0.2", "constant 'margin' is given twice"),
+        ("val-best", "unknown lambda strategy 'val-best'"),
+    ]:
+        argv = ["report", ext, "--out", tmp_path / "r", "--strategy", name]
+        err = refused(capsys, tmp_path, argv, ["--strategy", says])
+        assert name.split(":")[0] in err
+        assert not (tmp_path / "r").exists()
+    assert snapshot(ext) == before
+    # a grid measured without pretext images: a pretext strategy is refused as grid refuses it
+    cells = [c | {"setup": {**c["setup"], "pretext": None}} if c["kind"] == "scores" else c
+             for c in GridStore(ext).cells()]  # fmt: skip
+    main = [c for c in cells if c["kind"] in ("fp", "ptq_fp", "ptq_qat", "patch")]
+    with pytest.raises(select.SelectError, match="reads pretext images: name the pretext"):
+        rx.extras_metrics(cells, rp.compute_metrics(main), ext, "proxy-pretext-kl")

@@ -5,6 +5,7 @@ from the train split only, the needs/gives table, resume, and a summary without 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import qvec_jax as q
 from qvec_jax import checkpoints, evaluate, gptq, grid, quant, select
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
+from qvec_jax.data import overlap
 from qvec_jax.grid.gptq import GptqCells
 from qvec_jax.grid.inputs import GridError, checkpoint_path, find_checkpoints
 from qvec_jax.grid.store import GridStore, cell_key
@@ -231,3 +233,67 @@ def test_cli_gptq_adds_only_its_section(runs, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*common, str(tmp_path / "x"), "--calib-size", "8"]) == 1
     assert "--calib-size applies with --gptq only" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 20
+
+
+def test_calibration_sets_that_hold_receiver_images_say_so_per_split(done, tmp_path):
+    """The pretext (digits) calibration set of the digits receiver IS digits images: the
+    cell counts them per split and the table says so; a grid made before the cells carried
+    the counts reports the same, counted from the calibration spec."""
+    workdir, cells = done
+    mine = [c for c in cells if grid.gptq.is_gptq_cell(c)]
+    for c in mine:
+        calib, r = c["calib"], c["receiver"]
+        want = (select.images_overlap(calib["task"], 16, r, seed=calib["seed"])
+                if calib["task"] else overlap.zero_counts())  # fmt: skip
+        assert c["calib_overlap"] == want, c["kind"]
+        assert c["calib_used"]["receiver_images"] is overlap.has_overlap(want)
+    pre = by_key(cells)[("gptq:pretext", "", "digits", "")]["calib_overlap"]
+    assert pre == {"train": 16, "val": 0, "test": 0}
+    text = rp.write_report(workdir, tmp_path / "a", cells=cells)["summary"]
+    line = next(
+        ln for ln in text.splitlines() if ln.startswith("| GPTQ(FP_R), calibration: pretext")
+    )
+    assert ("calibration images hold receiver images for 1/2 receivers: 16 train, 0 val, 0 test "
+            "(NOT receiver-free)") in line  # fmt: skip
+    noise = next(
+        ln for ln in text.splitlines() if ln.startswith("| GPTQ(FP_R), calibration: noise")
+    )
+    assert "NOT receiver-free" not in noise
+    old = [{k: v for k, v in c.items() if k != "calib_overlap"} for c in cells]
+    assert rp.write_report(workdir, tmp_path / "b", cells=old)["summary"] == text
+    # a lambda choice on pretext images measured by the GPTQ stage: counted from its sample
+    choice = {"strategy": "proxy-pretext16-kl", "data": "pretext", "from": "measured"}
+    got = baselines.choice_overlap(cells, {("digits", "digits_rot90"): choice})
+    assert got["hit"] == 1 and got["counts"] == {"train": 16, "val": 0, "test": 0}
+
+
+def test_two_tasks_make_no_one_donor_merge_and_the_report_says_why(runs, done, tmp_path):
+    workdir, _ = done
+    ex = grid.extras.Extras(methods=("mean",), proxy_n=8, rx_shots=(4,), strategy="lam=1")
+    ckpts = find_checkpoints(TASKS, runs)[0]
+    planned = grid.extras.plan_extras(ex, list(TASKS), ckpts, (0.5, 1.0), (0.0, 0.5, 1.0), {})
+    assert planned and not [c for c in planned if c["donor"].startswith("loo:")]
+    work = tmp_path / "g"
+    shutil.copytree(workdir, work)
+    cells = make_grid(runs, work, extras=[ex])
+    assert not [c for c in cells if c["kind"] == "merge" or c["donor"] == "loo:mean"]
+    plain = rp.write_report(work, tmp_path / "a")["summary"]
+    why = ("No merge rows: a leave-one-out merge needs at least 2 donors per receiver, and "
+           "this grid's receivers have 1 other donor each")  # fmt: skip
+    assert why in plain and "`loo:mean`" not in plain
+    # one-donor "merge" cells stored by an older version: not reported, and counted
+    score = next(c for c in cells if c["kind"] == "scores")
+    r, d = score["receiver"], score["donor"]
+    recipe = {"merge": {"method": "mean"}, "donors": [d]}
+    stale = [score | {"donor": "loo:mean", "setup": score["setup"] | recipe}]
+    acc = {"acc": {"val": 0.5, "test": 0.5}, "n": {"val": 1, "test": 1}}
+    stale += [{"kind": "merge", "receiver": r, "donor": "loo:mean", "lam": lam, "setup": recipe,
+               **acc} for lam in (0.5, 1.0)]  # fmt: skip
+    with (work / "cells.jsonl").open("a") as f:
+        f.write("".join(json.dumps(c) + "\n" for c in stale))
+    text = rp.write_report(work, tmp_path / "b")["summary"]
+    assert f"{why} (3 stored one-donor merge cells are not reported)" in text
+    assert "`loo:mean`" not in text

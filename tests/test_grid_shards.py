@@ -4,6 +4,7 @@ file, and the merged report's ``grid.csv`` equals a one-process run's byte for b
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -168,3 +169,44 @@ def test_bad_shard_is_a_one_line_error(bad, capsys, tmp_path):
               f"--shard={bad}"])  # fmt: skip
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--shard" in err and repr(bad) in err and "I/N" in err
+
+
+def _files(workdir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(workdir).iterdir())}
+
+
+def test_a_shard_with_another_request_is_refused_and_leaves_grid_json(runs, tmp_path, capsys):
+    """A shard must not rewrite the grid.json the other shards share: one with other
+    lambdas or tasks is refused, one line naming what differs; the same request is taken
+    in any order, and a new one once the grid in grid.json is complete."""
+    from qvec_jax.cli import main
+
+    two, kw = list(TASKS[:2]), {"bits": 2, "batch_size": 64, "progress": False}
+    work = tmp_path / "w"
+    grid.run_grid(two, runs, work, lambdas=LAMBDAS, shard=(1, 2), **kw)
+    before = _files(work)
+    refusal = (r"shard 0/2 .*grid\.json.* not complete \(lambdas \[0\.5, 1\.0\] there, "
+               r"\[0\.25, 1\.0\] here\); run every shard")  # fmt: skip
+    with pytest.raises(grid.GridError, match=refusal):
+        grid.run_grid(two, runs, work, lambdas=(0.25, 1.0), shard=(0, 2), **kw)
+    assert _files(work) == before
+    other = re.escape(f"(tasks {two} there, ['digits', 'digits_a'] here)")
+    with pytest.raises(grid.GridError, match=other):
+        grid.run_grid(["digits", "digits_a"], runs, work, lambdas=LAMBDAS, shard=(0, 2), **kw)
+    assert _files(work) == before
+    assert main(["grid", "--tasks", ",".join(two), "--bits", "2", "--lambdas", "0.25,1",
+                 "--runs", str(runs), "--workdir", str(work), "--shard", "0/2"]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard 0/2" in err and "lambdas" in err
+    assert _files(work) == before
+
+    grid.run_grid(two, runs, work, lambdas=LAMBDAS, shard=(0, 2), **kw)  # the same request
+    assert GridStore(work).meta()["lambdas"] == [0.5, 1.0]
+    # the grid in grid.json is complete: a new request may start, and is then the shared one
+    grid.run_grid(two, runs, work, lambdas=(0.25, 1.0), shard=(0, 2), **kw)
+    assert "replaces the complete grid's request" in capsys.readouterr().out
+    assert GridStore(work).meta()["lambdas"] == [0.25, 1.0]
+    before = _files(work)
+    with pytest.raises(grid.GridError, match=r"\(lambdas \[0\.25, 1\.0\] there, \[0\.5, 1\.0\]"):
+        grid.run_grid(two, runs, work, lambdas=LAMBDAS, shard=(1, 2), **kw)
+    assert _files(work) == before

@@ -70,3 +70,52 @@ def test_meta_round_trip_is_atomic_json(tmp_path):
     store.meta_path.write_text("{not json")
     with pytest.raises(GridStoreError, match=f"{GRID_META_FILE}: not JSON"):
         store.meta()
+
+
+# ------------------------------------------------------------------ task names as file names
+
+#: A 100-class view of CIFAR-100 (classes in reverse order): 306 characters.
+LONG_VIEW = "cifar100@classes=" + ",".join(map(str, range(99, -1, -1)))
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+def test_a_task_name_too_long_for_a_directory_is_refused_before_the_workdir_exists(tmp_path):
+    from qvec_jax import grid
+
+    (tmp_path / "runs").mkdir()
+    work = tmp_path / "grid"
+    assert len(LONG_VIEW) > 255
+    with pytest.raises(grid.GridError) as e:
+        grid.run_grid(["digits", LONG_VIEW], tmp_path / "runs", work, bits=2, progress=False)
+    msg = str(e.value)
+    assert f"task {LONG_VIEW!r} is 306 bytes long" in msg and "limit of 255 bytes" in msg
+    assert "\n" not in msg
+    assert not work.exists() and _tree(tmp_path) == {"runs": b"<dir>"}
+
+
+def test_a_bad_task_name_leaves_an_existing_workdir_unchanged(tmp_path):
+    from qvec_jax import grid
+
+    work = tmp_path / "grid"
+    GridStore(work).write_meta({"tasks": ["digits"], "lambdas": [1.0], "bits": 2})
+    (work / CELLS_FILE).write_text(json.dumps(cell()) + "\n")
+    before = _tree(tmp_path)
+    for bad in (LONG_VIEW, "..", "a/b", ""):
+        with pytest.raises(grid.GridError, match=f"task {bad!r} is"):
+            grid.run_grid([bad], tmp_path, work, bits=2, shard=(0, 2), progress=False)
+        assert _tree(tmp_path) == before
+
+
+def test_the_cli_refuses_a_long_view_in_one_line_and_creates_nothing(tmp_path, capsys):
+    from qvec_jax.cli import main
+
+    work = tmp_path / "grid"
+    assert main(["grid", "--tasks", f"digits,{LONG_VIEW}", "--bits", "2", "--workdir",
+                 str(work)]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and LONG_VIEW in err and "255 bytes" in err
+    assert not work.exists() and list(tmp_path.iterdir()) == []

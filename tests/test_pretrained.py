@@ -252,8 +252,75 @@ def test_hf_config_gives_the_heads_of_unnamed_dims(tmp_path):
     (d / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
     model, params = pt.load_pretrained(d, image_size=None)
     assert model.variant == "w96d2m64h4/4"
-    want = logits(model0, params0, images(size=16))
+    assert model.layer_norm_eps == 1e-12  # HF's default: the config names no other
+    want = logits(model0.clone(layer_norm_eps=1e-12), params0, images(size=16))
     np.testing.assert_allclose(logits(model, params, images(size=16)), want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ architecture fields
+
+
+def _hf_dir(tmp_path, params, config=None):
+    d = tmp_path / "hf"
+    d.mkdir(exist_ok=True)
+    save_file(to_hf(params), str(d / "model.safetensors"))
+    if config is not None:
+        (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_hf_epsilon_and_activation_are_read_and_kept_in_the_meta(tmp_path):
+    from qvec_jax import checkpoints
+
+    model0, params0 = random_params(2, num_classes=5)
+    d = _hf_dir(tmp_path, params0, {"layer_norm_eps": 1e-5, "hidden_act": "gelu_fast"})
+    model, params = pt.load_pretrained(d, image_size=None)
+    assert (model.layer_norm_eps, model.activation) == (1e-5, "gelu_tanh")
+    want = logits(model0.clone(layer_norm_eps=1e-5, activation="gelu_tanh"), params0, images())
+    np.testing.assert_allclose(logits(model, params, images()), want, atol=1e-6)
+    assert np.abs(logits(model0, params0, images()) - want).max() > 1e-5  # they matter
+    meta = checkpoints.model_meta(model)
+    assert (meta["layer_norm_eps"], meta["activation"]) == (1e-5, "gelu_tanh")
+    rebuilt = checkpoints.model_from_meta(meta)
+    assert rebuilt == model
+    ck = checkpoints.save_params(tmp_path / "ck", params, meta)
+    again, _ = pt.load_pretrained(ck, image_size=None)  # a fine-tune's init.path
+    assert again == model
+    np.savez(tmp_path / "g.npz", **q.flatten(params0))
+    google, _ = pt.load_pretrained(tmp_path / "g.npz", image_size=None)
+    assert (google.layer_norm_eps, google.activation) == (1e-6, "gelu")  # Google's
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ({"layer_norm_eps": 0}, "layer_norm_eps=0"),
+        ({"layer_norm_eps": "1e-12"}, "layer_norm_eps='1e-12'"),
+        ({"hidden_act": "silu"}, "hidden_act='silu'"),
+        ({"qkv_bias": False}, "qkv_bias=False"),
+        ({"num_channels": 1}, "num_channels=1"),
+    ],
+)
+def test_hf_config_values_the_model_cannot_represent_name_the_field(tmp_path, config, field):
+    _, params0 = random_params(2, num_classes=5)
+    d = _hf_dir(tmp_path, params0, config)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(pt.CheckpointError, match=f"{d}.*: config {field}: ") as e:
+        pt.load_pretrained(d, image_size=None)
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_a_meta_with_an_activation_the_model_lacks_is_refused(tmp_path):
+    from qvec_jax import checkpoints
+
+    meta = {"variant": "test/4", "num_classes": 5, "image_size": 28, "activation": "relu"}
+    with pytest.raises(checkpoints.CheckpointError, match="activation 'relu' is not implemented"):
+        checkpoints.model_from_meta(meta)
+    _, params0 = random_params(2, num_classes=5)
+    ck = checkpoints.save_params(tmp_path / "ck", params0, meta)
+    with pytest.raises(pt.CheckpointError, match=f"{ck}: checkpoint meta: activation 'relu'"):
+        pt.load_pretrained(ck, image_size=None)
 
 
 # ------------------------------------------------------------------ leaves of the wrong rank

@@ -8,8 +8,12 @@ import math
 import statistics
 
 import pytest
+from test_cli_safety import refused, snapshot
 
+from qvec_jax import cli, demo
 from qvec_jax import report as rp
+from qvec_jax.config import load_config
+from qvec_jax.data import TASKS, View, get_task, split_task_names, task_sets
 
 
 def base_cells(r, fp, ptq_fp, ptq_qat):
@@ -209,3 +213,109 @@ def test_headline_is_the_mode_tables_of_summary_md(tmp_path):
     assert "| 1/3 (33.3%) | +0.0 | -10.0 |" in best and best.endswith("| 0.5 |")
     status = rp.report_status(out["metrics"])
     assert " | ".join(status[rp.ZERO_SHOT]) in zero and " | ".join(status[rp.LAMBDA_BEST]) in best
+
+
+# ----------------------------------------------------------------------------- issue 20
+
+TEST_VIEWS = split_task_names(load_config(demo.CONFIG).demo.test_tasks)
+
+
+def square_grid(path, tasks, lambdas=(1.0,), *, keep=None, file=rp.CELLS_FILE, torn=False,
+                meta=None) -> int:  # fmt: skip
+    """A complete grid over ``tasks`` (every pair, self pairs included) written as `qvec
+    grid` writes it; ``keep``: only the first ``keep`` cells, in ``file``; ``torn``: then
+    half a record, as a killed writer leaves it. Returns the number of cells it implies."""
+    cells = [c for i, t in enumerate(tasks) for c in base_cells(t, 0.9, 0.5 + 0.01 * i, 0.8)]
+    cells += [patch_cell(d, r, lam, 0.6, 0.6) for d in tasks for r in tasks for lam in lambdas]
+    expected = len(cells)
+    text = "".join(json.dumps(c) + "\n" for c in cells[:keep])
+    path.mkdir(parents=True)
+    (path / file).write_text(text + (json.dumps(cells[-1])[:25] if torn else ""))
+    info = {"tasks": list(tasks), "lambdas": list(lambdas), "bits": 2, "granularity": "channel"}
+    (path / rp.GRID_META_FILE).write_text(
+        json.dumps(info | {"expected_cells": expected} | (meta or {}))
+    )
+    return expected
+
+
+def _qvec(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(
+    "how",
+    [{"keep": -2}, {"keep": -1, "torn": True}, {"keep": 7, "file": "cells.shard-0-of-2.jsonl"}],
+)
+def test_a_partial_grid_is_marked_loudly_and_tune_refuses_it(tmp_path, capsys, how):
+    """Fewer cells than tasks x lambdas imply (a run still going, a torn record file, one
+    shard of two): `qvec report` says INCOMPLETE on the console and atop summary.md,
+    `qvec tune` refuses it naming the counts; neither touches the grid."""
+    grid_dir = tmp_path / "g"
+    expected = square_grid(grid_dir, ["a", "b", "c"], (0.5, 1.0), **how)
+    present = len(rp.load_cells(grid_dir))
+    assert present < expected
+    before = snapshot(grid_dir)
+    rc, out, err = _qvec(capsys, "report", grid_dir, "--out", tmp_path / "rep")
+    says = f"INCOMPLETE grid: {present} of the {expected} cells its tasks x lambdas imply"
+    assert rc == 0 and f"qvec report: WARNING: {says}" in err
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert (
+        summary.splitlines()[2] == f"> **WARNING: {says}; every number is over the cells "
+        "present only. Finish it (rerun `qvec grid`, every --shard) before reading them.**"
+    )
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["warnings"][0].startswith(
+        says
+    )
+    refused(capsys, tmp_path, ["tune", grid_dir, "--out", tmp_path / "t"],
+            [grid_dir, "incomplete", f"{present} of the {expected} cells"])  # fmt: skip
+    assert not (tmp_path / "t").exists() and snapshot(grid_dir) == before
+    # once complete, no warning at all
+    whole = tmp_path / "whole"
+    square_grid(whole, ["a", "b", "c"], (0.5, 1.0))
+    rc, _, err = _qvec(capsys, "report", whole)
+    assert rc == 0 and "WARNING" not in err and "WARNING" not in (whole / "summary.md").read_text()
+
+
+def test_a_grid_of_test_set_views_is_marked_and_tune_refuses_it_by_view_key(tmp_path, capsys):
+    """Matched by view key, not by the grid's label: a test view under another spelling
+    (a registered class subset plus the rest of the view) in a grid labelled "custom"."""
+    alias = None
+    for name in TEST_VIEWS:
+        src, view = name.partition("@")[0], get_task(name).view
+        base = next((t for t, task in TASKS.items() if task.view == View(classes=view.classes)
+                     and task.sources == get_task(src).sources and view.classes), None)  # fmt: skip
+        if base:
+            rest = View(rot90=view.rot90, hflip=view.hflip, invert=view.invert)
+            alias = task_sets.view_name(base, rest)
+            break
+    assert alias is not None and alias not in TEST_VIEWS
+    assert task_sets.view_key(alias) in {task_sets.view_key(n) for n in TEST_VIEWS}
+    for tasks in ([TEST_VIEWS[0], "digits"], ["digits", alias]):
+        grid_dir = tmp_path / str(len(list(tmp_path.iterdir())))
+        square_grid(grid_dir, tasks, meta={"task_set": {"name": "custom", "about": "x"}})
+        named = [t for t in tasks if t != "digits"]
+        before = snapshot(grid_dir)
+        rc, _, err = _qvec(capsys, "report", grid_dir, "--out", grid_dir / "rep")
+        assert rc == 0 and f"qvec report: WARNING: TEST-SET tasks: {named[0]} (views" in err
+        assert (
+            f"> **WARNING: TEST-SET tasks: {named[0]}"
+            in (grid_dir / "rep" / "summary.md").read_text()
+        )
+        refused(capsys, grid_dir, ["tune", grid_dir, "--out", tmp_path / "t"],
+                ["TEST task set", named[0], "view key"])  # fmt: skip
+        assert not (tmp_path / "t").exists()
+        assert {k: v for k, v in snapshot(grid_dir).items() if not k.startswith("rep")} == before
+    assert task_sets.in_test_sets(["digits", "digits_a", "nosuch", "a"]) == []
+
+
+def test_tune_out_inside_an_input_checkpoint_is_refused(tmp_path, capsys):
+    ck = tmp_path / "runs" / "a" / "fp" / "params"
+    ck.mkdir(parents=True)
+    (ck / "meta.json").write_text("{}")
+    grid_dir = tmp_path / "g"
+    square_grid(grid_dir, ["a", "b"], meta={"checkpoints": {"a/fp": {"path": str(ck)}}})
+    for out in (ck / "tune", ck):
+        refused(capsys, tmp_path, ["tune", grid_dir, "--out", out], ["--out", out, "inside input"])

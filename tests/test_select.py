@@ -367,3 +367,71 @@ def test_bad_inputs_get_one_line_errors(pair):
         sel.select_lambda(fp, qv, SPEC, strategy="proxy-noise-kl")
     with pytest.raises(sel.SelectError, match="measure must be one of"):
         sel.Proxy("noise", "l2")
+
+
+def _attr(x, name):
+    try:
+        return getattr(x, name)
+    except Exception:  # a property that refuses (an unbound flax module's path)
+        return None
+
+
+def _reachable(obj, depth=3):
+    """Every object reachable from ``obj`` through attributes, dict values and sequence
+    items, ``depth`` levels deep (the context's params trees included)."""
+    seen, todo = {}, [(obj, 0)]
+    while todo:
+        x, d = todo.pop()
+        if id(x) in seen or d > depth:
+            continue
+        seen[id(x)] = x
+        if isinstance(x, (np.ndarray, jax.Array)):
+            continue  # a leaf: no other kind's data hides inside an array
+        if isinstance(x, dict):
+            kids = list(x.values())
+        elif isinstance(x, (list, tuple)):
+            kids = list(x)
+        else:  # every attribute, the properties included
+            kids = [_attr(x, a) for a in dir(x) if not a.startswith("__")]
+            kids = [k for k in kids if not callable(k)] + list(getattr(x, "__dict__", {}).values())
+        todo += [(k, d + 1) for k in kids]
+    return seen
+
+
+def test_a_context_holds_only_the_declared_kind(pair):
+    """Issue 20: the context is built with the declared kind only, so no attribute of it
+    (public or private, nested or not) reaches another kind, and data() still refuses."""
+    model, fp, qv, inputs = pair
+    contexts = []
+
+    class Spy(sel.Proxy):
+        def collect(self, ctx):
+            contexts.append(ctx)
+            return super().collect(ctx)
+
+    marks = {k: np.full((2, 16, 16, 3), i, np.float32) for i, k in enumerate(sel.DATA_KINDS)}
+    given = {k: v for k, v in marks.items() if k != "none"} | {"donor": inputs["donor"]}
+    before = {k: v.copy() for k, v in given.items() if k != "donor"}
+    want = sel.select_lambda(fp, qv, SPEC, model, strategy=sel.Proxy("donor", n=N),
+                             inputs={"donor": inputs["donor"]})  # fmt: skip
+    got = sel.select_lambda(fp, qv, SPEC, model, strategy=Spy("donor", n=N), inputs=given)
+    assert got.scores == want.scores and got.lam == want.lam
+    (ctx,) = contexts
+    reach = _reachable(ctx)
+    for kind, x in given.items():
+        assert (id(x) in reach) is (kind == "donor"), kind
+    assert ctx.data("donor") is inputs["donor"]
+    assert not any(isinstance(v, dict) and "pretext" in v for v in reach.values())
+    for kind in ("pretext", "noise", "unlabelled receiver", "labelled receiver"):
+        with pytest.raises(sel.UndeclaredDataError, match=f"declared data 'donor'.*'{kind}'"):
+            ctx.data(kind)
+    assert all(np.array_equal(before[k], given[k]) for k in before)  # inputs untouched
+
+
+def test_a_constant_given_twice_is_refused_naming_it():
+    for name in ("proxy-donor-kl:margin=0.1:margin=0.2", "norm-ratio:multiple=1:multiple=1"):
+        with pytest.raises(sel.SelectError, match=r"constant '(margin|multiple)' is given twice"):
+            sel.get_strategy(name)
+        with pytest.raises(sel.SelectError, match="given twice"):
+            sel.split_name(name)
+    assert sel.get_strategy("proxy-donor-kl:margin=0.1").name == "proxy-donor-kl:margin=0.1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import json
 import sys
 import types
 
@@ -173,8 +174,11 @@ def test_hf_vit_for_image_classification_logits(tmp_path):
     model, _, got = _ours(tmp_path / "hf", x)
     assert model.num_classes == 5 and model.num_heads == 2
     assert np.abs(got - want).max() < TOL
-    # the in-memory state_dict names of transformers >= 5 load too
-    _, _, got2 = _ours(_save_state_dict(ref, tmp_path / "sd.safetensors"), x)
+    # the in-memory state_dict names of transformers >= 5 load too (next to the config,
+    # whose layer_norm_eps 1e-6 is not HF's default)
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
+    _, _, got2 = _ours(_save_state_dict(ref, tmp_path / "sd" / "sd.safetensors"), x)
     assert np.abs(got2 - want).max() < TOL
 
 
@@ -188,3 +192,108 @@ def test_hf_vit_model_pooler_is_pre_logits(tmp_path):
     assert model.num_classes is None and model.representation_size == 32
     assert "pre_logits" in params and "head" not in params
     assert np.abs(got - want).max() < TOL
+
+
+# ----------------------------------------------------------------------------- config fields
+
+
+def _hf_vit(tmp_path, name, seed=5, **config):
+    """A depth-3 ``ViTForImageClassification`` of a real ``ViTConfig`` (HF's defaults
+    unless ``config`` says), saved with ``save_pretrained``; -> (dir, logits, images)."""
+    cfg = modeling_vit.ViTConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                                 intermediate_size=96, image_size=28, patch_size=4,
+                                 num_labels=6, **config)  # fmt: skip
+    ref = _perturb(modeling_vit.ViTForImageClassification(cfg), seed=seed, scale=0.2)
+    x, xt = _images(4, 28, seed=seed)
+    with torch.no_grad():
+        want = ref(pixel_values=xt).logits.numpy()
+    ref.save_pretrained(tmp_path / name, safe_serialization=True)
+    assert (tmp_path / name / "model.safetensors").is_file()
+    return tmp_path / name, want, x
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_pytorch_tanh"])
+def test_hf_layer_norm_eps_and_activation_come_from_the_config(tmp_path, act):
+    path, want, x = _hf_vit(tmp_path, "hf", layer_norm_eps=1e-12, hidden_act=act)
+    model, params, got = _ours(path, x)
+    assert model.layer_norm_eps == 1e-12
+    assert model.activation == ("gelu" if act == "gelu" else "gelu_tanh")
+    assert np.abs(got - want).max() < 1e-5
+    # with the old hard-coded 1e-6 the logits were off by far more than that
+    old = model.clone(layer_norm_eps=1e-6, activation="gelu")
+    assert np.abs(np.asarray(old.apply({"params": params}, x)) - want).max() > 1e-5
+
+
+def test_a_converted_hf_model_rebuilds_from_its_meta(tmp_path):
+    from qvec_jax import checkpoints, cli
+
+    path, want, x = _hf_vit(tmp_path, "hf", layer_norm_eps=1e-12, hidden_act="gelu_new")
+    out = tmp_path / "ck"
+    assert cli.main(["convert", str(path), str(out)]) == 0
+    params, meta = checkpoints.restore_params(out)
+    assert (meta["layer_norm_eps"], meta["activation"]) == (1e-12, "gelu_tanh")
+    model = checkpoints.model_from_meta(meta)
+    assert np.abs(np.asarray(model.apply({"params": params}, x)) - want).max() < 1e-5
+    # and a fine-tune's init from the converted checkpoint keeps them
+    again, _ = ck.load_pretrained(out, num_classes=None, image_size=28)
+    assert (again.layer_norm_eps, again.activation) == (1e-12, "gelu_tanh")
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ({"hidden_act": "relu"}, "hidden_act='relu'"),
+        ({"hidden_act": "quick_gelu"}, "hidden_act='quick_gelu'"),
+        ({"qkv_bias": False}, "qkv_bias=False"),
+    ],
+)
+def test_hf_config_values_the_model_cannot_represent_are_refused(tmp_path, capsys, config, field):
+    from qvec_jax import cli
+
+    path, _, x = _hf_vit(tmp_path, "hf", **config)
+    with pytest.raises(ck.CheckpointError, match=f"{path}.*config {field}: ") as e:
+        ck.load_pretrained(path, num_classes=None, image_size=28)
+    assert "\n" not in str(e.value)
+    before = sorted(p.name for p in path.iterdir())
+    capsys.readouterr()
+    assert cli.main(["convert", str(path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and field in err and str(path) in err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in path.iterdir()) == before
+
+
+def _timm_vit(tmp_path, name, **model_args):
+    """A small timm ViT saved by ``timm.models.save_for_hf`` (weights + timm config.json)."""
+    from timm.models import save_for_hf
+
+    ref = _perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4,
+                                     img_size=32, depth=2, **model_args), seed=7)  # fmt: skip
+    x, xt = _images(2, 32, seed=7)
+    with torch.no_grad():
+        want = ref(xt).numpy()
+    save_for_hf(ref, tmp_path / name, model_args=model_args, safe_serialization=True)
+    return tmp_path / name, want, x
+
+
+def test_timm_config_activation_is_read(tmp_path):
+    path, want, x = _timm_vit(tmp_path, "tanh", act_layer="gelu_tanh")
+    assert json.loads((path / "config.json").read_text())["model_args"]["act_layer"] == "gelu_tanh"
+    for where in (path, path / "model.safetensors"):  # the folder, or the file next to it
+        model, _, got = _ours(where, x)
+        assert (model.activation, model.layer_norm_eps) == ("gelu_tanh", 1e-6)
+        assert np.abs(got - want).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "model_args, field",
+    [
+        ({"act_layer": "quick_gelu"}, "model_args.act_layer='quick_gelu'"),
+        ({"qkv_bias": False}, "model_args.qkv_bias=False"),
+        ({"global_pool": "avg"}, "global_pool='avg'"),
+    ],
+)
+def test_timm_config_values_the_model_cannot_represent_are_refused(tmp_path, model_args, field):
+    path, _, _ = _timm_vit(tmp_path, "bad", **model_args)
+    with pytest.raises(ck.CheckpointError, match=f"{path}.*config {field}: ") as e:
+        ck.load_pretrained(path, num_classes=None, image_size=32)
+    assert "\n" not in str(e.value)

@@ -404,3 +404,23 @@ def test_head_mask_selects_head_and_pre_logits_only():
         "head/kernel", "head/bias", "pre_logits/kernel", "pre_logits/bias"
     }  # fmt: skip
     assert len(mask) == len(q.flatten(params))
+
+
+def test_a_backbones_architecture_fields_reach_the_fine_tunes_meta(qat_run, tmp_path):
+    """A backbone imported with a non-default epsilon (HF ViTs say 1e-12) is fine-tuned with
+    it, and the final meta says so, so ``model_from_meta`` rebuilds the trained model; a
+    default backbone's meta carries no architecture keys (its metas stay as they were)."""
+    from qvec_jax import checkpoints
+
+    _, meta = _params(qat_run)
+    assert not set(checkpoints.ARCH_KEYS) & set(meta)
+    model = vit.create_model("test/4", num_classes=3, image_size=28, layer_norm_eps=1e-12)
+    backbone = tmp_path / "backbone"
+    checkpoints.save_params(backbone, vit.init_params(model, jax.random.key(1)),
+                            checkpoints.model_meta(model))  # fmt: skip
+    cfg = _tiny_cfg(mode="fp", total_steps=3, **{"init.kind": "pretrained",
+                                                "init.path": str(backbone)})  # fmt: skip
+    train.finetune(cfg, str(tmp_path / "ft"), progress=False)
+    params, meta = _params(str(tmp_path / "ft"))
+    assert meta["layer_norm_eps"] == 1e-12 and "activation" not in meta
+    assert checkpoints.model_from_meta(meta).layer_norm_eps == 1e-12

@@ -7,12 +7,15 @@ outputs before it reads or computes anything: an output that equals, contains or
 inside an input is refused (:func:`check_output`, :func:`check_folder`), and so is one
 that cannot be written (:func:`check_writable`: under a regular file, read-only, no
 permission), so an input is never harmed and a refused command leaves nothing behind.
+A command holds its output (:func:`claim`, an OS lock) from those checks to its write, so
+a second ``qvec`` writing the same output at the same time stops at once, in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import math
 import os
 import tempfile
@@ -118,6 +121,7 @@ def check_output(out: str, inputs: Iterable[str], overwrite: bool, what: str = "
             )
     if o.exists() and not overwrite:
         raise QvecError(f"{what} {out} already exists; choose another path or pass --overwrite")
+    _CHECKED[o] = o.exists()  # for claim: an OUT that appears later was another's write
     check_writable(o, what, into=False)
     return o
 
@@ -180,6 +184,78 @@ def writing(out: str | os.PathLike, what: str) -> Iterator[None]:
         raise QvecError(f"cannot write {f}: {e.strerror or e}; choose a writable {what}") from e
 
 
+@contextlib.contextmanager
+def claim(
+    out: str | os.PathLike, overwrite: bool | None = None, what: str = "output"
+) -> Iterator[None]:
+    """Hold OUT for this process while the body writes it: an exclusive ``flock`` on the
+    lock file ``.<name>.qvec-lock`` next to it (the kernel drops it if the process dies).
+    Another process holding it is refused at once, naming OUT and its pid. Under the lock
+    an OUT that exists is refused if ``overwrite`` is False, or (None) if it did not exist
+    when :func:`check_output` looked: another command wrote it meanwhile. The
+    lock file is removed on exit, and so are parent folders made for it that the body left
+    empty. Re-entrant within a process (``save`` claims what its command already holds)."""
+    out = Path(out).resolve()
+    if out in _HELD:
+        yield
+        return
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.qvec-lock"
+    try:
+        fd = _lock(lock, out, what)
+    except BaseException:
+        _rmdirs(made)
+        raise
+    _HELD.add(out)
+    try:
+        if overwrite is None:
+            overwrite = _CHECKED.get(out, True)
+        if out.exists() and not overwrite:
+            raise QvecError(f"{what} {out} was written by another command while this one ran; "
+                            "choose another path or pass --overwrite")  # fmt: skip
+        yield
+    finally:
+        _HELD.discard(out)
+        lock.unlink(missing_ok=True)  # before the descriptor is closed: still ours
+        os.close(fd)
+        _rmdirs(made)
+
+
+_HELD: set[Path] = set()
+_CHECKED: dict[Path, bool] = {}  # {output: whether it existed when check_output looked}
+
+
+def _lock(lock: Path, out: Path, what: str) -> int:
+    """An open descriptor of ``lock`` holding its exclusive flock, its pid written in it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise QvecError(
+                f"{what} {out} is being written by another qvec process (pid {pid}); wait for "
+                f"it to finish or choose another {what}"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:  # its last holder removed it after we opened it
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _rmdirs(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -218,6 +294,17 @@ def restore_model(path: str):
     return params, meta
 
 
+def refuse_quantized(path: str, meta: dict, command: str) -> None:
+    """Refuse an input that is already quantized (a `qvec ptq` output, a packed export):
+    quantizing it again re-rounds its values and loses its codes (GPTQ's above all)."""
+    done = checkpoints.quantized(meta, path)
+    if done:
+        raise QvecError(
+            f"{path} is {done}, already quantized; `qvec {command}` would quantize it again "
+            f"and lose its codes: run it on the fp checkpoint that {path} was made from"
+        )
+
+
 def same_backbone(meta_a: dict, meta_b: dict, a: str, b: str) -> None:
     """Refuse to combine checkpoints fine-tuned from different pretrained backbones."""
     ia, ib = meta_a.get("backbone_id"), meta_b.get("backbone_id")
@@ -229,8 +316,9 @@ def same_backbone(meta_a: dict, meta_b: dict, a: str, b: str) -> None:
 
 
 def save(out: Path, params, meta: dict) -> None:
-    """Write ``params`` (brought to the host) and ``meta`` to ``out`` and say so."""
-    with writing(out, "output"):
+    """Write ``params`` (brought to the host) and ``meta`` to ``out`` and say so, holding
+    ``out`` (:func:`claim`) unless the command already does."""
+    with claim(out), writing(out, "output"):
         checkpoints.save_params(out, jax.tree.map(np.asarray, params), meta)
     print(f"wrote {out}")
 

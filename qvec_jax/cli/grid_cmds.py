@@ -26,10 +26,14 @@ from qvec_jax.cli.common import (
     writing,
 )
 from qvec_jax.grid.inputs import MODES, checkpoint_path
+from qvec_jax.report import strategies
 
 
-def print_headline(result: dict) -> None:
-    """The zero-shot and lambda_best tables (from the metrics), then where every file is."""
+def print_headline(result: dict, command: str = "report") -> None:
+    """The report's warnings (an incomplete grid, test-set tasks) loudly on stderr, then
+    the zero-shot and lambda_best tables (from the metrics) and where every file is."""
+    for line in result.get("warnings") or ():
+        print(f"qvec {command}: WARNING: {line}", file=sys.stderr)
     print(report.headline(result["metrics"]))
     for name, p in result["paths"].items():
         print(f"  {name}: {p}")
@@ -129,46 +133,57 @@ def add_extras_options(p) -> None:
     )
     p.add_argument(
         "--strategy",
-        default="auto",
+        default=None,
         help="--extras: the no-receiver-data lambda strategy of the heatmap and the merge "
         "rows (--gptq: and of the GPTQ+QV and RTN+QV strategy rows), fixed in advance; "
         "constants as ':name=value'. Default auto: the dev-tuned "
         f"{grid.extras.DEFAULT_STRATEGY} with --pretext, else "
-        f"{grid.extras.NO_PRETEXT_STRATEGY} (see `qvec tune`)",
+        f"{grid.extras.NO_PRETEXT_STRATEGY} (see `qvec tune`); a proxy named without a "
+        "size reads --proxy-size images",
     )
     p.add_argument(
         "--merge-methods",
-        default=",".join(grid.extras.DEFAULT_METHODS),
+        default=None,
         help="--extras: comma-separated merge methods of the leave-one-out rows "
         f"(default {','.join(grid.extras.DEFAULT_METHODS)}; 'sum' also exists)",
     )
     p.add_argument(
         "--proxy-size",
         type=positive_int,
-        default=256,
+        default=None,
         help="--extras: donor / pretext / noise proxy images per pair (default 256)",
     )
 
 
+#: Options of ``qvec grid`` that apply with --extras only, and with --extras or --gptq.
+EXTRAS_ONLY = ("merge_methods", "proxy_size")
+EXTRAS_OR_GPTQ = ("pretext", "strategy")
+
+
 def extras_of(args) -> grid.extras.Extras | None:
-    """The ``grid.extras.Extras`` the options ask for (None without --extras)."""
-    given = [o for o in ("pretext",) if getattr(args, o) is not None]
+    """The ``grid.extras.Extras`` the options ask for (None without --extras); an option
+    that applies with --extras (or --gptq) only is refused without it, naming it."""
     if not args.extras:
-        if given and not getattr(args, "gptq", False):
-            raise QvecError(f"--{given[0]} applies with --extras or --gptq only; add one")
+        gptq = getattr(args, "gptq", False)
+        for o in (*EXTRAS_OR_GPTQ, *EXTRAS_ONLY):
+            flag = "--" + o.replace("_", "-")
+            if getattr(args, o) is not None and not (gptq and o in EXTRAS_OR_GPTQ):
+                which = "--extras or --gptq" if o in EXTRAS_OR_GPTQ else "--extras"
+                raise QvecError(f"{flag} applies with {which} only; add {which.split()[0]}")
         return None
     pretext = task_names(args.pretext, "--pretext", one=True)[0] if args.pretext else None
-    methods = tuple(m for m in args.merge_methods.split(",") if m)
+    methods = args.merge_methods or ",".join(grid.extras.DEFAULT_METHODS)
     try:
         return grid.extras.Extras(
-            strategy=args.strategy, methods=methods, pretext=pretext, proxy_n=args.proxy_size
-        )
+            strategy=args.strategy or "auto", methods=tuple(m for m in methods.split(",") if m),
+            pretext=pretext, proxy_n=args.proxy_size or 256,
+        )  # fmt: skip
     except ValueError as e:
         raise QvecError(f"--extras: {e}") from None
 
 
 def add_gptq_options(p) -> None:
-    """``qvec grid``'s GPTQ rows (``grid_gptq``): ``--gptq/--no-gptq``, ``--calib-size``."""
+    """``qvec grid``'s GPTQ rows (``grid.gptq``): ``--gptq/--no-gptq``, ``--calib-size``."""
     p.add_argument(
         "--gptq",
         action=argparse.BooleanOptionalAction,
@@ -186,16 +201,18 @@ def add_gptq_options(p) -> None:
     )
 
 
-def gptq_of(args) -> grid.gptq.GptqCells | None:
-    """The ``grid.gptq.GptqCells`` the options ask for (None without --gptq)."""
+def gptq_of(args, extras: grid.extras.Extras | None = None) -> grid.gptq.GptqCells | None:
+    """The ``grid.gptq.GptqCells`` the options ask for (None without --gptq); with
+    ``extras``, their strategy (so its lambda comes from their scores cells)."""
     if not args.gptq:
         if args.calib_size is not None:
             raise QvecError("--calib-size applies with --gptq only; add --gptq")
         return None
     pretext = task_names(args.pretext, "--pretext", one=True)[0] if args.pretext else None
+    strategy = extras.strategy if extras is not None else (args.strategy or "auto")
     try:
         return grid.gptq.GptqCells(
-            calib_size=args.calib_size or 128, strategy=args.strategy, pretext=pretext
+            calib_size=args.calib_size or 128, strategy=strategy, pretext=pretext
         )
     except ValueError as e:
         raise QvecError(f"--gptq: {e}") from None
@@ -247,7 +264,8 @@ def _cmd_grid(args) -> int:
     train.maybe_initialize_distributed(args.distributed)
     tasks = task_names(args.tasks, "--tasks")
     bits, gran, batch, data_dir, dtype = _grid_settings(args)
-    extras = [s for s in (extras_of(args), gptq_of(args)) if s is not None] or None
+    ex = extras_of(args)
+    extras = [s for s in (ex, gptq_of(args, ex)) if s is not None] or None
     lambdas = grid.DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas
     workdir, runs = Path(args.workdir), args.runs or args.workdir
     inputs = [checkpoint_path(runs, t, m) for t in tasks for m in MODES]
@@ -281,7 +299,7 @@ def _cmd_grid(args) -> int:
                 f"{expected} cells; once every shard is done: qvec report {workdir}"
             )
         elif jax.process_index() == 0:
-            print_headline(report.write_report(workdir, cells=cells, extras=args.extras))
+            print_headline(report.write_report(workdir, cells=cells, extras=args.extras), "grid")
     if missing is not None:
         print(f"qvec grid: error: {missing}", file=sys.stderr)
         return 1
@@ -311,11 +329,15 @@ def add_report(sub) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+def _grid_inputs(run_dir) -> list[str]:
+    """The checkpoints a grid read (its grid.json): an --out may not lie inside one."""
+    grid_ckpts = report.load_grid_meta(run_dir).get("checkpoints") or {}
+    return [c["path"] for c in grid_ckpts.values() if isinstance(c, dict) and c.get("path")]
+
+
 def _cmd_report(args) -> int:
-    grid_ckpts = report.load_grid_meta(args.run_dir).get("checkpoints") or {}
-    inputs = [c["path"] for c in grid_ckpts.values() if isinstance(c, dict) and c.get("path")]
     out = args.out or args.run_dir
-    check_folder(out, inputs, "--out")
+    check_folder(out, _grid_inputs(args.run_dir), "--out")
     with writing(out, "--out"):
         try:
             res = report.write_report(
@@ -337,8 +359,9 @@ def add_tune(sub) -> None:
         "each value of its constant (report.tune.SEARCH), score them on the grid's "
         "cross-task pairs, and rank them by a rule fixed in advance: zero-shot only; at "
         "least lam=1's wins and no larger worst regret first; then the highest mean delta. "
-        "Writes tune.md and tune.json and prints the winner. A grid labelled as the test "
-        "task set is refused.",
+        "Writes tune.md and tune.json and prints the winner. A grid whose tasks include a "
+        "view of the test task set (by view key, whatever its label) is refused, and so is "
+        "an incomplete grid (fewer cells than its tasks x lambdas imply).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="DEV grid workdir (with --extras cells)")
     p.add_argument("--out", default=None, help="folder for tune.md/tune.json (default: RUN_DIR)")
@@ -347,7 +370,7 @@ def add_tune(sub) -> None:
 
 def _cmd_tune(args) -> int:
     out = args.out or args.run_dir
-    check_folder(out, [], "--out")
+    check_folder(out, _grid_inputs(args.run_dir), "--out")
     with writing(out, "--out"):
         try:
             res = report.tune_grid(args.run_dir, args.out)
@@ -357,10 +380,14 @@ def _cmd_tune(args) -> int:
     print(f"{res['n_pairs']} cross-task pairs of the {res['task_set'] or 'unlabelled'} task set; "
           f"lam=1: {one['wins']} wins, mean delta {100 * one['mean_delta']:+.1f} pts")  # fmt: skip
     if res["winner"]:
-        w = next(r["stats"] for r in res["rows"] if r["name"] == res["winner"])
+        row = next(r for r in res["rows"] if r["name"] == res["winner"])
+        w = row["stats"]
         regret = "n/a" if w["worst_regret"] is None else f"{100 * w['worst_regret']:.1f} pts"
         print(f"winner: {res['winner']} ({'safe' if res['safe'] else 'NOT safe'} vs lam=1): "
               f"{w['wins']} wins, mean delta {100 * w['mean_delta']:+.1f} pts, worst regret "
               f"{regret} (optimistic: chosen on these pairs)")  # fmt: skip
+        shared = row.get("overlap") or {}
+        if shared.get("hit") or shared.get("unknown"):
+            print(f"note: the winner's data: {strategies.data_label(row)}")
     print(f"wrote {res['paths']['tune_md']} and {res['paths']['tune_json']}")
     return 0

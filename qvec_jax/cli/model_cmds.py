@@ -20,6 +20,7 @@ from qvec_jax.cli.common import (
     add_parser,
     bit_width,
     check_output,
+    claim,
     nonnegative_int,
     positive_int,
     restore,
@@ -73,6 +74,11 @@ def add_convert(sub) -> None:
 
 def _cmd_convert(args) -> int:
     out = check_output(args.output, [args.input], args.overwrite)
+    with claim(out, args.overwrite):
+        return _convert(args, out)
+
+
+def _convert(args, out) -> int:
     model, params = pretrained.load_pretrained(
         args.input,
         variant=args.variant,
@@ -82,11 +88,8 @@ def _cmd_convert(args) -> int:
         num_heads=args.num_heads,
     )
     variant = model.variant
-    meta = dict(
-        variant=variant,
-        num_classes=model.num_classes,
-        image_size=model.image_size,
-        representation_size=model.representation_size,
+    meta = dict(  # model_meta: what model_from_meta rebuilds it from (eps, activation too)
+        **checkpoints.model_meta(model),
         backbone_id=checkpoints.backbone_id(params),
         source=str(Path(args.input).absolute()),
     )
@@ -116,18 +119,48 @@ def add_extract(sub) -> None:
     p.set_defaults(func=_cmd_extract)
 
 
-def _cmd_extract(args) -> int:
-    out = check_output(args.out, [args.qat, args.fp], args.overwrite)
-    qat, qmeta = restore(args.qat)
-    fp, fmeta = restore(args.fp)
+def _check_pair(args, qmeta: dict, fmeta: dict) -> None:
+    """Refuse a QAT argument that its meta says is no QAT fine-tune (a packed export, a
+    `qvec ptq` output, a patched model, a QV, an FP run, a model with no run mode), an FP
+    argument that is no FP fine-tune, and a pair of two tasks or two backbones."""
+    if Path(args.qat).resolve() == Path(args.fp).resolve():
+        raise QvecError(f"{args.qat} is passed as QAT and as FP: the two checkpoints are the "
+                        "same run; pass the QAT and the FP fine-tune")  # fmt: skip
     if qmeta.get("mode") == "fp" and fmeta.get("mode") == "qat":
         raise QvecError(f"{args.qat} is an FP run and {args.fp} a QAT run: the order is QAT FP")
+    for path, meta, mode in ((args.qat, qmeta, "qat"), (args.fp, fmeta, "fp")):
+        plain = not checkpoints.quantized(meta, path) and meta.get("kind") != "qv"
+        if not (plain and not meta.get("patch") and meta.get("mode") == mode):
+            want = "a QAT" if mode == "qat" else "an FP"
+            raise QvecError(
+                f"{path} is {checkpoints.describe(meta, path)}, not {want} fine-tune; `qvec "
+                f"extract QAT FP OUT` takes the params of `qvec finetune --mode {mode}` "
+                f"(runs/<task>/{mode}/params)"
+            )
     if qmeta.get("task") != fmeta.get("task"):
         raise QvecError(
             f"{args.qat} is task {qmeta.get('task')!r} but {args.fp} is task "
             f"{fmeta.get('task')!r}; QV_D = QAT_D - FP_D needs both fine-tunes of one task"
         )
     same_backbone(qmeta, fmeta, args.qat, args.fp)
+    for key in ("variant", "image_size"):
+        if qmeta.get(key) != fmeta.get(key):
+            raise QvecError(
+                f"{args.qat} is a {key} {qmeta.get(key)!r} model but {args.fp} a {key} "
+                f"{fmeta.get(key)!r} one; QV_D = QAT_D - FP_D needs two fine-tunes of one backbone"
+            )
+
+
+def _cmd_extract(args) -> int:
+    out = check_output(args.out, [args.qat, args.fp], args.overwrite)
+    with claim(out, args.overwrite):
+        return _extract(args, out)
+
+
+def _extract(args, out) -> int:
+    qat, qmeta = restore(args.qat)
+    fp, fmeta = restore(args.fp)
+    _check_pair(args, qmeta, fmeta)
     try:
         qv = q.quantization_vector(qat, fp, require_nonzero=True)
     except ValueError as e:
@@ -209,6 +242,12 @@ def _cmd_eval(args) -> int:
     splits = _eval_splits(args.splits)
     _check_json(args)
     params, meta = restore_model(args.ckpt)
+    done = checkpoints.quantized(meta, args.ckpt)
+    if args.bits is not None and done:
+        raise QvecError(
+            f"--bits: {args.ckpt} is {done}, already quantized; evaluate it without --bits "
+            "(quantizing it again would re-round its values)"
+        )
     task = args.task or meta.get("task")
     if not task:
         raise QvecError(f"{args.ckpt} names no task in its meta; pass --task")

@@ -5,6 +5,7 @@ labels (``--lam auto``: a :mod:`qvec_jax.select` strategy on the images ``--prox
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import qvec_jax as q
@@ -17,11 +18,13 @@ from qvec_jax.cli.common import (
     check_output,
     finite_float,
     positive_int,
+    refuse_quantized,
     restore,
     restore_qv,
     same_backbone,
     save,
 )
+from qvec_jax.data import overlap
 
 # ----------------------------------------------------------------------------- patch
 
@@ -31,10 +34,18 @@ from qvec_jax.cli.common import (
 DEFAULT_AUTO_STRATEGY = "proxy-kl:margin=0.05"
 DEFAULT_PROXY = "pretext"
 #: ``--strategy`` choices: weight-only strategies (no data), and ``proxy-<measure>``:
-#: ``select.Proxy`` with that measure on the ``--proxy`` inputs.
+#: ``select.Proxy`` with that measure on the ``--proxy`` inputs. Every name ``qvec tune``
+#: prints is accepted too (:data:`NAMED_PROXY`).
 AUTO_STRATEGIES = ("lam=1", "norm-ratio", "alignment", "model-stock", "rtn-error") + tuple(
     f"proxy-{m}" for m in select.MEASURES
 )
+#: A proxy named as ``qvec tune`` and the grid name it: its images' kind, then their
+#: number (none: 256), then the measure: ``proxy-pretext-kl``, ``proxy-donor64-agree``,
+#: ``proxy-rx32-cos`` (the receiver's own images: not zero-shot).
+NAMED_PROXY = re.compile(r"proxy-(donor|pretext|noise|rx)(\d*)-(kl|agree|cos)")
+#: The ``--proxy`` keyword of each kind a named proxy reads.
+_PROXY_OF = {"donor": "donor", "pretext": "pretext", "noise": "noise", "rx": "receiver"}
+_KIND_OF = {"donor": "donor", "pretext": "pretext", "noise": "noise", "rx": "unlabelled receiver"}
 
 
 def add_patch(sub) -> None:
@@ -62,7 +73,9 @@ def add_patch(sub) -> None:
         default=None,
         help=f"--lam auto: how to choose, one of {', '.join(AUTO_STRATEGIES)}, with tunable "
         "constants as ':name=value' (e.g. proxy-kl:margin=0.2, norm-ratio:multiple=0.5; "
-        f"default {DEFAULT_AUTO_STRATEGY})",
+        f"default {DEFAULT_AUTO_STRATEGY}), or any name `qvec tune` prints, e.g. "
+        "proxy-pretext-kl:margin=0.05 (its images: --proxy pretext, 256 of them) or "
+        "proxy-donor64-kl",
     )
     p.add_argument(
         "--proxy",
@@ -72,7 +85,12 @@ def add_patch(sub) -> None:
         "images when the pretext task is not known) or 'noise'. The receiver's own "
         "task is receiver data (not zero-shot) and is labelled so.",
     )
-    p.add_argument("--proxy-size", type=positive_int, default=256, help="proxy images (256)")
+    p.add_argument(
+        "--proxy-size",
+        type=positive_int,
+        default=None,
+        help="proxy images (default: the strategy name's number, else 256)",
+    )
     p.add_argument(
         "--bits", type=bit_width, default=None, help="--lam auto: PTQ width (default: the QV's)"
     )
@@ -87,8 +105,11 @@ def _auto_strategy(text: str) -> str:
         family, _ = select.split_name(text)
     except select.SelectError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if family not in AUTO_STRATEGIES:
-        raise argparse.ArgumentTypeError(f"{family!r}: use one of {', '.join(AUTO_STRATEGIES)}")
+    if family not in AUTO_STRATEGIES and not NAMED_PROXY.fullmatch(family):
+        raise argparse.ArgumentTypeError(
+            f"{family!r}: use one of {', '.join(AUTO_STRATEGIES)}, or a name `qvec tune` "
+            "prints (e.g. proxy-pretext-kl, proxy-donor64-kl)"
+        )
     return text
 
 
@@ -97,20 +118,24 @@ def _lam(text: str):
 
 
 def _check_patch_options(args) -> None:
-    auto_only = [o for o in ("strategy", "proxy", "bits", "granularity") if getattr(args, o)]
+    options = ("strategy", "proxy", "proxy_size", "bits", "granularity")
+    auto_only = [o.replace("_", "-") for o in options if getattr(args, o)]
     if args.lam != "auto" and auto_only:
         raise QvecError(
             f"--{auto_only[0]} applies with --lam auto only; drop it or pass --lam auto"
         )
     strategy = args.strategy or DEFAULT_AUTO_STRATEGY
-    if args.lam == "auto" and args.proxy and not strategy.startswith("proxy-"):
-        raise QvecError(f"--proxy: strategy {strategy} uses no data; drop --proxy")
+    for option in ("proxy", "proxy_size"):
+        if args.lam == "auto" and getattr(args, option) and not strategy.startswith("proxy-"):
+            flag = "--" + option.replace("_", "-")
+            raise QvecError(f"{flag}: strategy {strategy} uses no images; drop {flag}")
 
 
 def _cmd_patch(args) -> int:
     _check_patch_options(args)
     out = check_output(args.out, [args.fp, args.qv], args.overwrite)
     fp, fmeta = restore(args.fp)
+    refuse_quantized(args.fp, fmeta, "patch")
     qv, vmeta = restore_qv(args.qv)
     same_backbone(fmeta, vmeta, args.fp, args.qv)
     info = {"qv": str(Path(args.qv).resolve()), "donor": _donor(vmeta)}
@@ -145,10 +170,16 @@ def _auto_lambda(args, fp, fmeta, qv, vmeta):
     model = checkpoints.model_from_meta(fmeta)
     try:
         if name.startswith("proxy-"):
-            used = _proxy_images(args, fmeta, vmeta, model.image_size)
             family, constants = select.split_name(name)
-            strategy = select.Proxy(used.kind, family[len("proxy-") :], n=args.proxy_size)
-            strategy = strategy.with_constants(constants)
+            kind, n, measure = _proxy_spec(family, args.proxy_size)
+            used = _proxy_images(args, fmeta, vmeta, model.image_size, kind, n)
+            if args.proxy and kind is not None and used.kind != _KIND_OF[kind]:
+                raise QvecError(
+                    f"--proxy {args.proxy}: strategy {name} reads {_KIND_OF[kind]} images, but "
+                    f"these are {used.kind} images; drop --proxy or use --strategy "
+                    f"proxy-{measure}"
+                )
+            strategy = select.Proxy(used.kind, measure, n=n).with_constants(constants)
             inputs = {used.kind: used.images}
         else:
             strategy = select.get_strategy(name)
@@ -161,19 +192,46 @@ def _auto_lambda(args, fp, fmeta, qv, vmeta):
     data = used.label if used else "none (weights only)"
     print(f"lambda {choice.lam:g} chosen by {choice.strategy} at {spec.bits} bits: {choice.why}")
     print(f"data: {data}")
-    if used and used.receiver_data:
+    if used and used.receiver_data and used.kind == "unlabelled receiver":
         print("note: the receiver's own images were used: this choice is not zero-shot")
+    elif used and used.receiver_data:
+        counts = used.overlap
+        what = "some may be" if counts is None else f"{sum(counts.values())} are"
+        split = "" if counts is None else f" ({overlap.describe(counts)})"
+        print(f"note: of these {used.kind} images, {what} the receiver's own images{split}: "
+              "this choice is not zero-shot")  # fmt: skip
     pairs = zip(choice.candidates, choice.scores)
     scores = ", ".join(f"{c:g}: {'-' if s is None else f'{s:.4g}'}" for c, s in pairs)
     print(f"scores (higher is better): {scores}")
     return choice, used
 
 
-def _proxy_images(args, fmeta, vmeta, image_size: int):
+def _proxy_spec(family: str, size: int | None) -> tuple[str | None, int, str]:
+    """``(kind, n, measure)`` of a proxy strategy's family: ``proxy-<measure>`` (kind None:
+    ``--proxy``'s, ``n``: ``--proxy-size`` or 256) or a name as ``qvec tune`` prints it
+    (its kind, its number or 256; a ``--proxy-size`` that differs is refused)."""
+    m = NAMED_PROXY.fullmatch(family)
+    if m is None:
+        return None, size or 256, family[len("proxy-") :]
+    n = int(m[2]) if m[2] else 256
+    if m[1] == "rx" and not m[2]:
+        raise QvecError(
+            f"--strategy {family}: name the number of receiver images, e.g. proxy-rx32-kl"
+        )
+    if size is not None and size != n:
+        raise QvecError(
+            f"--proxy-size {size}: strategy {family} reads {n} images; drop --proxy-size or "
+            f"name proxy-{m[1]}{size}-{m[3]}"
+        )
+    return m[1], n, m[3]
+
+
+def _proxy_images(args, fmeta, vmeta, image_size: int, kind: str | None, n: int):
+    """The ``--proxy`` images (default: ``kind``'s keyword, else ``DEFAULT_PROXY``)."""
     donor = vmeta.get("task")
     fp_meta = _read_fp_meta(vmeta)
-    text = args.proxy or DEFAULT_PROXY
-    if args.proxy is None and sources.pretext_task(fmeta, fp_meta) is None:
+    text = args.proxy or (_PROXY_OF[kind] if kind else DEFAULT_PROXY)
+    if args.proxy is None and kind is None and sources.pretext_task(fmeta, fp_meta) is None:
         print("note: the pretext task is not known from the checkpoints' configs; using the "
               "donor's images (pass --proxy TASK|pretext|donor|noise to choose)")  # fmt: skip
         text = "donor"
@@ -185,7 +243,7 @@ def _proxy_images(args, fmeta, vmeta, image_size: int):
     return sources.resolve(
         text,
         option="--proxy",
-        n=args.proxy_size,
+        n=n,
         image_size=image_size,
         own_task=fmeta.get("task"),
         own="receiver",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import qvec_jax as q
@@ -21,10 +22,12 @@ from qvec_jax.cli.common import (
     add_parser,
     bit_width,
     check_output,
+    claim,
     finite_float,
     finite_floats,
     nonnegative_int,
     positive_int,
+    refuse_quantized,
     restore_model,
     restore_qv,
     same_backbone,
@@ -38,18 +41,33 @@ from qvec_jax.export import export_packed
 
 class _Intermixed(argparse.ArgumentParser):
     """A parser that takes options between its positionals (``QV QV --method ties OUT``),
-    which plain argparse cannot with a ``nargs="+"`` positional before another one."""
+    which plain argparse cannot with a ``nargs="+"`` positional before another one, and
+    negative numbers as the value of ``--weights`` (``--weights -1,1``, which argparse
+    would take for an option)."""
 
     _inner = False
 
     def parse_known_args(self, args=None, namespace=None):
         if self._inner:  # parse_known_intermixed_args calls back in here
             return super().parse_known_args(args, namespace)
+        args = _glue_negative(sys.argv[1:] if args is None else list(args), "--weights")
         self._inner = True
         try:
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._inner = False
+
+
+def _glue_negative(args: list, option: str) -> list:
+    """``[option, "-1,1"]`` -> ``[option + "=-1,1"]``: a value that starts with a minus
+    sign and a digit or a dot is a number list, never an option."""
+    out = []
+    for a in args:
+        if out and out[-1] == option and re.match(r"-[\d.]", str(a)):
+            out[-1] = f"{option}={a}"
+        else:
+            out.append(a)
+    return out
 
 
 def add_merge(sub) -> None:
@@ -71,7 +89,7 @@ def add_merge(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, help="dare: seed of the drop masks (0)")
     p.add_argument("--combine", choices=merge.COMBINES, help="dare: how to combine (mean)")
     p.add_argument("--scope", choices=merge.SCOPES, help="ties/model_stock: global or leaf")
-    p.add_argument("--weights", type=finite_floats, help="one weight per QV, e.g. 1,1,2")
+    p.add_argument("--weights", type=finite_floats, help="one weight per QV, e.g. 1,1,2 or -1,1")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_merge)
 
@@ -91,15 +109,46 @@ def _merge_spec(args) -> merge.MergeSpec:
 def _cmd_merge(args) -> int:
     if len(args.qvs) < 2:
         raise QvecError(f"merge needs two or more QVs, got {len(args.qvs)}; add QV checkpoints")
+    _no_repeats(args.qvs)
     spec = _merge_spec(args)
     out = check_output(args.out, args.qvs, args.overwrite)
-    qvs, metas = [], []
-    for path in args.qvs:
+    with claim(out, args.overwrite):
+        return _merge(args, spec, out)
+
+
+def _no_repeats(paths) -> None:
+    """Refuse a QV given twice (``sum`` would count it twice, ``mean`` weigh it double)."""
+    seen: dict = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:
+            raise QvecError(f"QV {p} is given twice ({seen[key]} and {p} are one checkpoint); "
+                            "pass each QV once (--weights sets a QV's weight)")  # fmt: skip
+        seen[key] = p
+
+
+def _restore_qvs(paths) -> tuple[list, list]:
+    """The QVs and their metas; two of different backbones, or two equal ones (same
+    fingerprint: the hash of their leaves), are refused."""
+    qvs, metas, prints = [], [], {}  # prints: {fingerprint: path}
+    for path in paths:
         qv, meta = restore_qv(path)
         if metas:
-            same_backbone(metas[0], meta, args.qvs[0], path)
+            same_backbone(metas[0], meta, paths[0], path)
+        fp = checkpoints.backbone_id(qv)
+        if fp in prints:
+            raise QvecError(
+                f"QV {path} equals QV {prints[fp]} (same fingerprint {fp}: a copy of one QV); "
+                "pass each QV once (--weights sets a QV's weight)"
+            )
+        prints[fp] = path
         qvs.append(qv)
-        metas.append(meta)
+        metas.append({**meta, "fingerprint": fp})  # read by _merged_meta only
+    return qvs, metas
+
+
+def _merge(args, spec, out) -> int:
+    qvs, metas = _restore_qvs(args.qvs)
     try:
         merged = merge.merge_qvs(qvs, spec)
     except ValueError as e:
@@ -108,7 +157,7 @@ def _cmd_merge(args) -> int:
             raise QvecError(f"--{msg}") from None
         msg = re.sub(r"qvs\[(\d+)\]", lambda m: args.qvs[int(m.group(1))], msg)
         raise QvecError(f"merging {', '.join(args.qvs)}: {msg}") from None
-    meta = _merged_meta(args.qvs, qvs, metas, spec, merged)
+    meta = _merged_meta(args.qvs, metas, spec, merged)
     save(out, merged, meta)
     donors = ", ".join(str(i["task"]) for i in meta["merge"]["inputs"])
     print(
@@ -118,7 +167,7 @@ def _cmd_merge(args) -> int:
     return 0
 
 
-def _merged_meta(paths, qvs, metas, spec, merged) -> dict:
+def _merged_meta(paths, metas, spec, merged) -> dict:
     """A QV meta like `qvec extract`'s: model keys shared by the inputs (a key on which
     they differ is left out), the recipe and each input's path, task and fingerprint (the
     hash of its leaves, as checkpoints.backbone_id)."""
@@ -132,9 +181,9 @@ def _merged_meta(paths, qvs, metas, spec, merged) -> dict:
             "path": str(Path(p).resolve()),
             "task": m.get("task"),
             "bits": m.get("bits"),
-            "fingerprint": checkpoints.backbone_id(qv),
+            "fingerprint": m["fingerprint"],
         }
-        for p, qv, m in zip(paths, qvs, metas)
+        for p, m in zip(paths, metas)
     ]
     return {
         "kind": "qv",
@@ -224,10 +273,12 @@ def add_ptq(sub) -> None:
 def _cmd_ptq(args) -> int:
     _check_calib(args)
     out = check_output(args.out, [args.inp], args.overwrite)
-    params, meta = restore_model(args.inp)
-    tree, record = _quantize(args, params, meta)
-    size = q.size_report(params, args.bits, granularity=args.granularity)
-    save(out, q.dequantize(tree), {**meta, "ptq": record})
+    with claim(out, args.overwrite):
+        params, meta = restore_model(args.inp)
+        refuse_quantized(args.inp, meta, "ptq")
+        tree, record = _quantize(args, params, meta)
+        size = q.size_report(params, args.bits, granularity=args.granularity)
+        save(out, q.dequantize(tree), {**meta, "ptq": record})
     print(json.dumps(size))
     return 0
 
@@ -254,12 +305,14 @@ def _cmd_export(args) -> int:
     if Path(args.out).is_dir():
         raise QvecError(f"output {args.out} is a directory; name a file (e.g. model.safetensors)")
     out = check_output(args.out, [args.inp], args.overwrite)
-    params, meta = restore_model(args.inp)
-    tree, record = _quantize(args, params, meta)
-    spec = q.QuantSpec(args.bits, args.granularity)
-    record |= {"method": args.method, "packed": True}
-    with writing(out, "output"):
-        disk = export_packed(tree, out, spec, meta={**meta, "ptq": record})
+    with claim(out, args.overwrite):
+        params, meta = restore_model(args.inp)
+        refuse_quantized(args.inp, meta, "export")
+        tree, record = _quantize(args, params, meta)
+        spec = q.QuantSpec(args.bits, args.granularity)
+        record |= {"method": args.method, "packed": True}
+        with writing(out, "output"):
+            disk = export_packed(tree, out, spec, meta={**meta, "ptq": record})
     size = q.size_report(params, spec)
     fp32, total = size["fp32_bytes"], size["total_bytes"]
     print(f"wrote {out}")

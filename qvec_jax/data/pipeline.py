@@ -225,6 +225,22 @@ def _part_indices(task: Task, reader, part: str) -> np.ndarray:
     return np.flatnonzero(keep).astype(np.int64)
 
 
+def split_indices(task: Task | str, split: str, data_dir=None) -> tuple:
+    """``(source, reader, part, indices)`` of one split: the source examples it holds
+    (indices into the official ``part``, "train" or "test"), as :func:`load_split` takes
+    them: ``test`` is the official test part, ``train``/``val`` split the official train
+    part (both after a class-subset view's filter) by :func:`split_positions`."""
+    task = get_task(task)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    src, reader = open_task(task, data_dir)
+    part = "test" if split == "test" else "train"
+    indices = _part_indices(task, reader, part)
+    if split != "test":
+        indices = indices[split_positions(len(indices))[split]]
+    return src, reader, part, indices
+
+
 def load_split(
     task_or_name: Task | str,
     split: str,
@@ -246,11 +262,7 @@ def load_split(
     key = (task, split, image_size, str(root), in_memory)
     if key in _SPLITS:
         return _SPLITS[key]
-    src, reader = open_task(task, root)
-    part = "test" if split == "test" else "train"
-    indices = _part_indices(task, reader, part)
-    if split != "test":
-        indices = indices[split_positions(len(indices))[split]]
+    src, reader, part, indices = split_indices(task, split, root)
     if len(indices) == 0:
         raise ValueError(f"task {task.name!r}: split {split!r} is empty in {reader.where}")
     if in_memory is None:
@@ -319,6 +331,7 @@ __all__ = [
     "load_split",
     "num_train_steps",
     "open_task",
+    "split_indices",
     "split_positions",
     "val_size",
 ]

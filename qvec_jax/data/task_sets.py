@@ -20,6 +20,7 @@ so nobody edits the test set by hand. The test sets' names appear nowhere else i
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -115,3 +116,24 @@ def draw_fallback_test() -> list[str]:
     rest = pool((*DEV, *SKEPTIC, *FALLBACK_DEV, *draw_dev_extra()))
     digits = [e for e in rest if e[0] == "digits"]
     return draw(digits, TEST_SEED, k=len(FALLBACK_DEV), min_each=FALLBACK_MIN)
+
+
+@functools.cache
+def _test_keys() -> dict[tuple, str]:
+    return {view_key(n): n for n in (*draw_test(), *draw_fallback_test())}
+
+
+def in_test_sets(tasks: Iterable[str]) -> list[str]:
+    """The names among ``tasks`` that denote a view of a TEST set (the main one or the
+    digits-only one), matched by :func:`view_key` whatever their spelling or label
+    (``digits_a@hflip`` is ``digits@classes=0,1,2,3,4,hflip``); a name this registry does
+    not know is no test view. ``qvec tune`` refuses a grid holding one, the report marks it."""
+    keys, out = _test_keys(), []
+    for name in tasks:
+        try:
+            key = view_key(name)
+        except (KeyError, ValueError):
+            continue
+        if key in keys:
+            out.append(name)
+    return out

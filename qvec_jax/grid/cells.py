@@ -3,7 +3,7 @@
 :class:`GridRun` loads the checkpoints of one grid call on demand (each checked against
 the first one's backbone), keeps one receiver's FP params and one donor's QV on device
 at a time, and evaluates cells receiver by receiver, appending each record to the
-shard's record file as it finishes. ``grid_extras`` and ``grid_gptq`` subclass or reuse
+shard's record file as it finishes. :mod:`.extras` and :mod:`.gptq` subclass or reuse
 it for their rows.
 
 Params are jit *arguments*: ``PTQ(FP_R + lam * QV_D)`` is built by one jitted function

@@ -1,7 +1,7 @@
 """The grid's extras: lambda-strategy measurements and leave-one-out QV merges
 (issues 13 and 14), computed after the main cells of :func:`qvec_jax.grid.run.run_grid`.
 
-Two more cell kinds go to the same record files (keyed by ``grid_store.cell_key``):
+Two more cell kinds go to the same record files (keyed by ``grid.store.cell_key``):
 
 - ``scores`` (receiver R, donor D, lam None): :func:`qvec_jax.select.candidate_scores`
   of ``(FP_R, QV_D)`` over the candidates ``0`` + the grid's lambdas, so a report
@@ -13,6 +13,12 @@ Two more cell kinds go to the same record files (keyed by ``grid_store.cell_key`
 - ``merge`` (receiver R, donor ``"loo:<method>"``, lam): ``acc(PTQ(FP_R + lam *
   merge(QV_D for D != R)))`` on val and test, patched and quantized exactly as a
   single donor's ``patch`` cell. ``lam = 0`` is the ``ptq_fp`` cell (not recomputed).
+  Only with at least ``MIN_MERGE_DONORS`` donors: one QV is no merge (a 2-task grid has
+  no merge cells).
+
+A ``scores`` cell also records ``overlap``: per proxy kind (donor, pretext), how many of
+R's train, val and test images its proxy images are (``select.images_overlap``, the
+package's one overlap rule), so the report says when "no receiver data" is not so.
 
 A cell records ``sources`` (the checkpoint fingerprints it was computed from) and
 ``setup`` (the proxy settings or the merge recipe); a cell whose sources or setup
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,14 +53,18 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "EXTRAS_FILE",
     "EXTRA_KINDS",
+    "MIN_MERGE_DONORS",
     "Extras",
     "loo_donor",
     "measured_strategies",
     "plan_extras",
     "read_extras_settings",
+    "sized",
 ]
 
 EXTRA_KINDS = ("scores", "merge")
+#: A leave-one-out merge needs this many donors (a 2-task grid has 1 per receiver: none).
+MIN_MERGE_DONORS = 2
 #: The merge methods of the leave-one-out rows (``merge.METHODS`` adds "sum").
 DEFAULT_METHODS = ("mean", "ties", "dare", "model_stock")
 #: The no-receiver-data strategy of the report's heatmap: the winner of ``qvec tune`` on
@@ -69,13 +80,26 @@ def default_strategy(pretext: str | None) -> str:
     return DEFAULT_STRATEGY if pretext is not None else NO_PRETEXT_STRATEGY
 
 
-def fixed_strategy(name: str, pretext: str | None, who: str, among=None, error=None):
+def sized(name: str, proxy_n: int | None) -> str:
+    """``name`` with a proxy's size made explicit: a donor, pretext or noise proxy named
+    without a size (``proxy-donor-kl``, 256 images) reads the grid's ``proxy_n`` images
+    (``proxy-donor64-kl``); other names, and every name when ``proxy_n`` is None, as given."""
+    family, sep, rest = str(name).partition(":")
+    m = re.fullmatch(r"proxy-(donor|pretext|noise)-(kl|agree|cos)", family)
+    if proxy_n is None or m is None or int(proxy_n) == 256:
+        return name
+    return f"proxy-{m[1]}{int(proxy_n)}-{m[2]}{sep}{rest}"
+
+
+def fixed_strategy(name: str, pretext: str | None, who: str, among=None, error=None, proxy_n=None):
     """The no-receiver-data strategy a grid stage (``who``) fixes in advance: ``name``
-    ("auto": :func:`default_strategy`) among ``among`` (``select.get_strategy``). Refuses,
-    in one line (``error``, default ``SelectError``), one that uses receiver data or reads
-    pretext images without a ``pretext`` task."""
+    ("auto": :func:`default_strategy`; a proxy without a size: ``proxy_n`` images, see
+    :func:`sized`) among ``among`` (``select.get_strategy``). Refuses, in one line
+    (``error``, default ``SelectError``), one that uses receiver data or reads pretext
+    images without a ``pretext`` task."""
     error = error or select.SelectError
-    s = select.get_strategy(default_strategy(pretext) if name == "auto" else name, among)
+    name = sized(default_strategy(pretext) if name == "auto" else name, proxy_n)
+    s = select.get_strategy(name, among)
     if s.data in ("unlabelled receiver", "labelled receiver"):
         raise error(
             f"{who} strategy {s.name!r} uses {s.data} data; name one that uses no receiver "
@@ -119,7 +143,7 @@ class Extras:
 
     def __post_init__(self):
         measured = measured_strategies(self.proxy_n, self.rx_shots)
-        s = fixed_strategy(self.strategy, self.pretext, "extras", measured)
+        s = fixed_strategy(self.strategy, self.pretext, "extras", measured, None, self.proxy_n)
         object.__setattr__(self, "strategy", s.name)  # one spelling per strategy
         bad = [m for m in self.methods if m not in merge.METHODS]
         if bad or len(set(self.methods)) != len(self.methods):
@@ -189,7 +213,7 @@ def plan_extras(ex: Extras, tasks, ckpts, lambdas, cands, done: dict) -> list[di
             if d != r:
                 cells.append(("scores", r, d, None, _src(ckpts, r, [d], False), setup))
         loo = [d for d in donors if d != r]
-        for m in ex.methods if loo else ():
+        for m in ex.methods if len(loo) >= MIN_MERGE_DONORS else ():  # one QV is no merge
             recipe = json.loads(json.dumps({"merge": merge.MergeSpec(m).to_dict(), "donors": loo}))
             src = _src(ckpts, r, loo, True)
             cells.append(("scores", r, loo_donor(m), None, src, setup | recipe))
@@ -269,7 +293,8 @@ class _ExtrasRun(GridRun):
                     x = jnp.concatenate(
                         [self.train_images(t, self.ex.proxy_n, size) for t in donors]
                     )
-                    yield self.scores_record(c, model, fp_dev, qv_dev, inputs | {"donor": x}, t0)
+                    rec = self.scores_record(c, model, fp_dev, qv_dev, inputs | {"donor": x}, t0)
+                    yield rec | {"overlap": self.overlap(r, donors)}
                 t0 = time.perf_counter()
             del qv_dev
 
@@ -278,6 +303,15 @@ class _ExtrasRun(GridRun):
         out = {"unlabelled receiver": self.train_images(r, max(self.ex.rx_shots), size)}
         if self.ex.pretext is not None:
             out["pretext"] = self.train_images(self.ex.pretext, self.ex.proxy_n, size)
+        return out
+
+    def overlap(self, r: str, donors: list[str]) -> dict:
+        """Per proxy kind, how many of R's train/val/test images its proxy images hold
+        (``select.images_overlap``; the unlabelled receiver's are R's own train images)."""
+        ex, kw = self.ex, {"seed": self.ex.seed, "data_dir": self.data_dir}
+        out = {"donor": select.images_overlap(donors, ex.proxy_n, r, measured=ex.proxy_n, **kw)}
+        if ex.pretext is not None:
+            out["pretext"] = select.images_overlap(ex.pretext, ex.proxy_n, r, **kw)
         return out
 
     def _common(self, cell: dict, t0: float) -> dict:

@@ -21,8 +21,10 @@ for every receiver R, after its RTN cells and in the same record files:
 
 Images of task T *overlap* R's when they can be the same model inputs: one source, the
 same rotation/flip/inversion, a class in common (``fashion_mnist`` overlaps ``fmnist_a``;
-``digits_rot90`` does not overlap ``digits``). A calibration set that overlaps R is
-flagged ``receiver_images`` in its record, and the report says so.
+``digits_rot90`` does not overlap ``digits``): :mod:`qvec_jax.data.overlap`, the
+package's one rule. A record counts the receiver's train, val and test images its
+calibration set holds (``calib_overlap``; ``calib_used.receiver_images`` when any), and
+the report says so, with the counts.
 
 Each record keeps its checkpoints' fingerprints and its calibration spec (source, task,
 n, seed); a rerun computes only the cells that are missing or whose inputs changed.
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 
 from qvec_jax import checkpoints, gptq, select, trees
 from qvec_jax import data as qdata
+from qvec_jax.data import overlap
 from qvec_jax.grid.cells import GridRun
 from qvec_jax.grid.extras import DEFAULT_STRATEGY, fixed_strategy
 from qvec_jax.grid.inputs import GridError
@@ -141,19 +144,9 @@ class GptqCells:
 
 
 def overlaps(a: str | None, b: str | None) -> bool:
-    """Whether tasks ``a`` and ``b`` can show the same model inputs (module docstring)."""
-    if not a or not b:
-        return False
-    try:
-        ta, tb = qdata.get_task(a), qdata.get_task(b)
-    except (KeyError, ValueError):  # a task this registry does not know
-        return a == b
-    va, vb = ta.view, tb.view
-    if ta.source != tb.source or (va.rot90, va.hflip, va.invert) != (vb.rot90, vb.hflip, vb.invert):
-        return False
-    if va.classes is None or vb.classes is None:
-        return True
-    return bool(set(va.classes) & set(vb.classes))
+    """Whether tasks ``a`` and ``b`` can show the same model inputs: the package's one
+    rule, :func:`qvec_jax.data.overlap.may_overlap` (module docstring)."""
+    return overlap.may_overlap(a, b)
 
 
 def calib_spec(
@@ -317,6 +310,9 @@ class _Job:
             twin = self.made.get(cell_key(rec | {"kind": cell["kind"].split("@")[0]}))
             if twin is not None and all(twin.get(k) == cell[k] for k in ("sources", "calib")):
                 rec |= {k: twin[k] for k in ("acc", "n", "calib_used", "seconds")}
+                rec["calib_overlap"] = twin.get("calib_overlap") or self.calib_overlap(
+                    cell["calib"], r
+                )
                 rec["same_as"] = list(cell_key(twin))  # one GPTQ, not two
                 return self._finish(rec)
         images = self.calib(cell["calib"], size)
@@ -328,15 +324,24 @@ class _Job:
         q = put(q, self.run.replicated)
         rec["acc"] = {s: e.accuracy(eval_model, q) for s, e in evals.items()}
         rec["n"] = {s: e.n for s, e in evals.items()}
-        task = cell["calib"]["task"]
+        task, counts = cell["calib"]["task"], self.calib_overlap(cell["calib"], r)
         rec["calib_used"] = {
             "n": len(images),
             "split": None if task is None else "train",
-            "receiver_images": overlaps(task, r),
+            "receiver_images": overlap.has_overlap(counts),
         }
+        rec["calib_overlap"] = counts
         rec["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         rec["seconds"]["total"] = round(time.perf_counter() - t0, 3)
         return self._finish(rec)
+
+    def calib_overlap(self, spec: dict, r: str) -> dict:
+        """How many of R's train/val/test images the calibration set holds (none for noise)."""
+        if spec["task"] is None:
+            return overlap.zero_counts()
+        return select.images_overlap(
+            spec["task"], spec["n"], r, seed=spec["seed"], data_dir=self.run.data_dir
+        )
 
     def _finish(self, rec: dict) -> dict:
         rec |= {"bits": self.spec.bits, "granularity": self.spec.granularity}

@@ -26,10 +26,12 @@ __all__ = [
     "MODES",
     "Ckpt",
     "GridError",
+    "NAME_MAX",
     "MissingCheckpoints",
     "backbone_signature",
     "check_compatible",
     "check_same_backbone",
+    "check_task_names",
     "checkpoint_path",
     "find_checkpoints",
 ]
@@ -58,8 +60,37 @@ class MissingCheckpoints(GridError):
         )
 
 
+#: The longest file name, in bytes, that common file systems take (ext4, XFS, Btrfs, APFS).
+NAME_MAX = 255
+
+
+def check_task_names(tasks: Sequence[str]) -> None:
+    """Refuse a task name that cannot be one directory name (``RUNS/<task>/<mode>``):
+    empty, ``.`` or ``..``, holding ``/`` or NUL, or longer than :data:`NAME_MAX` bytes.
+    Checked before anything is created, so a refused grid leaves no workdir behind."""
+    for t in tasks:
+        if not isinstance(t, str):
+            raise GridError(f"task {t!r}: task names are strings")
+        size = len(os.fsencode(t))
+        why = (
+            f"is {size} bytes long, over the file-name limit of {NAME_MAX} bytes"
+            if size > NAME_MAX
+            else "is not a single directory name"
+            if t in ("", ".", "..") or "/" in t or "\0" in t
+            else None
+        )
+        if why:
+            raise GridError(
+                f"task {t!r} {why}; a task name becomes a directory (RUNS/<task>/<mode>). "
+                "Give the task a shorter name: register its view under one "
+                "(qvec_jax.data.register_task(qvec_jax.data.derive(BASE, NAME, ...)))"
+            )
+
+
 def checkpoint_path(runs_dir: str | os.PathLike, task: str, mode: str) -> Path:
-    """Where the grid expects ``qvec finetune``'s final params: ``RUNS/<task>/<mode>/params``."""
+    """Where the grid expects ``qvec finetune``'s final params: ``RUNS/<task>/<mode>/params``
+    (:class:`GridError` for a task name that cannot be a directory name)."""
+    check_task_names([task])
     return Path(runs_dir) / task / mode / "params"
 
 

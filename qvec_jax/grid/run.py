@@ -28,7 +28,8 @@ in a ``jax.distributed`` run of P processes each process takes one shard of its 
 (shard ``i*P + p`` of ``n*P``). Each shard evaluates on its process's local devices,
 appends to its own ``cells.shard-<i>-of-<n>.jsonl`` and holds its own lock
 (:meth:`GridStore.lock`); :meth:`GridStore.cells` merges all record files, so
-``qvec report`` (or a final ``run_grid`` without a shard) reports the whole grid.
+``qvec report`` (or a final ``run_grid`` without a shard) reports the whole grid. The
+shards share ``grid.json``: one asking for another grid is refused until that one is complete.
 
 Efficiency (:mod:`qvec_jax.grid.cells` evaluates the cells): params are jit *arguments*.
 ``PTQ(FP_R + lam * QV_D)`` is built by one jitted function of ``(fp, qv, lam)`` and
@@ -44,16 +45,19 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 
 from qvec_jax import quant, trees
+from qvec_jax.files import directory_lock
 from qvec_jax.grid.cells import GridRun
 from qvec_jax.grid.inputs import (
     GridError,
     MissingCheckpoints,
     check_compatible,
+    check_task_names,
     find_checkpoints,
 )
 from qvec_jax.grid.store import GridStore, cell_key
@@ -219,12 +223,64 @@ def _request(tasks, bits, granularity, spec, lambdas, compute_dtype, extras) -> 
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise GridError("no tasks given; pass at least one task name")
+    check_task_names(tasks)  # before the lock creates the workdir
     if spec is None and bits is None:
         raise GridError("no quantizer: pass bits= (and granularity=) or spec=QuantSpec(...)")
     spec = quant.as_spec(spec, bits=bits, granularity=granularity)
     lambdas = sorted({round(lam, 6) for lam in trees.check_lambdas(lambdas)} | {1.0})
     dtype = _compute_dtype(compute_dtype)
     return tasks, spec, lambdas, dtype
+
+
+#: The keys of ``grid.json`` that are the request itself: every shard of a grid must agree
+#: on them (the checkpoints found, missing ones and warnings follow from them).
+_REQUEST_KEYS = ("tasks", "lambdas", "bits", "granularity", "rule", "compute_dtype", "runs_dir")
+
+
+def _complete(store: GridStore, meta: dict) -> bool:
+    """Whether the grid that ``meta`` (a ``grid.json``) describes is complete: every cell
+    its checkpoints allow is stored, computed from those checkpoints."""
+    ckpts = {}
+    for name, c in (meta.get("checkpoints") or {}).items():
+        task, _, mode = name.rpartition("/")
+        ckpts[(task, mode)] = SimpleNamespace(fingerprint=(c or {}).get("fingerprint"))
+    done = {cell_key(c): c for c in store.cells({c.fingerprint for c in ckpts.values()})}
+    return not plan_cells(meta.get("tasks") or [], meta.get("lambdas") or [], ckpts, done).todo
+
+
+def _check_shard_request(store: GridStore, meta: dict, shard, *, say: bool = True) -> None:
+    """Refuse shard ``shard`` whose request (``meta``) differs from the ``grid.json`` that
+    the other shards share, unless the grid described there is complete (then this shard
+    starts the next request, and says so if ``say``)."""
+    old = store.meta()
+    differ = [k for k in _REQUEST_KEYS if old and old.get(k) != meta.get(k)]
+    if not differ:
+        return
+    what = "; ".join(f"{k} {old.get(k)} there, {meta.get(k)} here" for k in differ)
+    if _complete(store, old):
+        if say:
+            where = f"shard {shard[0]}/{shard[1]} replaces the complete grid's request in"
+            print(f"note: {where} {store.meta_path} ({what}); run every shard with this request")
+        return
+    raise GridError(
+        f"shard {shard[0]}/{shard[1]} asks for another grid than {store.meta_path}, which "
+        f"the other shards share and whose grid is not complete ({what}); run every shard "
+        "with the same tasks, lambdas, quantizer and runs, or use another --workdir"
+    )
+
+
+def _write_meta(store: GridStore, meta: dict, shard: tuple[int, int] | None, write: bool):
+    """Write ``grid.json`` (if ``write``: process 0). A shard (``shard``: the one asked
+    for) first checks it against the other shards' ``grid.json``, holding the workdir's
+    mutex so that two shards starting together cannot both pass with different requests."""
+    if shard is None:
+        if write:
+            store.write_meta(meta)
+        return
+    with directory_lock(store.workdir):
+        _check_shard_request(store, meta, shard, say=write)
+        if write:
+            store.write_meta(meta)
 
 
 def run_grid(
@@ -258,8 +314,11 @@ def run_grid(
     wait for each other, and return the merged cells.
     Raises :class:`MissingCheckpoints` after computing the available cells if a
     checkpoint is missing and not ``allow_missing``; :class:`GridError` if the
-    checkpoints do not share one backbone; ``files.WorkdirLocked`` (at once) if another
-    grid run holds ``workdir`` (or this shard of it).
+    checkpoints do not share one backbone, a task name cannot be a directory name
+    (before anything is created), or a shard asks for another grid than the ``grid.json``
+    the other shards share, while that grid is not complete (before its lock is taken);
+    ``files.WorkdirLocked`` (at once) if another grid run holds ``workdir`` (or this
+    shard of it).
     ``extras``: a ``grid.extras.Extras`` (lambda-strategy measurements, leave-one-out
     merges), a ``grid.gptq.GptqCells`` (GPTQ rows), or a sequence of them, computed in
     order after the main cells, under the same lock and shard.
@@ -272,13 +331,22 @@ def run_grid(
     )
     store = GridStore(workdir)
     mine = _process_shard(shard)
+    if shard is not None:  # before the lock: a refused shard leaves the workdir as it was
+        request = _grid_meta(tasks, lambdas, spec, runs_dir, {}, [], [], dtype)
+        _check_shard_request(store, request, shard, say=False)
     with store.lock(mine, command="qvec grid"):  # every process locks its own shard
         missing = _run_locked(
             tasks, runs_dir, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=mine,
-            extras=extras, dtype=dtype,
+            extras=extras, dtype=dtype, asked=shard,
         )  # fmt: skip
-    if jax.process_count() > 1:  # the merged cells once every process has written its own
+    return _merged_cells(store, missing, allow_missing)
+
+
+def _merged_cells(store: GridStore, missing: list[dict], allow_missing: bool) -> list[dict]:
+    """Every stored cell, once every process of a ``jax.distributed`` run has written its
+    own; :class:`MissingCheckpoints` (holding them) if checkpoints are ``missing``."""
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("qvec grid: all shards done")
@@ -290,10 +358,11 @@ def run_grid(
 
 def _run_locked(
     tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, data_dir, progress,
-    device_cache_bytes, shard, extras=None, dtype="float32",
+    device_cache_bytes, shard, extras=None, dtype="float32", asked=None,
 ) -> list[str]:  # fmt: skip
     """``run_grid``'s body, run while this process holds its shard's lock; computes the
-    shard's missing cells and returns the missing checkpoints."""
+    shard's missing cells and returns the missing checkpoints. ``shard``: this process's
+    shard; ``asked``: the shard ``run_grid`` was asked for (None: the whole grid)."""
     old_meta = store.meta()
     _check_quantizer(store, old_meta, spec)
     _check_compute_dtype(store, old_meta, dtype)
@@ -307,9 +376,8 @@ def _run_locked(
     plan = plan_cells(tasks, lambdas, ckpts, done)
     if shard is not None:
         plan.todo = [c for c in plan.todo if shard_of(c, tasks, shard[1]) == shard[0]]
-    is_main = jax.process_index() == 0
-    if is_main:  # grid.json: a function of the request, the same from every shard
-        store.write_meta(meta)
+    # grid.json: a function of the request, the same from every shard (checked)
+    _write_meta(store, meta, asked, write=jax.process_index() == 0)
     for w in warnings:
         print(f"warning: {w}")
 

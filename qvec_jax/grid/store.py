@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from qvec_jax.files import atomic_write_text, workdir_lock
+from qvec_jax.files import atomic_write_text, workdir_locks
 
 CELLS_FILE = "cells.jsonl"
 #: Record file of shard ``i`` of ``n``.
@@ -114,23 +114,24 @@ class GridStore:
 
     @contextlib.contextmanager
     def lock(self, shard: tuple[int, int] | None = None, *, command=None) -> Iterator[None]:
-        """Keep other grid runs out while the body writes (``files.workdir_lock``).
+        """Keep other grid runs out while the body writes (``files.workdir_locks``).
 
         The whole grid (``shard=None``) holds ``grid.lock`` exclusively. Shard ``(i, n)``
         holds ``grid.lock`` shared and ``grid.shard-<i>-of-<n>.lock`` exclusively, so the
         shards of one grid (each writing its own record file) run side by side in one
-        workdir while a second copy of a shard, or an unsharded run, is refused.
+        workdir while a second copy of a shard, or an unsharded run, is refused. Both
+        locks are taken before either records its holder, so a refused shard leaves the
+        record in ``grid.lock`` as it was.
         """
         if shard is None:
-            with workdir_lock(self.workdir, "grid", command=command):
-                yield
-            return
-        i, n = shard
-        if not 0 <= i < n:
-            raise GridStoreError(f"shard {i}/{n}: need 0 <= i < n")
-        with workdir_lock(self.workdir, "grid", command=command, shared=True):
-            with workdir_lock(self.workdir, f"grid.shard-{i}-of-{n}", command=command):
-                yield
+            locks = [("grid", False)]
+        else:
+            i, n = shard
+            if not 0 <= i < n:
+                raise GridStoreError(f"shard {i}/{n}: need 0 <= i < n")
+            locks = [("grid", True), (f"grid.shard-{i}-of-{n}", False)]
+        with workdir_locks(self.workdir, locks, command=command):
+            yield
 
     def exists(self) -> bool:
         """Whether the workdir holds a grid (cell records or a ``grid.json``)."""

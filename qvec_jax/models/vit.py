@@ -18,9 +18,12 @@ Param tree (exactly the key names of the published ``ViT-B_16.npz`` checkpoints)
 
 Numerics match the checkpoints (and timm's port of them): pre-LN blocks, exact (erf)
 GELU, LayerNorm epsilon 1e-6, softmax attention scaled by ``1/sqrt(head_dim)``, the class
-token's output goes to the head. ``tests/test_torch_ref.py`` checks logits against timm
-and Hugging Face. No dropout: the paper's fine-tuning recipe uses none, so ``apply`` needs
-no RNG. Inputs are NHWC images in [-1, 1].
+token's output goes to the head. The epsilon (``layer_norm_eps``; Hugging Face's ViTs use
+1e-12) and the MLP activation (``activation``: ``"gelu"``, or ``"gelu_tanh"``, its tanh
+approximation) are fields, set from an imported checkpoint's config.
+``tests/test_torch_ref.py`` checks logits against timm and Hugging Face. No dropout: the
+paper's fine-tuning recipe uses none, so ``apply`` needs no RNG. Inputs are NHWC images
+in [-1, 1].
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ WIDTHS: dict[str, dict[str, int]] = {
 }
 # timm's init for a fresh classifier (the paper fine-tunes timm models with a new head).
 HEAD_INIT = nn.initializers.truncated_normal(0.02)
+
+#: The MLP activations the model implements: exact (erf) GELU and its tanh approximation.
+ACTIVATIONS = {"gelu": False, "gelu_tanh": True}  # name -> nn.gelu's ``approximate``
+LAYER_NORM_EPS = 1e-6  # the Google and timm checkpoints'
 
 # The variants this project names; any "<class>/<patch>" with a class above also works.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -99,6 +106,7 @@ def decode_variant(variant: str) -> dict[str, int]:
 class MlpBlock(nn.Module):
     mlp_dim: int
     dtype: Any = jnp.float32
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x):
@@ -108,7 +116,7 @@ class MlpBlock(nn.Module):
             dtype=self.dtype,
         )
         y = nn.Dense(self.mlp_dim, name="Dense_0", **inits)(x)
-        y = nn.gelu(y, approximate=False)
+        y = nn.gelu(y, approximate=ACTIVATIONS[self.activation])
         return nn.Dense(x.shape[-1], name="Dense_1", **inits)(y)
 
 
@@ -118,10 +126,13 @@ class EncoderBlock(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: Any = jnp.float32
+    layer_norm_eps: float = LAYER_NORM_EPS
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x):
-        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")(x)
+        eps = self.layer_norm_eps
+        y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="LayerNorm_0")(x)
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
@@ -130,8 +141,9 @@ class EncoderBlock(nn.Module):
             name="MultiHeadDotProductAttention_1",
         )(y, y)
         x = x + y
-        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
-        return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
+        y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="LayerNorm_2")(x)
+        mlp = MlpBlock(self.mlp_dim, self.dtype, self.activation, name="MlpBlock_3")
+        return x + mlp(y)
 
 
 class _PosEmbedInput(nn.Module):
@@ -148,15 +160,20 @@ class _Transformer(nn.Module):
     mlp_dim: int
     num_heads: int
     dtype: Any = jnp.float32
+    layer_norm_eps: float = LAYER_NORM_EPS
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x):
         x = _PosEmbedInput(name="posembed_input")(x)
+        arch = dict(layer_norm_eps=self.layer_norm_eps, activation=self.activation)
         for i in range(self.depth):
-            x = EncoderBlock(
-                self.mlp_dim, self.num_heads, dtype=self.dtype, name=f"encoderblock_{i}"
-            )(x)
-        return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
+            block = EncoderBlock(
+                self.mlp_dim, self.num_heads, self.dtype, **arch, name=f"encoderblock_{i}"
+            )
+            x = block(x)
+        eps = self.layer_norm_eps
+        return nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="encoder_norm")(x)
 
 
 class ViT(nn.Module):
@@ -177,6 +194,8 @@ class ViT(nn.Module):
     image_size: int = 224
     representation_size: int | None = None
     dtype: Any = jnp.float32  # computation dtype; params stay float32
+    layer_norm_eps: float = LAYER_NORM_EPS  # every LayerNorm's epsilon (HF ViTs: 1e-12)
+    activation: str = "gelu"  # the MLP's, one of ACTIVATIONS
 
     @nn.compact
     def __call__(self, images):
@@ -196,8 +215,9 @@ class ViT(nn.Module):
         cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
         x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
         x = _Transformer(
-            self.depth, self.mlp_dim, self.num_heads, dtype=self.dtype, name="Transformer"
-        )(x)
+            self.depth, self.mlp_dim, self.num_heads, dtype=self.dtype,
+            layer_norm_eps=self.layer_norm_eps, activation=self.activation, name="Transformer",
+        )(x)  # fmt: skip
         x = x[:, 0]
         if self.representation_size:
             x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
@@ -248,6 +268,23 @@ def _is_int(n, least: int) -> bool:
     return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= least
 
 
+def check_arch(layer_norm_eps, activation) -> None:
+    """Refuse a LayerNorm epsilon that is not a positive finite number, and an activation
+    this model does not implement (the message names the field)."""
+    eps = layer_norm_eps
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, (int, float, np.floating))
+        or not (0 < eps < float("inf"))
+    ):
+        raise ValueError(f"layer_norm_eps must be a positive number, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation {activation!r} is not implemented by this ViT; it has "
+            f"{', '.join(ACTIVATIONS)}"
+        )
+
+
 def _check_sizes(*, image_size, num_classes, rep) -> None:
     """Refuse sizes no ViT has: a non-positive image size, a negative class count."""
     if not _is_int(image_size, 1):
@@ -264,10 +301,14 @@ def create_model(
     image_size: int = 224,
     representation_size: int | None = None,
     dtype: Any = jnp.float32,
+    layer_norm_eps: float = LAYER_NORM_EPS,
+    activation: str = "gelu",
 ) -> ViT:
-    """Build a :class:`ViT` from a variant string such as ``"B/16"`` or ``"test/4"``."""
+    """Build a :class:`ViT` from a variant string such as ``"B/16"`` or ``"test/4"``;
+    ``layer_norm_eps`` and ``activation`` as an imported checkpoint's config says."""
     cfg = decode_variant(variant)
     _check_sizes(image_size=image_size, num_classes=num_classes, rep=representation_size)
+    check_arch(layer_norm_eps, activation)
     if image_size % cfg["patch_size"]:
         raise ValueError(
             f"image_size {image_size} is not a multiple of the patch size {cfg['patch_size']} "
@@ -278,6 +319,8 @@ def create_model(
         image_size=int(image_size),
         representation_size=representation_size or None,
         dtype=dtype,
+        layer_norm_eps=float(layer_norm_eps),
+        activation=activation,
         **cfg,
     )
 

@@ -16,7 +16,11 @@ Read without executing code (:mod:`.readers`), converted to the original Google 
 - a qvec checkpoint directory written by :func:`qvec_jax.checkpoints.save_params`.
 
 The model is built from the checkpoint's own dims: a named variant (``"B/16"``) when
-they match one, else explicit dims (``"w192d3m768h3/16"``, :func:`models.vit.variant_name`).
+they match one, else explicit dims (``"w192d3m768h3/16"``, :func:`models.vit.variant_name`),
+and from the architecture fields of its config (HF or timm ``config.json``, next to the
+file or in its directory; a qvec checkpoint's meta): the LayerNorm epsilon and the
+activation, with a refusal naming the field for what the model cannot represent
+(:mod:`.arch`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from qvec_jax import checkpoints
 from qvec_jax.checkpoints import CheckpointError
 from qvec_jax.models.vit import HEAD_INIT, WIDTHS, ViT, create_model, decode_variant, variant_name
+from qvec_jax.pretrained.arch import read_arch
 from qvec_jax.pretrained.layouts import POS, split_heads, to_google
 from qvec_jax.pretrained.readers import PICKLE_SUFFIXES, read_dir, read_file
 from qvec_jax.trees import HEAD_RULE
@@ -175,16 +180,32 @@ def _read_any(path: Path) -> tuple[dict[str, np.ndarray], str, dict]:
         return flatten_dict(params, sep="/"), "qvec", meta
     flat, extra = read_dir(path) if path.is_dir() else (read_file(path), {})
     flat, layout = to_google({k.removeprefix("params/"): v for k, v in flat.items()}, path)
-    if layout == "hf" and not extra:
-        cfg = path.with_name("config.json")
-        extra = json.loads(cfg.read_text()) if cfg.exists() else {}
+    if layout in ("hf", "timm") and not extra:
+        extra = _sibling_config(path, layout)
     return flat, layout, extra
 
 
+def _sibling_config(path: Path, layout: str) -> dict:
+    """The ``config.json`` next to a weights file ({} if none; a timm one only if it is
+    timm's, with an ``architecture``)."""
+    cfg = path.with_name("config.json")
+    if not cfg.is_file():
+        return {}
+    try:
+        extra = json.loads(cfg.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{cfg}: unreadable config ({e}); fix or remove it") from None
+    if layout == "timm" and not (isinstance(extra, dict) and "architecture" in extra):
+        return {}
+    return extra
+
+
 def _checkpoint_dims(path: Path, variant: str | None, num_heads: int | None):
-    """``(flat, dims, variant)``: the arrays, their dims, and the variant they are loaded as."""
+    """``(flat, dims, variant, arch)``: the arrays, their dims, the variant they are loaded
+    as, and the architecture fields of the config (``arch.read_arch``)."""
     flat, layout, extra = _read_any(path)
     dims = _dims(flat, path)
+    arch = read_arch(extra, layout, path, flat)
     if layout == "qvec" and variant is None:
         variant = extra.get("variant")
     if dims["num_heads"] is None and "num_attention_heads" in extra:
@@ -196,7 +217,7 @@ def _checkpoint_dims(path: Path, variant: str | None, num_heads: int | None):
                 f"num_heads={num_heads} asked for; omit num_heads"
             )
         dims["num_heads"] = int(num_heads)
-    return flat, dims, _resolve_variant(dims, variant, path)
+    return flat, dims, _resolve_variant(dims, variant, path), arch
 
 
 def load_pretrained(
@@ -218,9 +239,11 @@ def load_pretrained(
     replaces the head by a fresh one (seeded by ``seed``) and drops ``pre_logits`` (0: no
     head, ``apply`` returns features). When ``image_size`` differs from the checkpoint's,
     the position embeddings are resampled bilinearly; ``None`` keeps its resolution.
+    The LayerNorm epsilon and the activation come from the checkpoint's config (an HF
+    file without its config.json gets HF's default epsilon, 1e-12).
     """
     path = Path(path)
-    flat, dims, variant = _checkpoint_dims(path, variant, num_heads)
+    flat, dims, variant, arch = _checkpoint_dims(path, variant, num_heads)
     cfg = decode_variant(variant)
     flat = split_heads(flat, cfg["num_heads"])
     if image_size is None:
@@ -233,6 +256,7 @@ def load_pretrained(
         num_classes=dims["num_classes"] if keep_head else num_classes,
         image_size=image_size,
         representation_size=dims["representation_size"] if keep_head else None,
+        **arch,
     )
     expected = flatten_dict(model.abstract_params(), sep="/")
     if POS in flat and flat[POS].ndim == 3 and flat[POS].shape[2] == expected[POS].shape[2]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from qvec_jax.files import atomic_write_text
 from qvec_jax.grid.store import CELLS_FILE, GRID_META_FILE, SPLITS, GridStore, cell_key, lam_key
 from qvec_jax.report.baselines import gptq_sections, needs_gives
+from qvec_jax.report.checks import grid_checks, warning_lines
 from qvec_jax.report.extras import (
     extras_json,
     extras_markdown,
@@ -124,7 +125,8 @@ def _grid(workdir, every=None) -> tuple[GridStore, dict, list[dict], list[dict],
 def tune_grid(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict:
     """Tune the lambda strategies' constants on a DEV grid (:mod:`qvec_jax.report.tune`)
     and write ``tune.md`` and ``tune.json`` (atomically) into ``out_dir`` (default: the
-    workdir). Refuses a grid labelled as the test task set. Returns the dict of
+    workdir). Refuses a grid labelled as the test task set, one whose tasks include a
+    test-set view, and an incomplete one (``report.checks``). Returns the dict of
     ``tune_strategies``, with ``"paths"``."""
     store, meta, every, _, metrics = _grid(workdir)
     result = tune_strategies(every, metrics, measured_of(every), meta)
@@ -133,7 +135,7 @@ def tune_grid(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     paths = {"tune_md": out / "tune.md", "tune_json": out / "tune.json"}
     atomic_write_text(paths["tune_md"], tune_markdown(result))
     slim = {k: v for k, v in result.items() if k not in ("rows", "lam1", "lambda_best")}
-    rows = [{k: r[k] for k in ("name", "data", "stats")} for r in result["rows"]]
+    rows = [{k: r.get(k) for k in ("name", "data", "stats", "overlap")} for r in result["rows"]]
     js = slim | {"lam1": result["lam1"]["stats"], "rows": rows}
     atomic_write_text(paths["tune_json"], json.dumps(js, indent=1) + "\n")
     return result | {"paths": paths}
@@ -157,14 +159,17 @@ def write_report(
     ``extras``: add the lambda-strategy and merge sections (and
     ``heatmap_delta_strategy.png``) when the grid has their cells (``report.extras``;
     ``strategy``: the fixed strategy they use, default the grid's).
-    Returns ``{"paths": {name: Path}, "summary": markdown text, "metrics": ...}``;
-    :func:`headline` of the metrics is what to print after a run.
+    Returns ``{"paths": {name: Path}, "summary": markdown text, "metrics": ...,
+    "warnings": lines}``; :func:`headline` of the metrics is what to print after a run,
+    with the ``warnings`` (an incomplete grid, test-set tasks: ``report.checks``) before
+    it, as ``summary.md`` opens with them.
     """
     store, meta, every, cells, metrics = _grid(workdir, cells)
-    out = Path(out_dir) if out_dir else store.workdir
-    out.mkdir(parents=True, exist_ok=True)
+    warnings = warning_lines(grid_checks(meta, metrics))
     needs = needs_gives(every, metrics)
     em = extras_metrics(every, metrics, store.workdir, strategy) if extras else None
+    out = Path(out_dir) if out_dir else store.workdir  # made once the inputs are checked
+    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "grid_csv": out / "grid.csv",
         "summary_md": out / "summary.md",
@@ -173,11 +178,12 @@ def write_report(
     }
     atomic_write_text(paths["grid_csv"], _csv_text(tidy_rows(cells, metrics, meta)))
     more = [*gptq_sections(every, metrics, needs), *extras_markdown(em)]
-    summary = summary_markdown(metrics, meta, more)
+    summary = summary_markdown(metrics, meta, more, warnings)
     atomic_write_text(paths["summary_md"], summary)
     js_obj = jsonable(metrics, meta) | ({"needs_gives": needs} if needs else {}) | extras_json(em)
+    js_obj |= {"warnings": warnings} if warnings else {}
     js = json.dumps(js_obj, indent=1, default=str) + "\n"
     atomic_write_text(paths["summary_json"], js)
     write_figures(metrics, meta, paths)
     paths |= write_extras_figures(em, metrics, meta, out)
-    return {"paths": paths, "summary": summary, "metrics": metrics}
+    return {"paths": paths, "summary": summary, "metrics": metrics, "warnings": warnings}

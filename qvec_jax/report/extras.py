@@ -14,8 +14,11 @@ from pathlib import Path
 from qvec_jax.grid.extras import (
     DEFAULT_STRATEGY,
     EXTRA_KINDS,
+    MIN_MERGE_DONORS,
+    fixed_strategy,
     measured_strategies,
     read_extras_settings,
+    sized,
 )
 from qvec_jax.report.merges import merge_metrics, merge_section
 from qvec_jax.report.strategies import plot_strategy_heatmap, strategy_metrics, strategy_section
@@ -25,10 +28,38 @@ from qvec_jax.select import SelectError, get_strategy
 STRATEGY_FIGURE = "heatmap_delta_strategy"
 
 
+def _setup(cells: list[dict]) -> dict:
+    return next((c.get("setup") or {} for c in cells if c["kind"] == "scores"), {})
+
+
 def measured_of(cells: list[dict]) -> list:
     """The strategies the ``scores`` cells measured (their proxy sizes from the setup)."""
-    setup = next((c.get("setup") or {} for c in cells if c["kind"] == "scores"), {})
+    setup = _setup(cells)
     return measured_strategies(setup.get("proxy_n", 256), setup.get("rx_shots", (32, 128)))
+
+
+def one_donor_merges(cells: list[dict]) -> list[dict]:
+    """The ``merge``/``scores`` cells of a "merge" of fewer than ``MIN_MERGE_DONORS``
+    donors (a 2-task grid's, stored before such cells were refused): not reported."""
+    return [
+        c for c in cells
+        if c["kind"] in EXTRA_KINDS and str(c.get("donor", "")).startswith("loo:")
+        and len((c.get("setup") or {}).get("donors") or ()) < MIN_MERGE_DONORS
+    ]  # fmt: skip
+
+
+def _chosen(cells: list[dict], strategies: list, workdir, strategy):
+    """The fixed strategy: ``strategy`` (the user's: checked as ``qvec grid`` checks it,
+    ``grid.extras.fixed_strategy``), else the grid's own (``extras.json``)."""
+    setup = _setup(cells)
+    try:
+        if strategy:
+            return fixed_strategy(strategy, setup.get("pretext"), "report", strategies,
+                                  None, setup.get("proxy_n"))  # fmt: skip
+        fixed = read_extras_settings(workdir).get("strategy") or DEFAULT_STRATEGY
+        return get_strategy(sized(fixed, setup.get("proxy_n")), strategies)
+    except SelectError as e:
+        raise SelectError(f"{e.args[0]} (the strategies this grid measured)") from None
 
 
 def extras_metrics(cells: list[dict], metrics: dict, workdir, strategy=None):
@@ -37,16 +68,27 @@ def extras_metrics(cells: list[dict], metrics: dict, workdir, strategy=None):
     if not any(c["kind"] in EXTRA_KINDS for c in cells):
         return None
     strategies = measured_of(cells)
-    fixed = strategy or read_extras_settings(workdir).get("strategy") or DEFAULT_STRATEGY
-    try:
-        chosen = get_strategy(fixed, strategies)  # a measured family, maybe tuned constants
-    except SelectError as e:
-        raise SelectError(f"{e.args[0]} (the strategies this grid measured)") from None
+    chosen = _chosen(cells, strategies, workdir, strategy)  # maybe tuned constants
     if chosen.name not in {s.name for s in strategies}:  # tuned: its row below its family's
         at = 1 + next(i for i, s in enumerate(strategies) if s.family == chosen.family)
         strategies = [*strategies[:at], chosen, *strategies[at:]]
     sm = strategy_metrics(cells, metrics, strategies, chosen.name)
-    return {"strategies": sm, "merges": merge_metrics(cells, metrics, sm, chosen)}
+    dropped = {id(c) for c in one_donor_merges(cells)}
+    kept = [c for c in cells if id(c) not in dropped]
+    mm = merge_metrics(kept, metrics, sm, chosen)
+    donors = len({c["donor"] for c in cells if c["kind"] == "scores" and ":" not in c["donor"]})
+    if not any(str(r["donor"]).startswith("loo:") for r in mm["rows"]):
+        mm["note"] = (
+            f"No merge rows: a leave-one-out merge needs at least {MIN_MERGE_DONORS} donors "
+            f"per receiver, and this grid's receivers have {max(donors - 1, 0)} other donor"
+            f"{'s' if donors != 2 else ''} each"
+            + (
+                f" ({len(dropped)} stored one-donor merge cells are not reported)"
+                if dropped
+                else ""
+            )  # fmt: skip
+        )
+    return {"strategies": sm, "merges": mm}
 
 
 def extras_markdown(em: dict | None) -> list[str]:

@@ -222,11 +222,16 @@ def _matrix_section(metrics: dict) -> list[str]:
     ]
 
 
-def summary_markdown(metrics: dict, meta: dict | None = None, extra: Sequence[str] = ()) -> str:
+def summary_markdown(
+    metrics: dict, meta: dict | None = None, extra: Sequence[str] = (), warnings=()
+) -> str:
     """The human summary: one table per lambda mode, baselines, donors, missing tasks.
     ``extra``: lines of further sections (e.g. ``report.baselines.gptq_sections``), placed
-    after the RTN grid's; without them the summary is the RTN grid's alone."""
+    after the RTN grid's; without them the summary is the RTN grid's alone. ``warnings``:
+    what the numbers cannot be trusted for (``report.checks``), right below the title."""
     meta = meta or {}
-    lines = _intro(metrics, meta) + _missing_and_warnings(meta) + _mode_sections(metrics)
+    lines = _intro(metrics, meta)
+    loud = [ln for w in warnings for ln in ("", f"> **WARNING: {w}.**")]
+    lines = lines[:1] + loud + lines[1:] + _missing_and_warnings(meta) + _mode_sections(metrics)
     lines += _baseline_section(metrics) + _donor_section(metrics) + _matrix_section(metrics)
     return "\n".join(lines + list(extra)) + "\n"

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from qvec_jax.report.markdown import _pts, _rate, _ratio, table
 from qvec_jax.report.metrics import recovery
+from qvec_jax.report.overlap import overlap_text, scores_overlap
 from qvec_jax.report.strategies import (
+    DATA_LABELS,
     acc_at,
+    pair_overlap,
     row_of,
     score_pair,
     scores_records,
@@ -107,7 +110,26 @@ def merge_metrics(cells: list[dict], metrics: dict, sm: dict, strategy) -> dict:
     rows = _loo_rows(cells, metrics, strategy, base, ceil) + _single_rows(sm, sm["fixed"])
     for row in rows:
         row["stats_1"], row["stats_s"] = stats_of(row["at_1"]), stats_of(row["at_s"])
-    return {"rows": rows, "fixed": sm["fixed"], "rule": NO_DATA_DONOR_RULE}
+    out = {"rows": rows, "fixed": sm["fixed"], "rule": NO_DATA_DONOR_RULE}
+    if strategy is not None:  # what the fixed strategy's images hold of the receivers'
+        loo = list(scores_records(cells, merged=True))
+        shared = scores_overlap([c for c in cells if c["kind"] == "scores" and
+                                 str(c["donor"]).startswith("loo:")])  # fmt: skip
+        single = row_of(sm, sm["fixed"]) or {}
+        out |= {"data": strategy.data, "overlap": pair_overlap(strategy.data, loo, shared),
+                "single_overlap": single.get("overlap")}  # fmt: skip
+    return out
+
+
+def _overlap_lines(mm: dict) -> list[str]:
+    """What the fixed strategy's images hold of the receivers', merges then single donors."""
+    label = DATA_LABELS.get(mm.get("data"), mm.get("data"))
+    lines = []
+    for what, key in (("merge rows", "overlap"), ("single-donor rows", "single_overlap")):
+        text = overlap_text(mm.get(key), "they")
+        if text:
+            lines.append(f"`@ {mm['fixed']}` reads {label} in the {what}: {text}.")
+    return lines
 
 
 def merge_section(mm: dict) -> list[str]:
@@ -131,9 +153,11 @@ def merge_section(mm: dict) -> list[str]:
         "For each receiver R, the QVs of every donor except R merged into one (`loo:<method>`,"
         " at `qvec_jax.merge` defaults: ties density 0.2, dare p 0.5 seed 0), then patched and "
         f"quantized like a single donor. `@ {s_name}`: lambda chosen by that strategy (fixed "
-        "in advance, no receiver data). Merge rows are over receivers, the average single "
-        "donor over cross-task pairs; the best single donor without receiver data is the one "
-        f"with the {NO_DATA_DONOR_RULE}; the oracle reads the receiver's test labels.",
+        "in advance, no receiver data by design). Merge rows are over receivers, the average "
+        "single donor over cross-task pairs; the best single donor without receiver data is "
+        f"the one with the {NO_DATA_DONOR_RULE}; the oracle reads the receiver's test labels.",
+        *([""] + _overlap_lines(mm) if _overlap_lines(mm) else []),
+        *(["", mm["note"] + "."] if mm.get("note") else []),
         "",
         table(header, rows),
     ]

@@ -20,6 +20,7 @@ from qvec_jax import select
 from qvec_jax.grid.store import lam_key
 from qvec_jax.report.markdown import _pts, _rate, _ratio, table
 from qvec_jax.report.metrics import LAMBDA_BEST, _stats, recovery
+from qvec_jax.report.overlap import overlap_text, scores_overlap, summarize
 from qvec_jax.report.plots import plot_heatmap
 
 #: What "data" says for each kind a strategy declares (printed beside every row).
@@ -33,6 +34,44 @@ DATA_LABELS = {
 }
 #: Kinds of data that are the receiver's own: a strategy using them is not zero-shot.
 RECEIVER_DATA = ("unlabelled receiver", "labelled receiver")
+#: Kinds of data that are another task's images, which may still be the receiver's.
+SAMPLED_DATA = ("donor", "pretext")
+
+
+def pair_overlap(data: str, pairs, shared: dict) -> dict | None:
+    """:func:`~qvec_jax.report.overlap.summarize` of the receiver images a strategy on
+    ``data`` read over ``pairs`` ((donor, receiver) keys; ``shared``: ``scores_overlap``):
+    per receiver for the pretext sample (one sample per receiver), per pair for donors.
+    None for data that is no sample of another task."""
+    if data not in SAMPLED_DATA:
+        return None
+    counts = {}
+    for d, r in pairs:
+        c = (shared.get((d, r)) or {}).get(data)
+        counts[r if data == "pretext" else (d, r)] = c
+    return summarize(counts, "receivers" if data == "pretext" else "pairs")
+
+
+def data_label(row: dict) -> str:
+    """What a line says a row's data is: its kind, and the receiver images it holds."""
+    label = DATA_LABELS.get(row["data"], row["data"])
+    more = overlap_text(row.get("overlap"), "they")
+    return f"{label}; {more}" if more else label
+
+
+#: The tables' last column: the receiver's own images in a row's data, per split.
+SHARED_HEADER = "receiver images in its data (train, val, test)"
+
+
+def shared_cell(row: dict) -> str:
+    """The :data:`SHARED_HEADER` column of a strategy row."""
+    if row["data"] == "unlabelled receiver":
+        return "its own train images (NOT zero-shot)"
+    if row["data"] == "labelled receiver":
+        return "its own val images and labels (NOT zero-shot)"
+    if row["data"] not in SAMPLED_DATA or not row.get("overlap"):
+        return "none"
+    return overlap_text(row["overlap"], "they") or "none (counted)"
 
 
 def scores_records(cells: list[dict], merged: bool = False) -> dict[tuple[str, str], dict]:
@@ -114,6 +153,7 @@ def strategy_metrics(cells: list[dict], metrics: dict, strategies: list, fixed: 
     base = {r: (b.get("ptq_fp") or {}).get("test") for r, b in metrics["baselines"].items()}
     ceil = {r: b.get("ceiling") for r, b in metrics["baselines"].items()}
     ref = {k: metrics["pairs"][k] for k in records}
+    shared = scores_overlap([c for c in cells if (c["donor"], c["receiver"]) in records])
     rows = []
     for s in strategies:
         why = _measured(s, records)
@@ -121,7 +161,8 @@ def strategy_metrics(cells: list[dict], metrics: dict, strategies: list, fixed: 
             (d, r): score_pair(s, rec, curves.get((d, r), {}), base.get(r), ceil.get(r))
             for (d, r), rec in records.items()
         }  # fmt: skip
-        rows.append(_row(s.name, s.data, why, pairs, ref))
+        rows.append(_row(s.name, s.data, why, pairs, ref) | {
+            "overlap": None if why else pair_overlap(s.data, pairs, shared)})  # fmt: skip
     best_pairs = {
         k: {"lam": p["lambda_best"], "delta": p["delta_best"], "recovery": p["recovery_best"],
             "acc": acc_at(curves.get(k, {}), base.get(k[1]), p["lambda_best"] or 0.0)}
@@ -160,6 +201,7 @@ def row_of(strategy_metrics_: dict, name: str) -> dict | None:
 _HEADER = [
     "strategy", "data", "wins (delta>0)", "mean delta", "median delta", "mean recovery",
     "captured of lambda_best's gain over lambda=1", "worst regret vs lambda_best",
+    SHARED_HEADER,
 ]  # fmt: skip
 
 
@@ -169,13 +211,13 @@ def strategy_section(sm: dict) -> list[str]:
     for r in sm["rows"]:
         label = DATA_LABELS.get(r["data"], r["data"])
         if not r["measured"]:
-            rows.append([f"`{r['name']}`", label, f"not measured: {r['reason']}"] + [""] * 5)
+            rows.append([f"`{r['name']}`", label, f"not measured: {r['reason']}"] + [""] * 6)
             continue
         s = r["stats"]
         rows.append([
             f"`{r['name']}`", label, _rate(s), _pts(s["mean_delta"], True),
             _pts(s["median_delta"], True), _ratio(s["mean_recovery"]), _ratio(s["captured"]),
-            _pts(s["worst_regret"]),
+            _pts(s["worst_regret"]), shared_cell(r),
         ])  # fmt: skip
     one = row_of(sm, "lam=1")
     regret1 = _pts(one["stats"]["worst_regret"]) if one and one["measured"] else "n/a"
@@ -189,13 +231,14 @@ def strategy_section(sm: dict) -> list[str]:
         f"at 0). Over {sm['n_pairs']} cross-task pairs. Captured = (mean delta - mean delta "
         "at lambda=1) / (mean delta at lambda_best - mean delta at lambda=1); worst regret = "
         "max over pairs of acc(lambda_best) - acc(pick), in points. Rows whose data is the "
-        "receiver's own are not zero-shot.",
+        "receiver's own are not zero-shot, and so are rows whose donor or pretext images hold "
+        "receiver images (the same example in the same view; counted per split).",
         "",
         table(_HEADER, rows),
         "",
         f"Worst regret of lambda=1 (the paper's zero-shot choice): {regret1} points.",
         f"Fixed in advance (not chosen on these tasks): **`{sm['fixed']}`** "
-        f"({DATA_LABELS.get(fixed['data'], fixed['data']) if fixed else 'not in the table'}); "
+        f"({data_label(fixed) if fixed else 'not in the table'}); "
         "its heatmap is `heatmap_delta_strategy.png`.",
     ]
     if sm["best_here"]:
@@ -217,9 +260,14 @@ def plot_strategy_heatmap(sm: dict, tasks: list[str], path, bits: str):
     notes = [[f"λ={pairs[(d, r)]['lam']:g}" if (d, r) in pairs else "" for r in tasks]
              for d in tasks]  # fmt: skip
     why = "" if pairs else " (NOT MEASURED: no cells)"
+    shared = (row or {}).get("overlap") or {}
+    data = "no receiver data"
+    if shared.get("hit") or shared.get("unknown"):
+        data = (f"its {row['data']} images hold receiver images for {shared['hit']}/"
+                f"{shared['of']} {shared['unit']}: NOT receiver-free")  # fmt: skip
     return plot_heatmap(
         m, tasks, path, fmt="{:+.1f}", notes=notes,
         cbar_label="delta vs PTQ(FP_R), test (pts)",
-        title=f"lambda chosen by {sm['fixed']} (fixed in advance; no receiver data){why}, "
+        title=f"lambda chosen by {sm['fixed']} (fixed in advance; {data}){why}, "
         f"{bits}\ndelta read on test; 2nd line: the chosen lambda (0 = no patch)",
     )  # fmt: skip

@@ -16,13 +16,23 @@ fixed too (:func:`rank_key`); it is the issue's own target, in order:
 Twenty dev pairs and about a hundred variants: the winner's dev numbers are optimistic
 by construction (it was picked on them). Its honest figure is the TEST task set's, from
 a run that only uses the name chosen here. :func:`tune_strategies` refuses a grid labelled as the
-test task set.
+test task set, a grid whose tasks include a test-set view (by view key, whatever the label)
+and an incomplete grid (``report.checks``).
 """
 
 from __future__ import annotations
 
+from qvec_jax.report.checks import grid_checks, refusal
 from qvec_jax.report.markdown import _pts, _rate, _ratio, table
-from qvec_jax.report.strategies import DATA_LABELS, RECEIVER_DATA, row_of, strategy_metrics
+from qvec_jax.report.strategies import (
+    DATA_LABELS,
+    RECEIVER_DATA,
+    SHARED_HEADER,
+    data_label,
+    row_of,
+    shared_cell,
+    strategy_metrics,
+)
 
 #: The values tried per family and constant. Fixed in advance; the defaults are in them.
 SEARCH: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -74,6 +84,9 @@ def tune_strategies(cells: list[dict], metrics: dict, strategies: list, meta: di
             "this grid is the TEST task set: constants are never chosen on it; tune on "
             "`qvec demo --tasks dev` (or another dev grid)"
         )
+    why = refusal(grid_checks(meta, metrics))  # by view key, and every cell present
+    if why is not None:
+        raise TuneError(why)
     sm = strategy_metrics(cells, metrics, variants(strategies), fixed="lam=1")
     one, best = row_of(sm, "lam=1"), sm["rows"][-1]
     if not one or not one["measured"] or one["stats"]["mean_delta"] is None:
@@ -99,14 +112,14 @@ def tune_markdown(t: dict, top: int = 25) -> str:
     """``tune.md``: the rule, the winner and the ranked table (``top`` zero-shot rows,
     then every row that uses receiver data, for reference)."""
     header = ["rank", "strategy", "data", "wins", "mean delta", "median delta",
-              "captured", "worst regret", "safe vs lam=1"]  # fmt: skip
+              "captured", "worst regret", "safe vs lam=1", SHARED_HEADER]  # fmt: skip
     one = t["lam1"]
 
     def cells(rank, r, safe):
         s = r["stats"]
         return [str(rank), f"`{r['name']}`", DATA_LABELS.get(r["data"], r["data"]), _rate(s),
                 _pts(s["mean_delta"], True), _pts(s["median_delta"], True),
-                _ratio(s["captured"]), _pts(s["worst_regret"]), safe]  # fmt: skip
+                _ratio(s["captured"]), _pts(s["worst_regret"]), safe, shared_cell(r)]  # fmt: skip
 
     zero = [r for r in t["rows"] if r["data"] not in RECEIVER_DATA]
     rx = [r for r in t["rows"] if r["data"] in RECEIVER_DATA]
@@ -120,6 +133,9 @@ def tune_markdown(t: dict, top: int = 25) -> str:
         verdict = "Winner: **`lam=1`**: no variant beats the paper's zero-shot choice here."
     else:
         verdict = f"Winner: **`{t['winner']}`** (safe against lam=1 on this set)."
+    won = next((r for r in t["rows"] if r["name"] == t["winner"]), None)
+    if won and shared_cell(won) not in ("none", "none (counted)"):
+        verdict += f" Its data, {data_label(won)}."
     return "\n".join([
         f"# Lambda strategy constants tuned on the {t['task_set'] or 'unlabelled'} task set",
         "",

@@ -45,8 +45,8 @@ from qvec_jax.select.base import (
     pick,
     split_name,
 )
-from qvec_jax.select.images import train_images
-from qvec_jax.select.proxy import Proxy, ValBest, noise_images
+from qvec_jax.select.images import images_overlap, train_images
+from qvec_jax.select.proxy import Proxy, ValBest, noise_images, subsample
 from qvec_jax.select.weights import Alignment, ModelStock, NormRatio, RtnError, weight_stats
 
 __all__ = [
@@ -71,10 +71,12 @@ __all__ = [
     "choose",
     "default_strategies",
     "get_strategy",
+    "images_overlap",
     "noise_images",
     "pick",
     "select_lambda",
     "split_name",
+    "subsample",
     "train_images",
     "weight_stats",
 ]
@@ -126,7 +128,11 @@ def _check_inputs(inputs) -> dict:
 
 
 def _context(s: Strategy, fp_r, qv, spec, model, cands, inputs) -> Context:
-    return Context(fp_r, qv, spec, model, cands, s.name, s.data, inputs)
+    """The context of ``s``: only the kind of data it declared travels in it."""
+    return Context.of(
+        inputs, declared=s.data, fp_r=fp_r, qv=qv, spec=spec, model=model, candidates=cands,
+        strategy=s.name,
+    )  # fmt: skip
 
 
 def select_lambda(

@@ -67,6 +67,10 @@ def split_name(name: str) -> tuple[str, dict[str, float]]:
     constants = {}
     for part in parts:
         k, eq, v = part.partition("=")
+        if eq and k.strip() in constants:
+            raise SelectError(
+                f"strategy {name!r}: constant {k.strip()!r} is given twice; give it once"
+            )
         try:
             constants[k.strip()] = float(v)
         except ValueError:
@@ -91,7 +95,10 @@ def floats(x) -> list[float | None]:
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What a strategy may see: the receiver, the donor QV, the quantizer, the model,
-    the candidates, and through :meth:`data` only the kind of data it declared."""
+    the candidates, and through :meth:`data` only the kind of data it declared.
+
+    It holds that kind's data only (``given``; None when absent): :meth:`of` builds it
+    from every kind's inputs and drops the others, so no attribute reaches them."""
 
     fp_r: Any
     qv: Any
@@ -100,7 +107,13 @@ class Context:
     candidates: tuple[float, ...]
     strategy: str
     declared: str
-    inputs: Mapping = dataclasses.field(default_factory=dict, repr=False)
+    given: Any = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, inputs: Mapping | None, *, declared: str, **fields) -> Context:
+        """The context of a strategy that ``declared`` one kind, from ``inputs`` (``{kind:
+        data}`` of any kinds): it keeps ``inputs[declared]`` and nothing else."""
+        return cls(declared=declared, given=(inputs or {}).get(declared), **fields)
 
     def data(self, kind: str):
         """The inputs of ``kind``; refused unless the strategy declared that kind.
@@ -112,7 +125,7 @@ class Context:
                 f"strategy {self.strategy!r} declared data {self.declared!r} but asked for "
                 f"{kind!r}; declare it (data=...) or do not use it"
             )
-        x = self.inputs.get(kind)
+        x = self.given
         if x is None and kind != "noise":
             raise SelectError(
                 f"strategy {self.strategy!r} needs {kind!r} data: pass inputs={{{kind!r}: ...}}"

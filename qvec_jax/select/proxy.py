@@ -122,6 +122,12 @@ def _check_model(ctx: Context) -> None:
         )
 
 
+def subsample(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """The positions of the ``n`` of ``total`` given inputs that a :class:`Proxy` with
+    ``seed`` measures on when it is given more than ``n`` (a merge's donors' images)."""
+    return np.asarray(jax.random.permutation(jax.random.key(seed), int(total))[: int(n)])
+
+
 @dataclasses.dataclass(frozen=True)
 class Proxy(Strategy):
     """Closeness of ``PTQ(FP_R + lam QV_D)`` to ``FP_R`` itself on label-free inputs.
@@ -176,7 +182,7 @@ class Proxy(Strategy):
             x = noise_images(self.n, ctx.model.image_size, seed=self.seed, res=self.noise_res)
         x = _images(x, ctx.model, self.name)
         if x.shape[0] > self.n:
-            x = x[jax.random.permutation(jax.random.key(self.seed), x.shape[0])[: self.n]]
+            x = x[subsample(x.shape[0], self.n, self.seed)]
         xb, mb = _batches(x, self.batch_size)
         lams = jnp.asarray(ctx.candidates, jnp.float32)
         out = np.asarray(_closeness(ctx.fp_r, ctx.qv, lams, xb, mb, model=ctx.model, spec=ctx.spec))

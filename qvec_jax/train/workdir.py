@@ -156,6 +156,11 @@ def finish(run) -> dict:
         bits=spec.bits, granularity=spec.granularity, backbone_id=run.backbone,
         steps=run.total, config=json.loads(qconfig.to_json(cfg)),
     )  # fmt: skip
+    # The architecture fields an imported backbone set (an HF ViT's layer_norm_eps=1e-12),
+    # so model_from_meta rebuilds the model that was trained; defaults stay unwritten.
+    default = checkpoints.model_from_meta({k: meta[k] for k in ("variant", "image_size")})
+    meta.update({k: getattr(run.model, k) for k in checkpoints.ARCH_KEYS
+                 if getattr(run.model, k) != getattr(default, k)})  # fmt: skip
     # Gather (undoes FSDP) on every process; the write itself is checkpoints.save_params's
     # (multi-host: untested here, it must not need the other processes to join).
     params = run.state["params"]
