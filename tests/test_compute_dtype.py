@@ -92,7 +92,7 @@ def test_other_compute_dtypes_are_refused(runs, tmp_path, dtype):
 def test_bfloat16_extras_and_gptq_cells_compute_in_bfloat16(tmp_path):
     """The extras' merge cells and the GPTQ cells evaluate with the model in bfloat16;
     the merge, the patch, PTQ and GPTQ's Hessians stay float32 (the definition)."""
-    tasks = ("digits", "digits_rot90")
+    tasks = ("digits", "digits_rot90", "digits_a")  # a leave-one-out merge needs 2 donors
     runs = make_runs(tmp_path / "runs", tasks=tasks)
     extras = (
         grid.extras.Extras(methods=("mean",), proxy_n=16, rx_shots=(8,), strategy="lam=1"),
