@@ -3,8 +3,8 @@
 :class:`GridRun` loads the checkpoints of one grid call on demand (each checked against
 the first one's backbone), keeps one receiver's FP params and one donor's QV on device
 at a time, and evaluates cells receiver by receiver, appending each record to the
-shard's record file as it finishes. :mod:`.extras` and :mod:`.gptq` subclass or reuse
-it for their rows.
+shard's record file as it finishes. :mod:`qvec_jax.grid.extras` and
+:mod:`qvec_jax.grid.gptq` subclass or reuse it for their rows.
 
 Params are jit *arguments*: ``PTQ(FP_R + lam * QV_D)`` is built by one jitted function
 of ``(fp, qv, lam)`` (:func:`patch_and_quantize`), so the grid compiles once per
