@@ -8,16 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-# Under `pytest -n N` (the README's command) the N workers share the cores: each runs XLA's
-# CPU ops on one thread, so that N thread pools do not spin against each other. Set before
-# the backend starts (jax reads XLA_FLAGS then); subprocesses inherit it.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false"]
-    ).strip()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
