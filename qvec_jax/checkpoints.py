@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any, TypedDict, get_type_hints
 
@@ -27,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qvec_jax.export import ExportError, load_packed
+from qvec_jax.export import ExportError, crc32, load_packed
 from qvec_jax.models.vit import ViT, create_model
 from qvec_jax.trees import HEAD_RULE, flatten, is_float, path_str
 
@@ -253,7 +252,7 @@ def save_params(path: str | os.PathLike, params, meta: CheckpointMeta | None = N
     host = {p: np.ascontiguousarray(jax.device_get(x)) for p, x in flatten(params).items()}
     _check_finite(host, f"refusing to save {path}")
     meta = {k: v for k, v in (meta or {}).items() if k != "crc32"}
-    meta["crc32"] = {p: _crc32(x) for p, x in host.items()}
+    meta["crc32"] = {p: crc32(x) for p, x in host.items()}
     meta = validate_meta({"kind": "params", **meta}, path)
     try:
         json.dumps(meta)
@@ -288,10 +287,6 @@ def _restore_tree(path: Path) -> dict:
     return ckptr.restore(where, args=ocp.args.Composite(params=args))["params"]
 
 
-def _crc32(x: np.ndarray) -> str:
-    return f"{zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8)):08x}"
-
-
 def _check_finite(flat: dict, where: str) -> None:
     for p, x in flat.items():
         if is_float(x) and not np.isfinite(x).all():
@@ -315,9 +310,9 @@ def verify(path: Path, params, meta: CheckpointMeta) -> None:
                 "only; the checkpoint is corrupt: re-create it"
             )
         for p, x in flat.items():
-            if _crc32(x) != sums[p]:
+            if crc32(x) != sums[p]:
                 raise CheckpointError(
-                    f"{path}: leaf {p} does not match its saved checksum (crc32 {_crc32(x)}, "
+                    f"{path}: leaf {p} does not match its saved checksum (crc32 {crc32(x)}, "
                     f"saved {sums[p]}); the checkpoint is corrupt: re-create it"
                 )
     _check_finite(flat, str(path))
