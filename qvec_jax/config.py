@@ -140,3 +140,24 @@ def diff(a: ml_collections.ConfigDict | dict, b: ml_collections.ConfigDict | dic
         elif va != vb:
             out.append(k)
     return out
+
+
+def pretext_config(cfg: ml_collections.ConfigDict, task: str, epochs: float):
+    """The pretext run of a demo-style config (``cfg.demo.pretext_*``): the same model,
+    from random init, for ``epochs`` on ``task``, with its own optimizer numbers. The demo
+    and the studies train their shared backbone with it."""
+    d = cfg.demo
+    return apply_overrides(
+        cfg,
+        [
+            ("task", task),
+            ("mode", "fp"),
+            ("init.kind", "random"),
+            ("total_steps", -1),
+            ("epochs", float(epochs)),
+            ("optim.lr", float(d.pretext_lr)),
+            ("optim.head_lr_mult", 1.0),
+            ("optim.weight_decay", float(d.pretext_weight_decay)),
+            ("optim.warmup_steps", int(d.pretext_warmup_steps)),
+        ],
+    )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qvec_jax import data as qdata
 from qvec_jax import grid, report, train
-from qvec_jax.config import apply_overrides, load_config
+from qvec_jax.config import apply_overrides, load_config, pretext_config
 from qvec_jax.files import atomic_write_text
 from qvec_jax.grid.store import GridStore
 
@@ -118,25 +118,6 @@ def label_grid(grid_dir: Path, task_set: dict) -> None:
     without it, so a grid recomputed by hand is not labelled with a set it may not be)."""
     store = GridStore(grid_dir)
     store.write_meta(store.meta() | {"task_set": task_set})
-
-
-def pretext_config(cfg, task: str, epochs: float):
-    """The pretext run: same model, from random init, its own optimizer numbers."""
-    d = cfg.demo
-    return apply_overrides(
-        cfg,
-        [
-            ("task", task),
-            ("mode", "fp"),
-            ("init.kind", "random"),
-            ("total_steps", -1),
-            ("epochs", float(epochs)),
-            ("optim.lr", float(d.pretext_lr)),
-            ("optim.head_lr_mult", 1.0),
-            ("optim.weight_decay", float(d.pretext_weight_decay)),
-            ("optim.warmup_steps", int(d.pretext_warmup_steps)),
-        ],
-    )
 
 
 def _load(overrides, quick: bool):

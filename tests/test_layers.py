@@ -29,8 +29,9 @@ LAYERS: dict[str, int] = {
     # 4 computation on models: evaluation, training (train/: loop, step, workdir), GPTQ,
     # lambda selection
     "evaluate": 4, "train": 4, "gptq": 4, "select": 4,
-    # 5 the transfer grid (grid/: run, store, inputs, cells, extras, gptq)
-    "grid": 5,
+    # 5 the transfer grid (grid/: run, store, inputs, cells, extras, gptq) and the study
+    # (study/: run, stats)
+    "grid": 5, "study": 5,
     # 6 the report of a grid
     "report": 6,
     # 7 entry points: the CLI, the demo, and the package root (the public facade)
@@ -204,6 +205,7 @@ def test_subsystems_are_packages():
         "grid": {"run", "store", "inputs", "cells", "extras", "gptq"},
         "train": {"loop", "step", "workdir"},
         "merge": {"methods", "spec", "topk"},
+        "study": {"run", "stats"},
     }.items():
         assert {m.rpartition(".")[2] for m in MODULES if m.startswith(f"qvec_jax.{package}.")} == (
             parts

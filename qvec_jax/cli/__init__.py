@@ -6,7 +6,8 @@ Library modules hold no argparse. One module per group of commands:
 - :mod:`.model_cmds`: convert, extract, eval; :mod:`.patch_cmd`: patch;
 - :mod:`.quant_cmds`: merge, ptq, export;
 - :mod:`.run_cmds`: tasks, finetune, demo;
-- :mod:`.grid_cmds`: grid, report, tune.
+- :mod:`.grid_cmds`: grid, report;
+- :mod:`.study_cmd`: tune, study (choose on dev, report on test).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import os
 import sys
 
-from qvec_jax.cli import grid_cmds, model_cmds, patch_cmd, quant_cmds, run_cmds
+from qvec_jax.cli import grid_cmds, model_cmds, patch_cmd, quant_cmds, run_cmds, study_cmd
 from qvec_jax.cli.common import QvecError
 
 __all__ = [
@@ -43,7 +44,8 @@ COMMANDS = (
     model_cmds.add_eval,
     grid_cmds.add_grid,
     grid_cmds.add_report,
-    grid_cmds.add_tune,
+    study_cmd.add_tune,
+    study_cmd.add_study,
 )
 
 

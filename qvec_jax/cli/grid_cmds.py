@@ -26,7 +26,6 @@ from qvec_jax.cli.common import (
     writing,
 )
 from qvec_jax.grid.inputs import MODES, checkpoint_path
-from qvec_jax.report import strategies
 
 
 def print_headline(result: dict, command: str = "report") -> None:
@@ -329,7 +328,7 @@ def add_report(sub) -> None:
     p.set_defaults(func=_cmd_report)
 
 
-def _grid_inputs(run_dir) -> list[str]:
+def grid_inputs(run_dir) -> list[str]:
     """The checkpoints a grid read (its grid.json): an --out may not lie inside one."""
     grid_ckpts = report.load_grid_meta(run_dir).get("checkpoints") or {}
     return [c["path"] for c in grid_ckpts.values() if isinstance(c, dict) and c.get("path")]
@@ -337,7 +336,7 @@ def _grid_inputs(run_dir) -> list[str]:
 
 def _cmd_report(args) -> int:
     out = args.out or args.run_dir
-    check_folder(out, _grid_inputs(args.run_dir), "--out")
+    check_folder(out, grid_inputs(args.run_dir), "--out")
     with writing(out, "--out"):
         try:
             res = report.write_report(
@@ -346,48 +345,4 @@ def _cmd_report(args) -> int:
         except select.SelectError as e:
             raise QvecError(f"--strategy: {e}") from None
         print_headline(res)
-    return 0
-
-
-def add_tune(sub) -> None:
-    p = add_parser(
-        sub,
-        "tune",
-        "choose the lambda strategies' constants on a DEV grid (never on the test set)",
-        "qvec tune runs/demo-dev/grid   # then: qvec demo demo.select_strategy=<winner>",
-        "Re-decide every lambda strategy the grid measured (its --extras scores cells) at "
-        "each value of its constant (report.tune.SEARCH), score them on the grid's "
-        "cross-task pairs, and rank them by a rule fixed in advance: zero-shot only; at "
-        "least lam=1's wins and no larger worst regret first; then the highest mean delta. "
-        "Writes tune.md and tune.json and prints the winner. A grid whose tasks include a "
-        "view of the test task set (by view key, whatever its label) is refused, and so is "
-        "an incomplete grid (fewer cells than its tasks x lambdas imply).",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="DEV grid workdir (with --extras cells)")
-    p.add_argument("--out", default=None, help="folder for tune.md/tune.json (default: RUN_DIR)")
-    p.set_defaults(func=_cmd_tune)
-
-
-def _cmd_tune(args) -> int:
-    out = args.out or args.run_dir
-    check_folder(out, _grid_inputs(args.run_dir), "--out")
-    with writing(out, "--out"):
-        try:
-            res = report.tune_grid(args.run_dir, args.out)
-        except report.TuneError as e:
-            raise QvecError(f"{args.run_dir}: {e}") from None
-    one = res["lam1"]["stats"]
-    print(f"{res['n_pairs']} cross-task pairs of the {res['task_set'] or 'unlabelled'} task set; "
-          f"lam=1: {one['wins']} wins, mean delta {100 * one['mean_delta']:+.1f} pts")  # fmt: skip
-    if res["winner"]:
-        row = next(r for r in res["rows"] if r["name"] == res["winner"])
-        w = row["stats"]
-        regret = "n/a" if w["worst_regret"] is None else f"{100 * w['worst_regret']:.1f} pts"
-        print(f"winner: {res['winner']} ({'safe' if res['safe'] else 'NOT safe'} vs lam=1): "
-              f"{w['wins']} wins, mean delta {100 * w['mean_delta']:+.1f} pts, worst regret "
-              f"{regret} (optimistic: chosen on these pairs)")  # fmt: skip
-        shared = row.get("overlap") or {}
-        if shared.get("hit") or shared.get("unknown"):
-            print(f"note: the winner's data: {strategies.data_label(row)}")
-    print(f"wrote {res['paths']['tune_md']} and {res['paths']['tune_json']}")
     return 0

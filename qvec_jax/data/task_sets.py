@@ -16,6 +16,13 @@ digits part of the pool minus FALLBACK_DEV and DEV_EXTRA.
 This module computes the sets; ``configs/demo_tiny.py`` spells them out
 (``demo.test_tasks`` and friends) and ``tests/test_task_sets.py`` checks that the two agree,
 so nobody edits the test set by hand. The test sets' names appear nowhere else in code.
+
+The study's HALVES (issue 21, ``qvec study``): every view of the two sources except the
+pretext itself (plain ``fashion_mnist``): 159 views, split once by :func:`halves`. The
+views the project has already looked at (DEV, SKEPTIC, DEV_EXTRA, FALLBACK_DEV) go to the
+dev half, the demo's test sets to the test half; the rest of each source is shuffled by
+``numpy.random.default_rng(HALF_SEED)`` and dealt so that each half holds half of that
+source's views (dev takes the smaller half). Nothing is ever chosen on the test half.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ CLASS_SETS = (None, (0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 4, 6, 8), (1, 3, 5,
 TEST_SEED = 12  # issue 12's number, fixed before the draw ever ran
 DEV_EXTRA_SEED = 1
 SET_SIZE = 5
+HALF_SEED = 21  # issue 21's number, fixed before any study ran
+#: The pretext task of the demo and the studies: no half holds it.
+PRETEXT = "fashion_mnist"
+HALF_NAMES = ("dev", "test")
 
 #: The demo's five tasks before issue 12; its recipe was chosen on them, so they are DEV.
 DEV = ("fmnist_a", "fmnist_b", "fmnist_rot90", "digits", "digits_rot90")
@@ -137,3 +148,82 @@ def in_test_sets(tasks: Iterable[str]) -> list[str]:
         if key in keys:
             out.append(name)
     return out
+
+
+# ----------------------------------------------------------------------------- halves
+
+
+def _universe() -> list[Entry]:
+    """Every view of the two sources, in ``itertools.product`` order, but the pretext."""
+    out = []
+    for src, classes, rot, flip, inv in itertools.product(
+        SOURCES, CLASS_SETS, range(4), (False, True), (False, True)
+    ):
+        view = View(classes=classes, rot90=rot, hflip=flip, invert=inv)
+        if view_name(src, view) != PRETEXT:
+            out.append((src, view))
+    return out
+
+
+@functools.cache
+def halves() -> dict[str, tuple[str, ...]]:
+    """``{"dev": names, "test": names}``: the study's split of every view (module
+    docstring), each half in pool order. Fixed by ``HALF_SEED``; disjoint; together every
+    view of :func:`_universe`."""
+    forced_dev = {view_key(n) for n in (*DEV, *SKEPTIC, *draw_dev_extra(), *FALLBACK_DEV)}
+    forced_test = {view_key(n) for n in (*draw_test(), *draw_fallback_test())}
+    assert not forced_dev & forced_test, "a view is both inspected and a test view"
+    rng = np.random.default_rng(HALF_SEED)
+    side: dict[tuple, str] = {}
+    for src in SOURCES:
+        entries = [e for e in _universe() if e[0] == src]
+        keys = [(get_task(src).sources, v) for _, v in entries]
+        n_dev = len(entries) // 2
+        free = [k for k in keys if k not in forced_dev and k not in forced_test]
+        order = [free[i] for i in rng.permutation(len(free))]
+        room = n_dev - sum(k in forced_dev for k in keys)
+        for i, k in enumerate(order):
+            side[k] = "dev" if i < room else "test"
+        side |= {k: "dev" for k in keys if k in forced_dev}
+        side |= {k: "test" for k in keys if k in forced_test}
+    out: dict[str, list[str]] = {"dev": [], "test": []}
+    for src, view in _universe():
+        out[side[(get_task(src).sources, view)]].append(view_name(src, view))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def half_of(task: Task | str) -> str | None:
+    """``"dev"`` or ``"test"``: the half holding ``task``'s view (by :func:`view_key`,
+    whatever its spelling); None for a view outside the two sources' pool."""
+    try:
+        key = view_key(task)
+    except (KeyError, ValueError):
+        return None
+    for name in HALF_NAMES:
+        if key in {view_key(n) for n in halves()[name]}:
+            return name
+    return None
+
+
+def study_views(half: str, k: int | None = None, seed: int = 0) -> list[str]:
+    """``k`` views of ``half`` (all of them for None), sampled by ``seed`` so that a
+    smaller sample is a prefix of a larger one: each source's views are shuffled by
+    ``numpy.random.default_rng(seed)`` and dealt alternately (fashion_mnist, digits, ...),
+    so the sources stay balanced and a 3-seed study on 6 views reuses the first 6 views
+    of a 16-view study."""
+    if half not in HALF_NAMES:
+        raise ValueError(f"half {half!r}: use one of {HALF_NAMES}")
+    names = halves()[half]
+    if k is None:
+        return list(names)
+    if isinstance(k, bool) or not 2 <= int(k) <= len(names):
+        raise ValueError(
+            f"views={k!r}: the {half} half holds {len(names)} views; use 2..{len(names)}"
+        )
+    rng = np.random.default_rng(seed)
+    by_src = []
+    for src in SOURCES:
+        own = [n for n in names if get_task(n).sources == get_task(src).sources]
+        by_src.append([own[i] for i in rng.permutation(len(own))])
+    dealt = [n for group in itertools.zip_longest(*by_src) for n in group if n is not None]
+    return dealt[: int(k)]

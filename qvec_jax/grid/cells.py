@@ -48,8 +48,11 @@ class GridRun:
     """The cells of one grid call: checkpoints loaded (and checked) on demand, one
     receiver's FP params and one donor's QV on device at a time."""
 
-    def __init__(self, ckpts: dict, spec: quant.QuantSpec, *, data_dir, compute_dtype="float32"):
+    def __init__(
+        self, ckpts: dict, spec: quant.QuantSpec, *, data_dir, compute_dtype="float32", eval_n=None
+    ):
         self.ckpts, self.spec, self.data_dir = ckpts, spec, data_dir
+        self.eval_n = eval_n  # evaluate on a fixed sample of this many per split (None: all)
         self.dtype = compute_dtype  # of the model; params stay float32
         self.mesh = make_mesh(jax.local_devices())  # this process's cells, its devices
         self.replicated = replicated(self.mesh)
@@ -98,9 +101,14 @@ class GridRun:
 
     def eval_sets(self, r: str, batch_size: int, cache_bytes: int) -> dict[str, EvalSet]:
         image_size = int(self.ckpts[(r, "fp")].meta["image_size"])
+        splits = {
+            s: qdata.load_split(r, s, image_size=image_size, data_dir=self.data_dir) for s in SPLITS
+        }
+        if self.eval_n:
+            splits = {s: split.subset(int(self.eval_n)) for s, split in splits.items()}
         return {
             s: EvalSet(
-                qdata.load_split(r, s, image_size=image_size, data_dir=self.data_dir),
+                splits[s],
                 batch_size,
                 self.mesh,
                 cache_bytes,

@@ -232,7 +232,9 @@ class _ExtrasRun(GridRun):
 
     def __init__(self, ex: Extras, ckpts, spec, cands, kw):
         dtype = kw.get("compute_dtype", "float32")
-        super().__init__(ckpts, spec, data_dir=kw.get("data_dir"), compute_dtype=dtype)
+        super().__init__(
+            ckpts, spec, data_dir=kw.get("data_dir"), compute_dtype=dtype, eval_n=kw.get("eval_n")
+        )
         self.ex, self.cands = ex, cands
         self.batch_size = kw.get("batch_size", 256)
         self.cache_bytes = kw.get("device_cache_bytes", 1 << 30)

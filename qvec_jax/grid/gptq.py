@@ -86,7 +86,10 @@ class GptqCells:
     "auto": ``grid.extras.default_strategy`` of ``pretext``), stored canonically;
     ``qv_at_one``: the lam = 1 GPTQ+QV cells (False halves their cost); ``pretext``: the
     pretext task (None: no ``pretext`` cells); ``seed``: which images are sampled, and
-    the noise; ``batch_size``: images per calibration forward pass."""
+    the noise; ``batch_size``: images per calibration forward pass; ``qv_donors``: GPTQ+QV
+    cells for only the ``qv_donors`` donors that follow each receiver in the task list
+    (cyclically; None: every donor), a fixed subset of pairs where a GPTQ per pair costs
+    too much (``qvec study``)."""
 
     calib_size: int = 128
     sources: tuple[str, ...] = SOURCES
@@ -96,6 +99,7 @@ class GptqCells:
     pretext: str | None = None
     seed: int = 0
     batch_size: int = 32
+    qv_donors: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -114,6 +118,9 @@ class GptqCells:
             qdata.get_task(self.pretext)  # a typo fails here, with did-you-mean
         elif self.qv_source == "pretext":
             raise GridError("gptq qv_source 'pretext' needs the pretext task: pass pretext=")
+        k = self.qv_donors
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+            raise GridError(f"gptq qv_donors must be a whole number >= 1 or None, got {k!r}")
         if self.strategy is not None:  # one spelling per strategy: one cell kind
             s = fixed_strategy(self.strategy, self.pretext, "gptq", error=GridError)
             object.__setattr__(self, "strategy", s.name)
@@ -134,7 +141,10 @@ class GptqCells:
         if todo:
             store.repair_tail(shard)
             dtype = kw.get("compute_dtype", "float32")
-            run = GridRun(ckpts, spec, data_dir=kw.get("data_dir"), compute_dtype=dtype)
+            run = GridRun(
+                ckpts, spec, data_dir=kw.get("data_dir"), compute_dtype=dtype,
+                eval_n=kw.get("eval_n"),
+            )  # fmt: skip
             cands = (0.0, *[float(x) for x in lambdas if float(x) != 0.0])
             _Job(self, run, stored, cands, kw).compute(todo, store, shard)
         return len(todo)
@@ -211,11 +221,21 @@ def plan_cells(tasks, ckpts: dict, opts: GptqCells) -> list[dict]:
             calib = calib_spec(src, r, tasks, **common)
             if calib is not None:
                 out.append(_cell(f"{KIND}:{src}", r, None, None, fp_r, calib))
-        for d in (d for d in donors if d != r):
+        for d in _qv_donors(tasks, donors, r, opts.qv_donors):
             calib = calib_spec(opts.qv_source, r, tasks, donor=d, **common)
             qv = {"fp_D": ckpts[(d, "fp")].fingerprint, "qat_D": ckpts[(d, "qat")].fingerprint}
             out += [_cell(k, r, d, lam, fp_r | qv, calib) for k, lam in kinds if calib]
     return out
+
+
+def _qv_donors(tasks, donors: list[str], r: str, k: int | None) -> list[str]:
+    """The donors of receiver ``r``'s GPTQ+QV cells: every other donor, or the ``k`` that
+    follow ``r`` in ``tasks`` (cyclically)."""
+    if k is None:
+        return [d for d in donors if d != r]
+    i = list(tasks).index(r)
+    ring = [tasks[(i + j) % len(tasks)] for j in range(1, len(tasks))]
+    return [d for d in ring if d in donors][:k]
 
 
 def _cell(kind, r, d, lam, sources, calib) -> dict:

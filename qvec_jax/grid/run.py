@@ -152,17 +152,6 @@ def _rule_note(spec: quant.QuantSpec) -> str | None:
     return None if spec.rule == quant.VIT_RULE else repr(spec.rule)
 
 
-def _check_quantizer(store: GridStore, meta: dict, spec: quant.QuantSpec) -> None:
-    """Refuse a workdir that holds a grid at another quantizer setting."""
-    old = _quantizer(meta.get("bits"), meta.get("granularity"), meta.get("rule"))
-    new = _quantizer(spec.bits, spec.granularity, _rule_note(spec))
-    if meta and old != new:
-        raise GridError(
-            f"{store.workdir} holds a grid at {old}, not {new}; use another --workdir for "
-            "another quantizer setting"
-        )
-
-
 def _compute_dtype(compute_dtype) -> str:
     """``run_grid``'s ``compute_dtype`` (a name or a dtype) as its name."""
     try:
@@ -174,30 +163,36 @@ def _compute_dtype(compute_dtype) -> str:
     return name
 
 
-def _check_compute_dtype(store: GridStore, meta: dict, name: str) -> None:
-    """Refuse a workdir that holds a grid computed in another dtype."""
-    old = meta.get("compute_dtype", "float32")
-    if meta and old != name:
-        raise GridError(
-            f"{store.workdir} holds a grid computed in {old}, not {name}; use another "
-            "--workdir for another compute dtype"
-        )
+def _check_setting(store: GridStore, meta: dict, spec, dtype: str, eval_n, backbone) -> None:
+    """Refuse a workdir that holds a grid at another quantizer setting, compute dtype,
+    evaluation sample or backbone: each needs its own ``--workdir``."""
+    if not meta:
+        return
+    n_text = lambda n: f"{n} images per split" if n else "whole splits"  # noqa: E731
+    settings = [
+        ("at", _quantizer(meta.get("bits"), meta.get("granularity"), meta.get("rule")),
+         _quantizer(spec.bits, spec.granularity, _rule_note(spec)), "quantizer setting"),
+        ("computed in", meta.get("compute_dtype", "float32"), dtype, "compute dtype"),
+        ("evaluated on", n_text(meta.get("eval_n")), n_text(eval_n), "evaluation sample"),
+    ]  # fmt: skip
+    if backbone is not None and meta.get("backbone_id") not in (None, backbone):
+        settings.append(("over backbone", meta["backbone_id"], backbone, "backbone"))
+    for verb, old, new, what in settings:
+        if old != new:
+            raise GridError(
+                f"{store.workdir} holds a grid {verb} {old}, not {new}; use another "
+                f"--workdir for another {what}"
+            )
 
 
-def _check_backbone(store: GridStore, meta: dict, backbone: str | None) -> None:
-    """Refuse a workdir that holds a grid over another backbone."""
-    if meta.get("backbone_id") not in (None, backbone) and backbone is not None:
-        raise GridError(
-            f"{store.workdir} holds a grid over backbone {meta['backbone_id']}, but these "
-            f"checkpoints come from backbone {backbone}; use another --workdir"
-        )
-
-
-def _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings, dtype) -> dict:
-    """What ``grid.json`` records about a grid request (the rule and the compute dtype
-    only when not the default)."""
+def _grid_meta(
+    tasks, lambdas, spec, runs_dir, ckpts, missing, warnings, dtype, eval_n=None
+) -> dict:
+    """What ``grid.json`` records about a grid request (the rule, the compute dtype and
+    the evaluation sample only when not the default)."""
     rule = {} if _rule_note(spec) is None else {"rule": _rule_note(spec)}
     rule |= {} if dtype == "float32" else {"compute_dtype": dtype}
+    rule |= {} if not eval_n else {"eval_n": int(eval_n)}
     return {
         "version": 1,
         "tasks": tasks,
@@ -234,7 +229,9 @@ def _request(tasks, bits, granularity, spec, lambdas, compute_dtype, extras) -> 
 
 #: The keys of ``grid.json`` that are the request itself: every shard of a grid must agree
 #: on them (the checkpoints found, missing ones and warnings follow from them).
-_REQUEST_KEYS = ("tasks", "lambdas", "bits", "granularity", "rule", "compute_dtype", "runs_dir")
+_REQUEST_KEYS = (
+    "tasks", "lambdas", "bits", "granularity", "rule", "compute_dtype", "eval_n", "runs_dir"
+)  # fmt: skip
 
 
 def _complete(store: GridStore, meta: dict) -> bool:
@@ -300,6 +297,7 @@ def run_grid(
     shard: tuple[int, int] | None = None,
     extras=None,
     compute_dtype="float32",
+    eval_n: int | None = None,
 ) -> list[dict]:
     """Compute every missing cell of the grid over ``tasks``; return all stored cells.
 
@@ -325,20 +323,26 @@ def run_grid(
     ``compute_dtype``: "float32" or "bfloat16", the model's activations and matmuls in
     every evaluation; params, QVs, the patch and PTQ stay float32 (PTQ before the cast).
     ``grid.json`` names a non-default one; a rerun in another dtype is refused.
+    ``eval_n``: evaluate every cell on a fixed sample of at most this many examples of each
+    split (``data.Split.subset``, seed 0; None: whole splits); recorded in ``grid.json``,
+    and a rerun with another sample is refused.
     """
     tasks, spec, lambdas, dtype = _request(
         tasks, bits, granularity, spec, lambdas, compute_dtype, extras
     )
+    if eval_n is not None and (isinstance(eval_n, bool) or int(eval_n) < 1):
+        raise GridError(f"eval_n={eval_n!r}: a whole number of examples >= 1, or None for all")
+    eval_n = None if eval_n is None else int(eval_n)
     store = GridStore(workdir)
     mine = _process_shard(shard)
     if shard is not None:  # before the lock: a refused shard leaves the workdir as it was
-        request = _grid_meta(tasks, lambdas, spec, runs_dir, {}, [], [], dtype)
+        request = _grid_meta(tasks, lambdas, spec, runs_dir, {}, [], [], dtype, eval_n)
         _check_shard_request(store, request, shard, say=False)
     with store.lock(mine, command="qvec grid"):  # every process locks its own shard
         missing = _run_locked(
             tasks, runs_dir, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=mine,
-            extras=extras, dtype=dtype, asked=shard,
+            extras=extras, dtype=dtype, asked=shard, eval_n=eval_n,
         )  # fmt: skip
     return _merged_cells(store, missing, allow_missing)
 
@@ -358,19 +362,17 @@ def _merged_cells(store: GridStore, missing: list[dict], allow_missing: bool) ->
 
 def _run_locked(
     tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, data_dir, progress,
-    device_cache_bytes, shard, extras=None, dtype="float32", asked=None,
+    device_cache_bytes, shard, extras=None, dtype="float32", asked=None, eval_n=None,
 ) -> list[str]:  # fmt: skip
     """``run_grid``'s body, run while this process holds its shard's lock; computes the
     shard's missing cells and returns the missing checkpoints. ``shard``: this process's
     shard; ``asked``: the shard ``run_grid`` was asked for (None: the whole grid)."""
     old_meta = store.meta()
-    _check_quantizer(store, old_meta, spec)
-    _check_compute_dtype(store, old_meta, dtype)
 
     ckpts, missing = find_checkpoints(tasks, runs_dir)
     warnings = check_compatible(ckpts)
-    meta = _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings, dtype)
-    _check_backbone(store, old_meta, meta["backbone_id"])
+    meta = _grid_meta(tasks, lambdas, spec, runs_dir, ckpts, missing, warnings, dtype, eval_n)
+    _check_setting(store, old_meta, spec, dtype, eval_n, meta["backbone_id"])
     fingerprints = {c.fingerprint for c in ckpts.values()}
     done = {cell_key(c): c for c in store.cells(fingerprints)}
     plan = plan_cells(tasks, lambdas, ckpts, done)
@@ -383,13 +385,13 @@ def _run_locked(
 
     if plan.todo:
         store.repair_tail(shard)
-        run = GridRun(ckpts, spec, data_dir=data_dir, compute_dtype=dtype)
+        run = GridRun(ckpts, spec, data_dir=data_dir, compute_dtype=dtype, eval_n=eval_n)
         run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, shard)
     stages = extras if isinstance(extras, (list, tuple)) else () if extras is None else (extras,)
     for stage in stages:  # Extras, GptqCells: their cells after the main ones, in order
         stage.run(
             tasks, ckpts, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=shard,
-            compute_dtype=dtype,
+            compute_dtype=dtype, eval_n=eval_n,
         )  # fmt: skip
     return missing

@@ -6,6 +6,8 @@
 - **Test-set tasks**: a task of the grid is a view of the demo's TEST set (matched by
   view key, ``data.task_sets.in_test_sets``, whatever its name or ``grid.json``'s label):
   its numbers are test-set figures, never a ground to choose on.
+- **Test-half tasks**: a task of the grid is a view of the study pool's TEST half
+  (``data.task_sets.half_of``, by view key; issue 21): the same, for every study.
 
 ``qvec report`` writes both loudly, on the console and at the top of ``summary.md``;
 ``qvec tune`` refuses such a grid (:func:`refusal`).
@@ -19,8 +21,9 @@ __all__ = ["grid_checks", "refusal", "warning_lines"]
 
 
 def grid_checks(meta: dict, metrics: dict) -> dict:
-    """``{"cells", "expected_cells", "incomplete", "test_views"}`` of a grid: its cells in
-    the requested grid, how many its tasks x lambdas imply, and its test-set tasks."""
+    """``{"cells", "expected_cells", "incomplete", "test_views", "test_half"}`` of a grid:
+    its cells in the requested grid, how many its tasks x lambdas imply, its test-set
+    tasks and its other tasks of the study pool's test half."""
     tasks = list(meta.get("tasks") or metrics["tasks"])
     lambdas = list(meta.get("lambdas") or metrics["lambdas"])
     expected = meta.get("expected_cells") or len(tasks) * (3 + len(tasks) * len(lambdas))
@@ -29,7 +32,8 @@ def grid_checks(meta: dict, metrics: dict) -> dict:
         "cells": present,
         "expected_cells": expected,
         "incomplete": present < expected,
-        "test_views": task_sets.in_test_sets(tasks),
+        "test_views": (test := task_sets.in_test_sets(tasks)),
+        "test_half": [t for t in tasks if t not in test and task_sets.half_of(t) == "test"],
     }
 
 
@@ -50,10 +54,20 @@ def _test_views(c: dict) -> str:
     )
 
 
+def _test_half(c: dict) -> str:
+    names = ", ".join(c["test_half"])
+    return (
+        f"TEST-HALF tasks: {names} (views of the study pool's test half, matched by view "
+        "key): these numbers are test figures; never choose a strategy or a constant on them "
+        "(`qvec tune` refuses this grid)"
+    )
+
+
 def warning_lines(c: dict) -> list[str]:
     """The warnings of :func:`grid_checks` (``[]`` for a complete grid of no test task)."""
-    return [f(c) for cond, f in ((c["test_views"], _test_views), (c["incomplete"], _incomplete))
-            if cond]  # fmt: skip
+    checks = ((c["test_views"], _test_views), (c.get("test_half"), _test_half),
+              (c["incomplete"], _incomplete))  # fmt: skip
+    return [f(c) for cond, f in checks if cond]
 
 
 def refusal(c: dict) -> str | None:
@@ -63,6 +77,12 @@ def refusal(c: dict) -> str | None:
             f"its tasks include views of the TEST task set ({', '.join(c['test_views'])}, "
             "matched by view key): constants are never chosen on them; tune on a dev grid "
             "(`qvec demo --tasks dev`)"
+        )
+    if c.get("test_half"):
+        return (
+            f"its tasks include views of the study pool's TEST half ({', '.join(c['test_half'])}"
+            ", matched by view key): constants are never chosen on them; tune on a dev-half "
+            "study (`qvec study --half dev`)"
         )
     if c["incomplete"]:
         return (

@@ -1,0 +1,271 @@
+"""``qvec study``'s runs: the pretext backbone, the FP and QAT fine-tunes of the sampled
+views, and one transfer grid (with its extras and GPTQ rows) per fine-tune seed.
+
+Layout. Fine-tunes live in a runs directory keyed by the recipe's fingerprint
+(:func:`recipe_fingerprint`), so two studies, or a study and a demo run with
+``--runs-dir``, that share a recipe share their checkpoints::
+
+    RUNS/<fingerprint>/pretext/                  the backbone (demo's recipe)
+    RUNS/<fingerprint>/seed-<seed>/<task>/fp     FP fine-tune of one view
+    RUNS/<fingerprint>/seed-<seed>/<task>/qat    QAT fine-tune, same seed and data order
+
+The study's own results live in its workdir: ``study.json`` (what was asked),
+``seed-<seed>/grid/`` (one ``grid.run_grid`` workdir per seed) and the report.
+Every stage resumes (``train.finetune`` and ``run_grid`` skip what is done); a shard
+(``--shard i/n``) fine-tunes the views ``i, i+n, ...``, waits for the other shards'
+checkpoints, then computes its shard of each grid under its own lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from qvec_jax import config as qconfig
+from qvec_jax import data as qdata
+from qvec_jax import grid, train
+from qvec_jax.data import task_sets
+from qvec_jax.files import WorkdirLocked, atomic_write_text
+
+__all__ = [
+    "DEFAULT_LAMBDAS",
+    "StudyError",
+    "StudySpec",
+    "finetune_views",
+    "recipe_fingerprint",
+    "run_study",
+    "runs_root",
+    "seed_values",
+]
+
+#: The lambda screen: 0 (so lambda_best never does worse than PTQ(FP_R) on val) and 1.
+DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+SPEC_FILE = "study.json"
+
+
+class StudyError(ValueError):
+    """A study request that cannot run (bad option, another study in the workdir)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """What a study measures. ``views``: how many views of ``half`` (None: all), sampled
+    by ``sample_seed`` (:func:`task_sets.study_views`: a smaller sample is a prefix of a
+    larger one); ``seeds``: fine-tune seeds (the recipe's seed, then +1, +2, ...);
+    ``lambdas``: the RTN screen; ``eval_n``: a fixed sample of at most this many images
+    per val and test split (None: whole splits); ``methods``: leave-one-out merges;
+    ``gptq_calib``: images per GPTQ calibration set; ``gptq_qv_donors``: GPTQ+QV for the
+    donors that follow each receiver (None: every pair)."""
+
+    half: str
+    views: int | None = 16
+    seeds: int = 1
+    sample_seed: int = 0
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    eval_n: int | None = 2000
+    methods: tuple[str, ...] = ("mean", "ties")
+    gptq_calib: int = 128
+    gptq_qv_donors: int | None = 3
+
+    def __post_init__(self):
+        if self.half not in task_sets.HALF_NAMES:
+            raise StudyError(f"--half {self.half!r}: use one of {task_sets.HALF_NAMES}")
+        if isinstance(self.seeds, bool) or not 1 <= int(self.seeds) <= 100:
+            raise StudyError(f"--seeds {self.seeds!r}: a whole number 1..100")
+        if 0.0 not in self.lambdas or 1.0 not in self.lambdas:
+            raise StudyError(f"--lambdas {list(self.lambdas)}: the screen must hold 0 and 1")
+        try:
+            self.tasks()
+        except ValueError as e:
+            raise StudyError(f"--views: {e}") from None
+        object.__setattr__(self, "lambdas", tuple(float(x) for x in self.lambdas))
+        object.__setattr__(self, "methods", tuple(self.methods))
+
+    def tasks(self) -> list[str]:
+        return task_sets.study_views(self.half, self.views, self.sample_seed)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def recipe_fingerprint(cfg) -> str:
+    """12 hex digits of the recipe: the pretext run and the fine-tune config with its
+    task, mode, seed and backbone path blanked (what every fine-tune of a study shares);
+    the ``demo`` settings that are not training (``config.NOT_TRAINING``) do not count."""
+    ft = qconfig.apply_overrides(
+        cfg, [("task", "digits"), ("mode", "fp"), ("seed", 0), ("init.path", "")]
+    )
+    pre = qconfig.pretext_config(cfg, cfg.demo.pretext_task, float(cfg.demo.pretext_epochs))
+
+    def training(c) -> dict:
+        return {
+            k: v for k, v in json.loads(qconfig.to_json(c)).items() if k not in qconfig.NOT_TRAINING
+        }
+
+    text = json.dumps([training(pre), training(ft)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def runs_root(runs_dir, cfg) -> Path:
+    """``RUNS/<fingerprint>``: where this recipe's pretext and fine-tunes live."""
+    return Path(runs_dir).resolve() / recipe_fingerprint(cfg)
+
+
+def seed_values(cfg, seeds: int) -> list[int]:
+    """The fine-tune seeds of a study: the recipe's seed, then +1, +2, ..."""
+    return [int(cfg.seed) + i for i in range(int(seeds))]
+
+
+def _pretext(cfg, root: Path, progress: bool) -> Path:
+    """Train (or reuse) the pretext backbone; its params' path."""
+    d = cfg.demo
+    pre = qconfig.pretext_config(cfg, d.pretext_task, float(d.pretext_epochs))
+    while True:  # shards started together: one trains the backbone, the others wait
+        try:
+            r = train.finetune(pre, str(root / "pretext"), progress=progress)
+            break
+        except WorkdirLocked:
+            print(f"[study] waiting: another shard is training {root / 'pretext'}")
+            time.sleep(10)
+    print(f"[study] pretext {d.pretext_task}: test accuracy {r['test']['fp']:.3f}")
+    return root / "pretext" / "params"
+
+
+def finetune_views(cfg, root: Path, tasks, seeds: list[int], *, shard=None, progress=True):
+    """FP and QAT fine-tunes of ``tasks`` for each seed, under ``root`` (the pretext
+    first); a shard ``(i, n)`` trains the views ``i, i+n, ...`` only."""
+    backbone = _pretext(cfg, root, progress)
+    ft = qconfig.apply_overrides(cfg, [("init.kind", "pretrained"), ("init.path", str(backbone))])
+    mine = [t for k, t in enumerate(tasks) if shard is None or k % shard[1] == shard[0]]
+    jobs = [(s, t, m) for s in seeds for t in mine for m in ("fp", "qat")]
+    t0 = time.perf_counter()
+    for j, (seed, task, mode) in enumerate(jobs):
+        run = qconfig.apply_overrides(ft, [("task", task), ("mode", mode), ("seed", seed)])
+        r = train.finetune(run, str(root / f"seed-{seed}" / task / mode), progress=progress)
+        left = (time.perf_counter() - t0) / (j + 1) * (len(jobs) - j - 1)
+        print(
+            f"[study] fine-tune {j + 1}/{len(jobs)} seed {seed} {task} {mode}: test "
+            f"{r['test']['fp']:.3f}, PTQ {r['test']['ptq']:.3f} (ETA {left / 60:.0f} min)"
+        )
+
+
+def _wait_for(root: Path, tasks, seeds, wait: bool) -> None:
+    """Block until every fine-tune of the study is finished (other shards train them)."""
+
+    def missing():
+        return [
+            f"seed-{s}/{t}/{m}"
+            for s in seeds
+            for t in tasks
+            for m in ("fp", "qat")
+            if not (root / f"seed-{s}" / t / m / "results.json").exists()
+        ]
+
+    last = 0.0
+    while todo := missing():
+        if not wait:
+            raise StudyError(
+                f"{len(todo)} fine-tunes are not finished (first: {root / todo[0]}); run the "
+                "other shards, then rerun this one"
+            )
+        if time.monotonic() - last > 300:
+            print(f"[study] waiting for {len(todo)} fine-tunes of other shards ({todo[0]}, ...)")
+            last = time.monotonic()
+        time.sleep(10)
+
+
+def _check_workdir(workdir: Path, spec: StudySpec, fingerprint: str, seeds: list[int]) -> None:
+    """Refuse a workdir that holds another study; write ``study.json`` otherwise."""
+    path = workdir / SPEC_FILE
+    want = {"spec": spec.to_dict(), "recipe": fingerprint, "tasks": spec.tasks(), "seeds": seeds}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            msg = f"{path}: corrupt JSON ({e}); delete it or use another --workdir"
+            raise StudyError(msg) from None
+        if {k: old.get(k) for k in want} != want:
+            differ = [k for k in want if old.get(k) != want[k]]
+            raise StudyError(
+                f"{workdir} holds another study (differs in: {', '.join(differ)}); use "
+                "another --workdir"
+            )
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(want, indent=1) + "\n")
+
+
+def _stages(cfg, spec: StudySpec) -> list:
+    """The grid's extras and GPTQ rows of a study (no strategy cells: strategies are
+    scored from the extras' measurements, and the choice is ``qvec tune``'s)."""
+    pretext = cfg.demo.pretext_task
+    ex = grid.Extras(
+        strategy=cfg.demo.select_strategy,
+        methods=spec.methods,
+        pretext=pretext,
+        proxy_n=int(cfg.demo.proxy_size),
+    )
+    gq = grid.GptqCells(
+        calib_size=spec.gptq_calib,
+        strategy=None,
+        pretext=pretext,
+        qv_donors=spec.gptq_qv_donors,
+    )
+    return [ex, gq]
+
+
+def run_study(
+    cfg, spec: StudySpec, workdir, *, runs_dir=None, shard=None, wait=True, progress=True
+) -> dict:
+    """Run (or resume) a study: fine-tunes, then one grid per seed. Returns
+    ``{"workdir", "root", "tasks", "seeds", "grids": {seed: grid workdir}, "seconds"}``
+    (``seconds``: this call's wall time per stage; resumed stages are quick)."""
+    workdir = Path(workdir).resolve()
+    tasks = spec.tasks()
+    missing = [t for t in [cfg.demo.pretext_task, *tasks] if not qdata.availability(t)[0]]
+    if missing:
+        raise StudyError(
+            f"{missing[0]} is not available: a study needs Fashion-MNIST and digits "
+            "(`apt-get install dataset-fashion-mnist`, or set $QVEC_DATA_DIR)"
+        )
+    root = runs_root(runs_dir or workdir / "runs", cfg)
+    seeds = seed_values(cfg, spec.seeds)
+    _check_workdir(workdir, spec, root.name, seeds)
+    print(
+        f"[study] {spec.half} half: {len(tasks)} views, {len(tasks) * (len(tasks) - 1)} "
+        f"pairs, seeds {seeds}; runs in {root}"
+    )
+    t0 = time.perf_counter()
+    finetune_views(cfg, root, tasks, seeds, shard=shard, progress=progress)
+    _wait_for(root, tasks, seeds, wait)
+    seconds = {"fine-tunes": round(time.perf_counter() - t0, 1)}
+    grids = {}
+    for seed in seeds:
+        gdir = workdir / f"seed-{seed}" / "grid"
+        print(f"[study] grid of seed {seed}: {gdir}")
+        grid.run_grid(
+            tasks,
+            root / f"seed-{seed}",
+            gdir,
+            bits=cfg.quant.bits,
+            granularity=cfg.quant.granularity,
+            lambdas=spec.lambdas,
+            batch_size=int(cfg.demo.grid_batch_size),
+            progress=progress,
+            shard=shard,
+            extras=_stages(cfg, spec),
+            eval_n=spec.eval_n,
+        )
+        grids[seed] = gdir
+        seconds[f"grid, seed {seed}"] = round(time.perf_counter() - t0 - sum(seconds.values()), 1)
+    return {
+        "workdir": workdir,
+        "root": root,
+        "tasks": tasks,
+        "seeds": seeds,
+        "grids": grids,
+        "seconds": seconds,
+    }
