@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvec_jax import data as qdata
-from qvec_jax import grid, report, train
+from qvec_jax import grid, report, study, train
 from qvec_jax.config import apply_overrides, load_config, pretext_config
 from qvec_jax.files import atomic_write_text
 from qvec_jax.grid.store import GridStore
@@ -150,6 +150,18 @@ def _finetune_all(cfg, workdir: Path, tasks: list[str], progress: bool) -> Path:
     return runs
 
 
+def _shared_finetunes(cfg, chosen: DemoTasks, runs_dir, progress: bool) -> Path:
+    """Stages 1-2 in a shared runs dir (``--runs-dir``): the pretext and fine-tunes of the
+    recipe ``RUNS/<fingerprint>/`` that studies use too; the seed's runs dir."""
+    rcfg = apply_overrides(
+        cfg, [("demo.pretext_task", chosen.pretext), ("demo.pretext_epochs", chosen.pretext_epochs)]
+    )
+    root = study.run.runs_root(runs_dir, rcfg)
+    print(f"[demo] 2/4 fine-tune FP and QAT in the shared {root}")
+    study.run.finetune_views(rcfg, root, chosen.tasks, [int(cfg.seed)], progress=progress)
+    return root / f"seed-{int(cfg.seed)}"
+
+
 def extras_of(cfg, pretext: str) -> grid.extras.Extras | None:
     """The grid's extras of the demo config (None when ``demo.extras`` is off)."""
     d = cfg.demo
@@ -203,10 +215,13 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     tasks: str | None = None,
+    runs_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Run (or resume) the demo in ``workdir``; returns the report's paths and summary.
     ``tasks``: ``"test"`` (the default; ``"quick"`` with ``quick``), ``"dev"`` or a comma
-    list of task names (see :func:`choose_tasks`)."""
+    list of task names (see :func:`choose_tasks`). ``runs_dir``: keep the pretext and the
+    fine-tunes there, keyed by the recipe's fingerprint, shared with ``qvec study``
+    (:mod:`qvec_jax.study.run`); default: in ``workdir``."""
     cfg = _load(overrides, quick)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -225,14 +240,17 @@ def run_demo(
         print(f"[demo] {name} done ({times[name]:.0f} s; total {sum(times.values()):.0f} s)")
 
     print(f"[demo] 1/4 pretext: {cfg.model.variant} from scratch on {pretext}")
-    pre = train.finetune(
-        pretext_config(cfg, pretext, chosen.pretext_epochs),
-        str(workdir / "pretext"),
-        progress=progress,
-    )
-    stage("pretext")
-    print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
-    runs = _finetune_all(cfg, workdir, tasks, progress)
+    if runs_dir is None:
+        pre = train.finetune(
+            pretext_config(cfg, pretext, chosen.pretext_epochs),
+            str(workdir / "pretext"),
+            progress=progress,
+        )
+        stage("pretext")
+        print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
+        runs = _finetune_all(cfg, workdir, tasks, progress)
+    else:
+        runs = _shared_finetunes(cfg, chosen, runs_dir, progress)  # its stage: both
     stage("finetune")
     cells = _grid(cfg, workdir, runs, tasks, progress, extras)
     label_grid(workdir / "grid", chosen.task_set)

@@ -33,9 +33,14 @@ ARGS = ["--half", "dev", "--views", "3", "--eval-n", "64", "--lambdas", "0,1",
         "--gptq-qv-donors", "1", "--no-progress"]  # fmt: skip
 
 
-def _qvec(*args) -> subprocess.Popen:
+#: The study's processes share JAX's compilation cache: the second and third runs of the
+#: same tiny recipe compile nothing (the same programs, so the same numbers).
+CACHE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def _qvec(*args, cache: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qvec_jax.cli", "study", *map(str, args), *TINY]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env = os.environ | CACHE | {"JAX_COMPILATION_CACHE_DIR": str(cache)}
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -58,7 +63,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     """One whole tiny dev-half study: ``(its workdir, the shared runs dir)``."""
     root = tmp_path_factory.mktemp("study")
     runs = root / "runs"
-    out = _finish(_qvec(*ARGS, "--workdir", root / "a", "--runs-dir", runs))
+    out = _finish(_qvec(*ARGS, "--workdir", root / "a", "--runs-dir", runs, cache=root / "jit"))
     assert "study, dev half: 3 views, 6 pairs" in out
     return root / "a", runs
 
@@ -89,7 +94,8 @@ def test_a_study_writes_its_report_and_labels_every_approach(reference):
 def test_a_study_killed_mid_grid_resumes_to_the_same_study_json(reference, tmp_path):
     workdir, runs = reference
     b = tmp_path / "b"
-    p = _qvec(*ARGS, "--workdir", b, "--runs-dir", runs)
+    cache = workdir.parent / "jit"
+    p = _qvec(*ARGS, "--workdir", b, "--runs-dir", runs, cache=cache)
     cells = b / "seed-2038" / "grid" / "cells.jsonl"
     deadline = time.monotonic() + 600
     while p.poll() is None and time.monotonic() < deadline:
@@ -100,7 +106,7 @@ def test_a_study_killed_mid_grid_resumes_to_the_same_study_json(reference, tmp_p
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL, "the study finished before it could be killed"
     assert not (b / "study.md").exists()
-    _finish(_qvec(*ARGS, "--workdir", b, "--runs-dir", runs))
+    _finish(_qvec(*ARGS, "--workdir", b, "--runs-dir", runs, cache=cache))
     assert _without_times(b / "study.json") == _without_times(workdir / "study.json")
 
 

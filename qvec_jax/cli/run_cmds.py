@@ -170,6 +170,12 @@ def add_demo(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="keep the pretext and fine-tunes in this shared folder, keyed by the recipe's "
+        "fingerprint, as `qvec study --runs-dir` does (they reuse each other's runs)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key.sub=value",
@@ -187,5 +193,6 @@ def _cmd_demo(args) -> int:
             quick=args.quick,
             progress=not args.no_progress,
             tasks=args.tasks,
+            runs_dir=args.runs_dir,
         )
     return 0

@@ -123,12 +123,15 @@ def _pretext(cfg, root: Path, progress: bool) -> Path:
     """Train (or reuse) the pretext backbone; its params' path."""
     d = cfg.demo
     pre = qconfig.pretext_config(cfg, d.pretext_task, float(d.pretext_epochs))
+    said = False
     while True:  # shards started together: one trains the backbone, the others wait
         try:
             r = train.finetune(pre, str(root / "pretext"), progress=progress)
             break
         except WorkdirLocked:
-            print(f"[study] waiting: another shard is training {root / 'pretext'}")
+            if not said:
+                print(f"[study] waiting: another process is training {root / 'pretext'}")
+                said = True
             time.sleep(10)
     print(f"[study] pretext {d.pretext_task}: test accuracy {r['test']['fp']:.3f}")
     return root / "pretext" / "params"
