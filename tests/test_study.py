@@ -164,3 +164,22 @@ def test_a_workdir_holding_another_study_is_refused(reference, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "holds another study" in err and "spec" in err
     assert snapshot(workdir) == before
+
+
+def test_shards_over_one_workdir_give_the_same_study(reference, tmp_path):
+    """Two shards (each its own lock and record file), then the report without --shard:
+    the same study.json as one process."""
+    workdir, runs = reference
+    c, cache = tmp_path / "c", workdir.parent / "jit"
+    for shard in ("0/2", "1/2"):
+        out = _finish(
+            _qvec(*ARGS, "--workdir", c, "--runs-dir", runs, "--shard", shard, cache=cache)
+        )
+        assert f"shard {shard} done" in out and not (c / "study.md").exists()
+    grid = c / "seed-2038" / "grid"
+    assert {p.name for p in grid.glob("cells.shard-*.jsonl")} == {
+        "cells.shard-0-of-2.jsonl",
+        "cells.shard-1-of-2.jsonl",
+    }
+    _finish(_qvec(*ARGS, "--workdir", c, "--runs-dir", runs, cache=cache))
+    assert _without_times(c / "study.json") == _without_times(workdir / "study.json")

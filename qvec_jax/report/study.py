@@ -1,6 +1,6 @@
 """The report of a ``qvec study`` (issue 21): ``study.md``, ``study.json`` and its figures.
 
-A pure rendering of the ``analysis`` dict that :mod:`qvec_jax.study.analysis` computes
+A pure rendering of the ``analysis`` dict that :mod:`qvec_jax.report.study_analysis` computes
 (every approach on the donor -> receiver pairs of one half of the view pool, 95% intervals
 from a bootstrap over tasks). Nothing is recomputed here. Numbers are fractions in the
 analysis and ``study.json``, percentage points in ``study.md`` and the plots; every file is
@@ -21,7 +21,7 @@ from qvec_jax.report.plots import _pyplot, save_fig
 
 __all__ = ["study_markdown", "write_study_report"]
 
-#: Keys every analysis has (``qvec_jax.study.analysis``); checked before anything is drawn.
+#: Keys every analysis has (``qvec_jax.report.study_analysis``); checked before anything is drawn.
 REQUIRED = ("half", "tasks", "seeds", "n_pairs", "lambdas", "strategy", "baseline", "approaches")
 #: The 5-task-draw win rate the paper's regime reports, and the line drawn for it.
 PAPER_RATE, DRAW_LINE = 0.766, 0.75
@@ -59,12 +59,12 @@ def _cell(text) -> str:
 
 def _check(analysis) -> None:
     if not isinstance(analysis, dict):
-        raise TypeError("study report: analysis must be the dict of qvec_jax.study.analysis")
+        raise TypeError("study report: analysis must be the dict of qvec_jax.report.study_analysis")
     missing = [k for k in REQUIRED if k not in analysis]
     if missing:
         raise ValueError(
             f"study report: analysis lacks {', '.join(missing)}; pass the dict that "
-            "qvec_jax.study.analysis computes (or rerun `qvec study`)"
+            "qvec_jax.report.study_analysis computes (or rerun `qvec study`)"
         )
 
 

@@ -144,11 +144,18 @@ def finetune_views(cfg, root: Path, tasks, seeds: list[int], *, shard=None, prog
     ft = qconfig.apply_overrides(cfg, [("init.kind", "pretrained"), ("init.path", str(backbone))])
     mine = [t for k, t in enumerate(tasks) if shard is None or k % shard[1] == shard[0]]
     jobs = [(s, t, m) for s in seeds for t in mine for m in ("fp", "qat")]
-    t0 = time.perf_counter()
+    spent, trained = 0.0, 0
     for j, (seed, task, mode) in enumerate(jobs):
         run = qconfig.apply_overrides(ft, [("task", task), ("mode", mode), ("seed", seed)])
-        r = train.finetune(run, str(root / f"seed-{seed}" / task / mode), progress=progress)
-        left = (time.perf_counter() - t0) / (j + 1) * (len(jobs) - j - 1)
+        workdir = root / f"seed-{seed}" / task / mode
+        done, t0 = (workdir / "results.json").exists(), time.perf_counter()
+        r = train.finetune(run, str(workdir), progress=progress)
+        if not done:  # the ETA counts the runs trained here, not those reused
+            spent, trained = spent + time.perf_counter() - t0, trained + 1
+        todo = sum(
+            not (root / f"seed-{s}" / t / m / "results.json").exists() for s, t, m in jobs[j + 1 :]
+        )
+        left = spent / max(trained, 1) * todo
         print(
             f"[study] fine-tune {j + 1}/{len(jobs)} seed {seed} {task} {mode}: test "
             f"{r['test']['fp']:.3f}, PTQ {r['test']['ptq']:.3f} (ETA {left / 60:.0f} min)"
