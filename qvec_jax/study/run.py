@@ -227,6 +227,16 @@ def _stages(cfg, spec: StudySpec) -> list:
     return [ex, gq]
 
 
+def _task_set(spec: StudySpec) -> dict:
+    """``grid.json``'s ``task_set`` of a study grid."""
+    about = "where choices are made" if spec.half == "dev" else "never used for choices"
+    return {
+        "name": f"{spec.half} half",
+        "about": f"qvec study, {len(spec.tasks())} views of "
+        f"the pool's {spec.half} half (data.task_sets.halves), {about}",
+    }
+
+
 def run_study(
     cfg, spec: StudySpec, workdir, *, runs_dir=None, shard=None, wait=True, progress=True
 ) -> dict:
@@ -269,6 +279,9 @@ def run_study(
             extras=_stages(cfg, spec),
             eval_n=spec.eval_n,
         )
+        if shard is None:  # the whole grid's run names its task set (tune and report say it)
+            store = grid.GridStore(gdir)
+            store.write_meta(store.meta() | {"task_set": _task_set(spec)})
         grids[seed] = gdir
         seconds[f"grid, seed {seed}"] = round(time.perf_counter() - t0 - sum(seconds.values()), 1)
     return {
