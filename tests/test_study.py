@@ -87,8 +87,12 @@ def test_a_study_writes_its_report_and_labels_every_approach(reference):
         assert (workdir / name).stat().st_size > 0
     # the fine-tunes live under the recipe's fingerprint, shared with other studies
     (fingerprint,) = [p.name for p in runs.iterdir()]
-    assert json.loads((workdir / "study.json").read_text()) == a
     assert (runs / fingerprint / "pretext" / "params").is_dir()
+    # a rerun of the finished study computes nothing and writes the same study.json
+    cells = (workdir / "seed-2038" / "grid" / "cells.jsonl").read_bytes()
+    _finish(_qvec(*ARGS, "--workdir", workdir, "--runs-dir", runs, cache=workdir.parent / "jit"))
+    assert (workdir / "seed-2038" / "grid" / "cells.jsonl").read_bytes() == cells
+    assert _without_times(workdir / "study.json") == {k: v for k, v in a.items() if k != "seconds"}
 
 
 def test_a_study_killed_mid_grid_resumes_to_the_same_study_json(reference, tmp_path):
@@ -119,7 +123,7 @@ def test_tune_refuses_a_test_half_study_and_grid_by_view_key(tmp_path, capsys):
     view = next(n for n in task_sets.halves()["test"] if task_sets.view_key(n) not in demo_test)
     for where in (tmp_path / "grid", tmp_path / "study" / "seed-1" / "grid"):
         square_grid(where, [view, "digits"], meta={"task_set": {"name": "custom", "about": "x"}})
-    (tmp_path / "study" / "study.json").write_text(json.dumps({"seeds": [1]}))
+    (tmp_path / "study" / "request.json").write_text(json.dumps({"seeds": [1]}))
     for run_dir in (tmp_path / "grid", tmp_path / "study"):
         before = snapshot(run_dir)
         refused(capsys, run_dir, ["tune", run_dir, "--out", tmp_path / "t"],

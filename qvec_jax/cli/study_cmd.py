@@ -22,6 +22,7 @@ from qvec_jax.config import load_config
 from qvec_jax.report import strategies
 from qvec_jax.report import study_analysis as evidence
 from qvec_jax.study import StudyError, StudySpec, run_study
+from qvec_jax.study.run import REQUEST_FILE
 
 
 def _count_or_all(text: str) -> int | None:
@@ -208,7 +209,7 @@ def add_tune(sub) -> None:
 
 def _study_grid(run_dir: str) -> str:
     """A study workdir's grid (its first seed's), or ``run_dir`` itself."""
-    spec = Path(run_dir) / "study.json"
+    spec = Path(run_dir) / REQUEST_FILE
     if not spec.is_file():
         return run_dir
     try:

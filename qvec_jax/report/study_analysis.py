@@ -21,6 +21,7 @@ from qvec_jax.report.metrics import compute_metrics
 from qvec_jax.report.predictors import cosines, pair_features
 from qvec_jax.report.study import write_study_report
 from qvec_jax.study import stats
+from qvec_jax.study.run import REQUEST_FILE
 
 __all__ = ["analyze", "headline", "load_study", "study_report"]
 
@@ -164,7 +165,7 @@ def _conditions(rtn1: dict, tasks, features: dict) -> list[dict]:
 
 
 def analyze(study: dict, grids: dict[int, Path], *, strategy=None, strategy_source="") -> dict:
-    """The analysis of a study (``study``: its ``study.json``; ``grids``: seed -> grid
+    """The analysis of a study (``study``: its ``request.json``; ``grids``: seed -> grid
     workdir) with ``strategy`` as the reported choice (default: the grids' own)."""
     tasks, spec = study["tasks"], study["spec"]
     per_seed = [(s, *approaches_of_grid(g, strategy)) for s, g in sorted(grids.items())]
@@ -218,9 +219,9 @@ def _eval_note(eval_n) -> str:
 
 
 def load_study(workdir) -> tuple[dict, dict[int, Path]]:
-    """``(study.json, {seed: grid workdir})`` of a study workdir."""
+    """``(request.json, {seed: grid workdir})`` of a study workdir."""
     workdir = Path(workdir)
-    study = json.loads((workdir / "study.json").read_text())
+    study = json.loads((workdir / REQUEST_FILE).read_text())
     seeds = study.get("seeds") or []
     grids = {int(s): workdir / f"seed-{s}" / "grid" for s in seeds}
     return study, {s: g for s, g in grids.items() if GridStore(g).exists()}

@@ -9,7 +9,7 @@ Layout. Fine-tunes live in a runs directory keyed by the recipe's fingerprint
     RUNS/<fingerprint>/seed-<seed>/<task>/fp     FP fine-tune of one view
     RUNS/<fingerprint>/seed-<seed>/<task>/qat    QAT fine-tune, same seed and data order
 
-The study's own results live in its workdir: ``study.json`` (what was asked),
+The study's own results live in its workdir: ``request.json`` (what was asked),
 ``seed-<seed>/grid/`` (one ``grid.run_grid`` workdir per seed) and the report.
 Every stage resumes (``train.finetune`` and ``run_grid`` skip what is done); a shard
 (``--shard i/n``) fine-tunes the views ``i, i+n, ...``, waits for the other shards'
@@ -32,6 +32,7 @@ from qvec_jax.files import WorkdirLocked, atomic_write_text
 
 __all__ = [
     "DEFAULT_LAMBDAS",
+    "REQUEST_FILE",
     "StudyError",
     "StudySpec",
     "finetune_views",
@@ -43,7 +44,8 @@ __all__ = [
 
 #: The lambda screen: 0 (so lambda_best never does worse than PTQ(FP_R) on val) and 1.
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-SPEC_FILE = "study.json"
+#: What a study workdir was asked for (``study.json`` is the analysis, the report's).
+REQUEST_FILE = "request.json"
 
 
 class StudyError(ValueError):
@@ -188,8 +190,8 @@ def _wait_for(root: Path, tasks, seeds, wait: bool) -> None:
 
 
 def _check_workdir(workdir: Path, spec: StudySpec, fingerprint: str, seeds: list[int]) -> None:
-    """Refuse a workdir that holds another study; write ``study.json`` otherwise."""
-    path = workdir / SPEC_FILE
+    """Refuse a workdir that holds another study; write ``request.json`` otherwise."""
+    path = workdir / REQUEST_FILE
     want = {"spec": spec.to_dict(), "recipe": fingerprint, "tasks": spec.tasks(), "seeds": seeds}
     if path.exists():
         try:
