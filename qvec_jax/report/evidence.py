@@ -170,7 +170,8 @@ def _cell_rows(cells: list[dict]) -> list[dict]:
             rows[key]["values"][(r, d)] = acc
             hits[key][f"{d}->{r}"] = calib_counts(c)
     for key, by in hits.items():
-        rows[key]["overlap"] = overlap_text(summarize(by)) or "0 images"
+        unit = "pairs" if rows[key]["unit"] == "pair" else "receivers"
+        rows[key]["overlap"] = overlap_text(summarize(by, unit)) or "0 images"
     order = [
         "loo_mean",
         "loo_ties",
