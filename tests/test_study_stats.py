@@ -104,7 +104,7 @@ def test_inspected_views_are_dev_and_test_sets_are_test(names, half):
 
 def test_half_of_ignores_spelling_and_refuses_strangers():
     assert ts.half_of("fmnist_a") == ts.half_of("fashion_mnist@classes=0,1,2,3,4") == "dev"
-    assert ts.half_of("digits_a@hflip") == ts.half_of("digits@classes=0,1,2,3,4,hflip")
+    assert ts.half_of("digits_a@rot90=1") == ts.half_of("digits@classes=0,1,2,3,4,rot90=1")
     assert ts.half_of("digits_rot90") == ts.half_of("digits@rot90=1")
     assert ts.half_of(get_task("fmnist_b")) == ts.half_of("fashion_mnist@classes=5,6,7,8,9")
     for name in ts.halves()["test"][:5]:  # the canonical spelling maps to its own half
