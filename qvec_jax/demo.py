@@ -150,6 +150,20 @@ def _finetune_all(cfg, workdir: Path, tasks: list[str], progress: bool) -> Path:
     return runs
 
 
+def _pretext_and_finetunes(cfg, chosen: DemoTasks, workdir: Path, runs_dir, progress, stage):
+    """Stages 1-2 (``stage("pretext")`` after the first, in the workdir); their runs dir."""
+    if runs_dir is not None:
+        return _shared_finetunes(cfg, chosen, runs_dir, progress)  # one stage for both
+    pre = train.finetune(
+        pretext_config(cfg, chosen.pretext, chosen.pretext_epochs),
+        str(workdir / "pretext"),
+        progress=progress,
+    )
+    stage("pretext")
+    print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
+    return _finetune_all(cfg, workdir, chosen.tasks, progress)
+
+
 def _shared_finetunes(cfg, chosen: DemoTasks, runs_dir, progress: bool) -> Path:
     """Stages 1-2 in a shared runs dir (``--runs-dir``): the pretext and fine-tunes of the
     recipe ``RUNS/<fingerprint>/`` that studies use too; the seed's runs dir."""
@@ -240,17 +254,7 @@ def run_demo(
         print(f"[demo] {name} done ({times[name]:.0f} s; total {sum(times.values()):.0f} s)")
 
     print(f"[demo] 1/4 pretext: {cfg.model.variant} from scratch on {pretext}")
-    if runs_dir is None:
-        pre = train.finetune(
-            pretext_config(cfg, pretext, chosen.pretext_epochs),
-            str(workdir / "pretext"),
-            progress=progress,
-        )
-        stage("pretext")
-        print(f"[demo]     pretext test accuracy {pre['test']['fp']:.3f}")
-        runs = _finetune_all(cfg, workdir, tasks, progress)
-    else:
-        runs = _shared_finetunes(cfg, chosen, runs_dir, progress)  # its stage: both
+    runs = _pretext_and_finetunes(cfg, chosen, workdir, runs_dir, progress, stage)
     stage("finetune")
     cells = _grid(cfg, workdir, runs, tasks, progress, extras)
     label_grid(workdir / "grid", chosen.task_set)

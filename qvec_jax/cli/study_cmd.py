@@ -46,6 +46,12 @@ def add_study(sub) -> None:
         "RUNS/<recipe fingerprint>/, shared by every study and demo with the same recipe. "
         "Resumes when rerun; --shard I/N splits it over N jobs sharing one workdir.",
     )
+    _study_options(p)
+    _choice_and_run_options(p)
+    p.set_defaults(func=_cmd_study)
+
+
+def _study_options(p) -> None:
     p.add_argument("--half", required=True, choices=("dev", "test"), help="which half of the pool")
     p.add_argument(
         "--views",
@@ -80,6 +86,9 @@ def add_study(sub) -> None:
         metavar="K|all",
         help="GPTQ + QV for the K donors after each receiver (default 3)",
     )
+
+
+def _choice_and_run_options(p) -> None:
     p.add_argument(
         "--strategy",
         default=None,
@@ -110,7 +119,6 @@ def add_study(sub) -> None:
         metavar="key.sub=value",
         help=f"overrides of {demo.CONFIG.name} (the recipe)",
     )
-    p.set_defaults(func=_cmd_study)
 
 
 def _choice(args) -> tuple[str | None, str]:

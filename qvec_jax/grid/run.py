@@ -166,8 +166,6 @@ def _compute_dtype(compute_dtype) -> str:
 def _check_setting(store: GridStore, meta: dict, spec, dtype: str, eval_n, backbone) -> None:
     """Refuse a workdir that holds a grid at another quantizer setting, compute dtype,
     evaluation sample or backbone: each needs its own ``--workdir``."""
-    if not meta:
-        return
     n_text = lambda n: f"{n} images per split" if n else "whole splits"  # noqa: E731
     settings = [
         ("at", _quantizer(meta.get("bits"), meta.get("granularity"), meta.get("rule")),
@@ -177,12 +175,10 @@ def _check_setting(store: GridStore, meta: dict, spec, dtype: str, eval_n, backb
     ]  # fmt: skip
     if backbone is not None and meta.get("backbone_id") not in (None, backbone):
         settings.append(("over backbone", meta["backbone_id"], backbone, "backbone"))
-    for verb, old, new, what in settings:
+    for verb, old, new, what in settings if meta else ():
         if old != new:
-            raise GridError(
-                f"{store.workdir} holds a grid {verb} {old}, not {new}; use another "
-                f"--workdir for another {what}"
-            )
+            msg = f"{store.workdir} holds a grid {verb} {old}, not {new}; use another --workdir"
+            raise GridError(f"{msg} for another {what}")
 
 
 def _grid_meta(
@@ -210,6 +206,13 @@ def _grid_meta(
         "warnings": warnings,
         "expected_cells": len(tasks) * (3 + len(tasks) * len(lambdas)),
     }
+
+
+def _eval_n(eval_n) -> int | None:
+    """``run_grid``'s ``eval_n`` checked: a whole number >= 1, or None (whole splits)."""
+    if eval_n is not None and (isinstance(eval_n, bool) or int(eval_n) < 1):
+        raise GridError(f"eval_n={eval_n!r}: a whole number of examples >= 1, or None for all")
+    return None if eval_n is None else int(eval_n)
 
 
 def _request(tasks, bits, granularity, spec, lambdas, compute_dtype, extras) -> tuple:
@@ -322,18 +325,13 @@ def run_grid(
     order after the main cells, under the same lock and shard.
     ``compute_dtype``: "float32" or "bfloat16", the model's activations and matmuls in
     every evaluation; params, QVs, the patch and PTQ stay float32 (PTQ before the cast).
-    ``grid.json`` names a non-default one; a rerun in another dtype is refused.
-    ``eval_n``: evaluate every cell on a fixed sample of at most this many examples of each
-    split (``data.Split.subset``, seed 0; None: whole splits); recorded in ``grid.json``,
-    and a rerun with another sample is refused.
+    ``eval_n``: each split's fixed sample of at most this many (``data.Split.subset``).
+    ``grid.json`` names a non-default dtype or sample; a rerun with another is refused.
     """
     tasks, spec, lambdas, dtype = _request(
         tasks, bits, granularity, spec, lambdas, compute_dtype, extras
     )
-    if eval_n is not None and (isinstance(eval_n, bool) or int(eval_n) < 1):
-        raise GridError(f"eval_n={eval_n!r}: a whole number of examples >= 1, or None for all")
-    eval_n = None if eval_n is None else int(eval_n)
-    store = GridStore(workdir)
+    store, eval_n = GridStore(workdir), _eval_n(eval_n)
     mine = _process_shard(shard)
     if shard is not None:  # before the lock: a refused shard leaves the workdir as it was
         request = _grid_meta(tasks, lambdas, spec, runs_dir, {}, [], [], dtype, eval_n)

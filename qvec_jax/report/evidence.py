@@ -118,70 +118,47 @@ def _strategy_rows(em: dict | None) -> list[dict]:
     return out
 
 
+def _cell_approach(c: dict) -> tuple[dict, tuple] | None:
+    """The approach a leave-one-out merge (lambda=1), GPTQ(FP_R) or GPTQ+QV (lambda=1)
+    cell belongs to, and its unit key; None for other cells."""
+    kind, r, d = c["kind"], c["receiver"], c.get("donor")
+    if kind == "merge" and c.get("lam") == 1.0 and str(d).startswith("loo:"):
+        m = d.split(":", 1)[1]
+        name = f"RTN(FP_R + merge_{m}(other QVs)), lambda = 1 (leave-one-out)"
+        return _approach(f"loo_{m}", name, "donor QAT", "receiver", True), (r, None)
+    if kind.startswith("gptq:"):
+        src = kind.split(":", 1)[1]
+        name = f"GPTQ(FP_R), calibration: {src}"
+        a = _approach(f"gptq_{src}", name, GPTQ_DATA[src], "receiver", src != "receiver")
+        return a, (r, None)
+    if kind == "gptq+qv:donor" and c.get("lam") == 1.0:
+        name = "GPTQ(FP_R + QV_D), lambda = 1, calibration: the donor's images"
+        return _approach("gptq_qv", name, "donor QAT + donor", "pair", True), (r, d)
+    return None
+
+
+CELL_ORDER = ("loo_mean", "loo_ties", "gptq_noise", "gptq_pretext", "gptq_donor",
+              "gptq_receiver", "gptq_qv")  # fmt: skip
+
+
 def _cell_rows(cells: list[dict]) -> list[dict]:
-    """Leave-one-out merges at lambda=1, GPTQ(FP_R) per calibration source, GPTQ+QV."""
+    """Leave-one-out merges at lambda=1, GPTQ(FP_R) per calibration source, GPTQ+QV; the
+    GPTQ rows with the receiver images their calibration sets hold."""
     rows: dict[str, dict] = {}
     hits: dict[str, dict] = defaultdict(dict)
     for c in cells:
-        kind, r, d, acc = c["kind"], c["receiver"], c.get("donor"), (c.get("acc") or {}).get("test")
-        if acc is None:
+        acc, found = (c.get("acc") or {}).get("test"), _cell_approach(c)
+        if acc is None or found is None:
             continue
-        if kind == "merge" and c.get("lam") == 1.0 and str(d).startswith("loo:"):
-            m = d.split(":", 1)[1]
-            key = f"loo_{m}"
-            rows.setdefault(
-                key,
-                _approach(
-                    key,
-                    f"RTN(FP_R + merge_{m}(other QVs)), lambda = 1 (leave-one-out)",
-                    "donor QAT",
-                    "receiver",
-                    True,
-                ),
-            )
-            rows[key]["values"][(r, None)] = acc
-        elif kind.startswith("gptq:"):
-            src = kind.split(":", 1)[1]
-            key = f"gptq_{src}"
-            rows.setdefault(
-                key,
-                _approach(
-                    key,
-                    f"GPTQ(FP_R), calibration: {src}",
-                    GPTQ_DATA[src],
-                    "receiver",
-                    src != "receiver",
-                ),
-            )
-            rows[key]["values"][(r, None)] = acc
-            hits[key][r] = calib_counts(c)
-        elif kind == "gptq+qv:donor" and c.get("lam") == 1.0:
-            key = "gptq_qv"
-            rows.setdefault(
-                key,
-                _approach(
-                    key,
-                    "GPTQ(FP_R + QV_D), lambda = 1, calibration: the donor's images",
-                    "donor QAT + donor",
-                    "pair",
-                    True,
-                ),
-            )
-            rows[key]["values"][(r, d)] = acc
-            hits[key][f"{d}->{r}"] = calib_counts(c)
+        a, (r, d) = found
+        rows.setdefault(a["key"], a)["values"][(r, d)] = acc
+        if a["key"].startswith("gptq"):
+            hits[a["key"]][r if d is None else f"{d}->{r}"] = calib_counts(c)
     for key, by in hits.items():
         unit = "pairs" if rows[key]["unit"] == "pair" else "receivers"
         rows[key]["overlap"] = overlap_text(summarize(by, unit)) or "0 images"
-    order = [
-        "loo_mean",
-        "loo_ties",
-        "gptq_noise",
-        "gptq_pretext",
-        "gptq_donor",
-        "gptq_receiver",
-        "gptq_qv",
-    ]
-    return [rows[k] for k in order if k in rows] + [v for k, v in rows.items() if k not in order]
+    ordered = [rows[k] for k in CELL_ORDER if k in rows]
+    return ordered + [v for k, v in rows.items() if k not in CELL_ORDER]
 
 
 def approaches_of_grid(workdir, strategy: str | None = None) -> tuple[dict, list[dict], dict]:
