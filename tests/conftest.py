@@ -128,6 +128,7 @@ def n_params(tree) -> int:
 # from idling at the end while another finishes one of them (longest-first scheduling).
 # Order from `pytest -n 2 --durations=0` on 2 cores; any module not named keeps its place.
 LONGEST_FIRST = (
+    "test_study",  # a tiny study three times over (kill and resume, shards, rerun) via `qvec`
     "test_demo",  # the quick demo, and the README example and notebooks 01/02 on it
     "test_train",
     "test_notebooks",  # notebook 03 on a tiny ViT: fine-tunes and a grid via `qvec`
