@@ -45,29 +45,26 @@ def _incomplete(c: dict) -> str:
     )
 
 
-def _test_views(c: dict) -> str:
-    names = ", ".join(c["test_views"])
-    return (
-        f"TEST-SET tasks: {names} (views of the demo's test set, matched by view key): these "
-        "numbers are test-set figures; never choose a strategy or a constant on them "
-        "(`qvec tune` refuses this grid)"
-    )
+#: The two kinds of held-out views: grid_checks' key -> (the warning's tag, whose views).
+HELD_OUT = {
+    "test_views": ("TEST-SET", "the demo's test set"),
+    "test_half": ("TEST-HALF", "the study pool's test half"),
+}
 
 
-def _test_half(c: dict) -> str:
-    names = ", ".join(c["test_half"])
+def _held_out(c: dict, key: str) -> str:
+    tag, whose = HELD_OUT[key]
     return (
-        f"TEST-HALF tasks: {names} (views of the study pool's test half, matched by view "
-        "key): these numbers are test figures; never choose a strategy or a constant on them "
+        f"{tag} tasks: {', '.join(c[key])} (views of {whose}, matched by view key): these "
+        "numbers are test figures; never choose a strategy or a constant on them "
         "(`qvec tune` refuses this grid)"
     )
 
 
 def warning_lines(c: dict) -> list[str]:
     """The warnings of :func:`grid_checks` (``[]`` for a complete grid of no test task)."""
-    checks = ((c["test_views"], _test_views), (c.get("test_half"), _test_half),
-              (c["incomplete"], _incomplete))  # fmt: skip
-    return [f(c) for cond, f in checks if cond]
+    lines = [_held_out(c, key) for key in HELD_OUT if c.get(key)]
+    return lines + ([_incomplete(c)] if c["incomplete"] else [])
 
 
 def refusal(c: dict) -> str | None:
