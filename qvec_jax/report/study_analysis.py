@@ -62,18 +62,15 @@ def _summary(a: dict, tasks: list[str]) -> dict:
 
 
 def _diff(a: dict, b: dict) -> dict[tuple, float]:
-    """Per-unit ``a - b`` accuracy: pair units meet receiver units at their receiver."""
+    """Per-unit ``a - b`` accuracy on the finer approach's units (pairs over receivers): a
+    per-receiver number meets a pair at the pair's receiver."""
+    per_receiver = all(d is None for _, d in a["acc"])
+    fine, coarse, sign = (b, a, -1.0) if per_receiver else (a, b, 1.0)
     out = {}
-    for (r, d), x in a["acc"].items():
-        y = b["acc"].get((r, d), b["acc"].get((r, None)))
+    for (r, d), x in fine["acc"].items():
+        y = coarse["acc"].get((r, d), coarse["acc"].get((r, None)))
         if y is not None:
-            out[(r, d)] = x - y
-    if not out and all(d is None for _, d in a["acc"]):  # a per receiver, b per pair
-        out = {
-            (r, d): a["acc"][(r, None)] - y
-            for (r, d), y in b["acc"].items()
-            if (r, None) in a["acc"]
-        }
+            out[(r, d)] = sign * (x - y)
     return out
 
 
