@@ -6,7 +6,11 @@ The stream is a pure function of ``(seed, step)``:
   (``grain.MapDataset.range(n).shuffle(seed).repeat()``): element ``j`` of the stream is
   a position of the split, computed in O(1) for any ``j`` without materialising a
   permutation; batch ``s`` holds stream elements ``s*B .. s*B+B-1`` (batches run across
-  epoch boundaries, so every batch is full);
+  epoch boundaries, so every batch is full). :func:`stream_positions` computes them by
+  calling grain's index shuffle directly: through the MapDataset chain each element
+  cost about 0.2 ms of Python (27 ms for a batch of 128, more than a demo-size train
+  step on an H200, and the reason extra grain workers did not help), directly about
+  3.5 us;
 - a ``grain.MapDataset`` over the *steps* maps step ``s`` to the rows of batch ``s``
   that this host feeds (``sharding.host_rows``: each process reads only its own rows),
   so resuming at step ``k`` is ``MapDataset.range(k, end)``: O(1) at any step;
@@ -32,6 +36,12 @@ from jax.sharding import PartitionSpec as P
 
 from qvec_jax.sharding import host_rows
 
+# grain's per-element index shuffle (C++), the one ShuffleMapDataset calls; private in
+# grain 0.2, so tests/test_loader.py pins stream_positions to the public MapDataset chain.
+from grain._src.python.experimental.index_shuffle.python.index_shuffle_module import (  # noqa: E402
+    index_shuffle as _index_shuffle,
+)
+
 __all__ = ["TrainLoader", "place_rows", "stream_positions"]
 
 
@@ -45,15 +55,26 @@ def _grain_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _order(n: int, seed: int) -> grain.MapDataset:
+def stream_positions(n: int, seed: int, start: int, stop: int) -> np.ndarray:
+    """Positions (0..n-1 in the split) of stream elements ``start:stop``: exactly
+    ``grain.MapDataset.range(n).shuffle(seed).repeat()[start:stop]`` (tests pin it), by
+    grain's own index shuffle called per element with the per-epoch seed that
+    ``ShuffleMapDataset`` uses, ``(seed + epoch) mod 2**32``, without the chain's
+    per-element overhead (grain has no vectorised public entry point for it)."""
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed}: the training order needs 0 <= seed < 2**32")
-    return grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-
-
-def stream_positions(n: int, seed: int, start: int, stop: int) -> np.ndarray:
-    """Positions (0..n-1 in the split) of stream elements ``start:stop``."""
-    return np.fromiter(_order(n, seed)[start:stop], np.int64, stop - start)
+    if n < 1 or not 0 <= start <= stop:
+        raise ValueError(f"stream_positions: need n >= 1 and 0 <= start <= stop, got "
+                         f"n={n}, start={start}, stop={stop}")  # fmt: skip
+    out = np.empty(stop - start, np.int64)
+    for epoch in range(start // n, (stop - 1) // n + 1 if stop > start else 0):
+        lo, hi = max(start, epoch * n), min(stop, (epoch + 1) * n)
+        s = (seed + epoch) % 2**32
+        out[lo - start : hi - start] = [
+            _index_shuffle(i, max_index=n - 1, seed=s, rounds=4)
+            for i in range(lo - epoch * n, hi - epoch * n)
+        ]
+    return out
 
 
 class _ReadBatch:
@@ -61,18 +82,11 @@ class _ReadBatch:
 
     def __init__(self, split, batch_size: int, seed: int, rows: slice):
         self.split, self.batch_size, self.seed, self.rows = split, batch_size, seed, rows
-        self._order = None
 
     def __call__(self, step: int):
-        if self._order is None:  # built in the process that reads
-            self._order = _order(len(self.split), self.seed)
         b0 = int(step) * self.batch_size
         lo, hi = b0 + self.rows.start, b0 + self.rows.stop
-        positions = np.fromiter(self._order[lo:hi], np.int64, hi - lo)
-        return self.split.get(positions)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_order": None}
+        return self.split.get(stream_positions(len(self.split), self.seed, lo, hi))
 
 
 class TrainLoader:
@@ -115,7 +129,7 @@ class TrainLoader:
                 "need batch_size >= 1, prefetch >= 1, seed/start_step/workers >= 0, "
                 "end_step >= start_step (data.workers in the config)"
             )
-        _order(1, int(seed))  # the seed's range, checked here rather than in a worker
+        stream_positions(1, int(seed), 0, 0)  # the seed's range, checked here, not in a worker
         if rows is None:
             rows = slice(0, batch_size) if mesh is None else host_rows(batch_size, mesh)
         if not 0 <= (rows.start or 0) <= (rows.stop or 0) <= batch_size:
