@@ -44,8 +44,11 @@ def test_every_epoch_is_a_permutation_and_epochs_differ(split):
     np.testing.assert_array_equal(stream_positions(n, 3, n - 5, n + 7), pos[n - 5 : n + 7])
 
 
-@pytest.mark.parametrize("n,seed,start,stop", [(1, 0, 0, 3), (7, 2**32 - 2, 0, 30), (64, 11, 100, 300),
-                                               (1000, 2038, 2990, 3010), (5, 3, 4, 4)])
+@pytest.mark.parametrize(
+    "n,seed,start,stop",
+    [(1, 0, 0, 3), (7, 2**32 - 2, 0, 30), (64, 11, 100, 300), (1000, 2038, 2990, 3010),
+     (5, 3, 4, 4)],
+)  # fmt: skip
 def test_stream_positions_are_grains_public_shuffle(n, seed, start, stop):
     """The direct index-shuffle calls give grain's public chain element for element,
     across epoch boundaries (and its per-epoch seed wrapping past 2**32)."""

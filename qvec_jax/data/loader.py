@@ -31,16 +31,16 @@ import sys
 import grain
 import jax
 import numpy as np
+
+# grain's per-element index shuffle (C++), the one ShuffleMapDataset calls; private in
+# grain 0.2, so tests/test_loader.py pins stream_positions to the public MapDataset chain.
+from grain._src.python.experimental.index_shuffle.python.index_shuffle_module import (
+    index_shuffle as _index_shuffle,
+)
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qvec_jax.sharding import host_rows
-
-# grain's per-element index shuffle (C++), the one ShuffleMapDataset calls; private in
-# grain 0.2, so tests/test_loader.py pins stream_positions to the public MapDataset chain.
-from grain._src.python.experimental.index_shuffle.python.index_shuffle_module import (  # noqa: E402
-    index_shuffle as _index_shuffle,
-)
 
 __all__ = ["TrainLoader", "place_rows", "stream_positions"]
 
