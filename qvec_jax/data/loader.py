@@ -27,6 +27,7 @@ before cannot be resumed bit for bit (their checkpoints' data fingerprint names 
 from __future__ import annotations
 
 import sys
+import zlib
 
 import grain
 import jax
@@ -42,7 +43,18 @@ from jax.sharding import PartitionSpec as P
 
 from qvec_jax.sharding import host_rows
 
-__all__ = ["TrainLoader", "place_rows", "stream_positions"]
+__all__ = ["TrainLoader", "batch_crc", "place_rows", "stream_positions"]
+
+#: The stream's fingerprint reads every CRC_STRIDE-th image byte (and every label).
+CRC_STRIDE = 997
+
+
+def batch_crc(crc: int, images, labels) -> int:
+    """Running fingerprint of the data stream: CRC-32 of a batch's labels, then of
+    every ``CRC_STRIDE``-th byte of its images (in metrics.jsonl and checkpoints)."""
+    crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
+    sample = np.asarray(images).reshape(-1)[::CRC_STRIDE]
+    return zlib.crc32(np.ascontiguousarray(sample).tobytes(), crc)
 
 
 def _grain_flags() -> None:
@@ -169,13 +181,17 @@ class TrainLoader:
         self.close()
 
 
-def place_rows(batch, mesh: Mesh, global_size: int, axis: str = "data"):
+def place_rows(batch, mesh: Mesh, global_size: int, axis: str = "data", *, steps: bool = False):
     """Global arrays of ``global_size`` rows, sharded on ``axis``, from this host's rows
-    (what :class:`TrainLoader` yields for ``mesh``)."""
+    (what :class:`TrainLoader` yields for ``mesh``). ``steps``: the arrays are several
+    steps' batches stacked, ``[k, rows, ...]``; the rows are their second axis."""
 
     def one(x):
         x = np.asarray(x)
-        sharding = NamedSharding(mesh, P(axis, *([None] * (x.ndim - 1))))
-        return jax.make_array_from_process_local_data(sharding, x, (global_size, *x.shape[1:]))
+        lead = (x.shape[0],) if steps else ()
+        rest = x.shape[len(lead) + 1 :]
+        spec = P(*([None] * len(lead)), axis, *([None] * len(rest)))
+        sharding = NamedSharding(mesh, spec)
+        return jax.make_array_from_process_local_data(sharding, x, (*lead, global_size, *rest))
 
     return jax.tree.map(one, batch)

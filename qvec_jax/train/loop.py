@@ -37,7 +37,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -45,8 +44,16 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from qvec_jax import quant
-from qvec_jax.data.loader import TrainLoader, place_rows
+from qvec_jax.data.resident import place_split
 from qvec_jax.sharding import make_mesh, state_shardings
+from qvec_jax.train.feed import ResidentFeed, StreamFeed, chunks
+from qvec_jax.train.options import (
+    compute_dtype,
+    data_workers,
+    device_bytes,
+    steps_per_dispatch,
+    total_train_steps,
+)
 from qvec_jax.train.step import (
     MODES,
     TrainError,
@@ -58,10 +65,9 @@ from qvec_jax.train.step import (
     create_state,
     diverged,
     make_optimizer,
-    make_train_step,
+    make_train_chunk,
 )
 from qvec_jax.train.workdir import (
-    batch_crc,
     check_config,
     checkpoint_manager,
     claim_workdir,
@@ -88,18 +94,6 @@ def maybe_initialize_distributed(force: bool = False) -> None:
     if force or os.environ.get("QVEC_DISTRIBUTED", "") not in ("", "0"):
         if not jax.distributed.is_initialized():
             jax.distributed.initialize()
-
-
-def total_train_steps(cfg: ml_collections.ConfigDict, num_train: int, task_epochs) -> int:
-    """``total_steps`` if > 0, else ceil(epochs * num_train / batch_size)."""
-    if cfg.total_steps > 0:
-        return int(cfg.total_steps)
-    from qvec_jax import data as qdata
-
-    epochs = cfg.epochs if cfg.epochs > 0 else task_epochs
-    if not epochs or epochs <= 0:
-        raise TrainError("no epochs for this task: set epochs=... or total_steps=...")
-    return qdata.num_train_steps(int(num_train), int(cfg.batch_size), float(epochs))
 
 
 # --------------------------------------------------------------------------- init
@@ -132,27 +126,6 @@ def build_model_and_params(cfg: ml_collections.ConfigDict, num_classes: int):
     return model.clone(dtype=compute_dtype(cfg)), params
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def compute_dtype(cfg: ml_collections.ConfigDict):
-    """``model.compute_dtype`` ("float32" when absent) as a dtype: the ViT's activations
-    and matmuls; params, optimizer state, fake-quant and PTQ stay float32."""
-    name = cfg.model.get("compute_dtype", "float32")
-    if name not in COMPUTE_DTYPES:
-        raise TrainError(f"model.compute_dtype={name!r}: use one of {COMPUTE_DTYPES}")
-    return jnp.dtype(name)
-
-
-def data_workers(cfg: ml_collections.ConfigDict) -> int:
-    """``data.workers``: grain worker processes reading the training input (0: this
-    process; absent in older configs: 0)."""
-    n = cfg.data.get("workers", 0)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise TrainError(f"data.workers={n!r}: use a whole number >= 0 (0 reads in-process)")
-    return n
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -166,6 +139,8 @@ def validate(cfg: ml_collections.ConfigDict) -> quant.QuantSpec:
     check_numbers(cfg)
     compute_dtype(cfg)
     data_workers(cfg)
+    device_bytes(cfg)
+    steps_per_dispatch(cfg)
     if cfg.init.kind not in INIT_KINDS:
         raise TrainError(f"init.kind={cfg.init.kind!r} is not one of {INIT_KINDS}")
     if cfg.init.kind == "pretrained" and not (cfg.init.path and os.path.exists(cfg.init.path)):
@@ -255,7 +230,8 @@ class _Run:
     train_split: Any  # data.Split
     total: int  # optimizer steps of the whole run
     schedule: optax.Schedule
-    step_fn: Any  # make_train_step's jitted step
+    resident: Any  # data.ResidentSplit of the train split, or None: streamed
+    chunk_fn: Any  # make_train_chunk's jitted steps
     mngr: ocp.CheckpointManager
     backbone: str  # checkpoints.backbone_id of the init
     state: dict
@@ -285,8 +261,9 @@ def _setup(cfg, spec, task, workdir: str, mesh, claim) -> _Run:
     model, host_params = build_model_and_params(cfg, task.num_classes)
     abstract = abstract_state(host_params, tx)
     shardings = state_shardings(abstract, mesh, fsdp=cfg.fsdp)
-    step_fn = make_train_step(
-        model, tx, mesh, shardings, mode=cfg.mode, spec=spec, accum=accum,
+    resident = place_split(split, mesh, device_bytes(cfg))
+    chunk_fn = make_train_chunk(
+        model, tx, mesh, shardings, resident=resident, mode=cfg.mode, spec=spec, accum=accum,
         label_smoothing=cfg.label_smoothing, preprocess=split.preprocessor,
     )  # fmt: skip
     claim()
@@ -298,42 +275,55 @@ def _setup(cfg, spec, task, workdir: str, mesh, claim) -> _Run:
     truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     return _Run(
         cfg=cfg, spec=spec, task=task, workdir=workdir, mesh=mesh, model=model,
-        train_split=split, total=total, schedule=schedule, step_fn=step_fn, mngr=mngr,
+        train_split=split, total=total, schedule=schedule, resident=resident,
+        chunk_fn=chunk_fn, mngr=mngr,
         backbone=checkpoints.backbone_id(host_params), state=state, start=start, crc=crc,
     )  # fmt: skip
 
 
-def _loop(run: _Run, end: int, progress: bool) -> None:
-    """Train steps ``run.start .. end``: a metrics record every ``log_every`` steps and a
-    checkpoint every ``checkpoint_every`` steps, both also at ``end``.
+def _feed(run: _Run, end: int):
+    cfg = run.cfg
+    if run.resident is not None:
+        return ResidentFeed(run.train_split, run.resident, cfg.batch_size, cfg.seed, run.mesh)
+    return StreamFeed(run.train_split, cfg.batch_size, cfg.seed, run.start, end, run.mesh,
+                      data_workers(cfg))  # fmt: skip
 
-    Divergence costs no extra host round trip per step: the losses and gradient norms
-    of every step are checked when a record fetches them, and before a checkpoint (one
-    more fetch of the steps since the last record, and one scalar: all params finite),
-    so no checkpoint holds NaN/Inf params."""
+
+def _loop(run: _Run, end: int, progress: bool) -> None:
+    """Train steps ``run.start .. end`` in chunks of ``steps_per_dispatch`` steps (one
+    jitted call each): a metrics record every ``log_every`` steps and a checkpoint
+    every ``checkpoint_every`` steps, both also at ``end``.
+
+    The next chunk's input is prepared while the device runs the current one (before
+    its metrics are fetched), so the device does not wait on the host at a record.
+    Divergence costs no extra host round trip: the losses and gradient norms of every
+    step are checked when a record fetches them, and before a checkpoint (one more fetch
+    of the steps since the last record, and one scalar: all params finite), so no
+    checkpoint holds NaN/Inf params."""
     from tqdm.auto import tqdm
 
     cfg, is_main = run.cfg, jax.process_index() == 0
-    batches = TrainLoader(run.train_split, cfg.batch_size, seed=cfg.seed, start_step=run.start,
-                          end_step=end, mesh=run.mesh, workers=data_workers(cfg))  # fmt: skip
+    feed = _feed(run, end)
+    k = feed.max_steps(steps_per_dispatch(cfg))
+    bounds = list(chunks(run.start, end, k, cfg.log_every, cfg.checkpoint_every))
     bar = tqdm(total=run.total, initial=run.start, disable=not (progress and is_main),
                unit="step", desc=f"{cfg.task} {cfg.mode}", dynamic_ncols=True)  # fmt: skip
     window, t_log, n_log = [], time.perf_counter(), 0
     try:
         with open(run.path("metrics.jsonl"), "a") as mfile:
-            for step in range(run.start, end):
-                images, labels = next(batches)
-                run.crc = batch_crc(run.crc, images, labels)
-                batch = place_rows((images, labels), run.mesh, cfg.batch_size)
-                run.state, m = run.step_fn(run.state, *batch)
-                bar.update(1)
-                if step == run.start:  # keep compilation out of the throughput numbers
+            nxt = feed.chunk(*bounds[0], run.crc) if bounds else None
+            for i, (s0, done) in enumerate(bounds):
+                xs, run.crc = nxt
+                run.state, m = run.chunk_fn(run.state, xs, feed.data)
+                if i + 1 < len(bounds):  # on the host while the device runs this chunk
+                    nxt = feed.chunk(*bounds[i + 1], run.crc)
+                bar.update(done - s0)
+                if i == 0:  # keep compilation out of the throughput numbers
                     jax.block_until_ready(m)
                     t_log = time.perf_counter()
                 else:
-                    n_log += 1
+                    n_log += done - s0
                 window.append(m)
-                done = step + 1
                 if done % cfg.log_every == 0 or done == end:
                     rec = _record(run, done, window, n_log, t_log)
                     if is_main:
@@ -345,17 +335,25 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
                     _check_finite(run, done, window)
                     save_state(run.mngr, done, run.state, run.crc)
     finally:
-        batches.close()
+        feed.close()
         bar.close()
         run.mngr.wait_until_finished()
         run.mngr.close()
 
 
+def _per_step(window: list) -> list[dict]:
+    """Host metrics, one dict a step, of the chunks in ``window`` (each ``[k]`` arrays)."""
+    out = []
+    for m in jax.device_get(window):
+        out += [{key: v[j] for key, v in m.items()} for j in range(len(m["loss"]))]
+    return out
+
+
 def _check_finite(run: _Run, done: int, window: list) -> None:
     """Before a checkpoint: the unrecorded steps' metrics and the params are finite."""
     last_good = run.mngr.latest_step()
-    check_metrics(jax.device_get(window), done - len(window) + 1, run.cfg.optim.lr,
-                  run.workdir, last_good)  # fmt: skip
+    ms = _per_step(window)
+    check_metrics(ms, done - len(ms) + 1, run.cfg.optim.lr, run.workdir, last_good)
     if not bool(all_finite(run.state["params"])):
         raise diverged(done, "the params hold NaN or Inf", run.cfg.optim.lr, run.workdir,
                        last_good)  # fmt: skip
@@ -364,7 +362,7 @@ def _check_finite(run: _Run, done: int, window: list) -> None:
 def _record(run: _Run, done: int, window: list, n_log: int, t_log: float) -> dict:
     """One metrics.jsonl record for the steps in ``window`` (the last one is ``done``);
     a NaN/Inf loss or gradient norm among them stops the run."""
-    ms = jax.device_get(window)  # waits for the steps, so the time below includes them
+    ms = _per_step(window)  # waits for the steps, so the time below includes them
     dt = max(time.perf_counter() - t_log, 1e-9)
     check_metrics(ms, done - len(ms) + 1, run.cfg.optim.lr, run.workdir,
                   run.mngr.latest_step())  # fmt: skip

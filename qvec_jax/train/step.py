@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qvec_jax import quant
+from qvec_jax.data.resident import gather, positions_sharding
 from qvec_jax.sharding import put
 from qvec_jax.trees import HEAD_RULE, PyTree, path_str
 
@@ -164,22 +165,9 @@ def _accumulate(grad, params, images, labels, accum: int, mesh):
     return jax.tree.map(lambda g: g / accum, (loss, grads))
 
 
-def make_train_step(
-    model, tx, mesh, state_sharding, *, mode, spec=None, accum=1, label_smoothing=0.0,
-    preprocess=None,
-):  # fmt: skip
-    """Jitted ``(state, images, labels) -> (state, metrics)``; ``state`` is donated.
-
-    ``preprocess``: a ``data.DevicePreprocess`` run on each (micro-)batch inside the
-    step, so ``images`` arrive as uint8 at their stored size; None: they are model
-    inputs already. The model's ``dtype`` is the compute dtype (bfloat16 halves the
-    activations); params, optimizer state and QAT's fake-quant stay float32.
-
-    ``state = {"params", "opt_state", "step"}``; ``spec``: the ``quant.QuantSpec`` QAT
-    trains for (unused by FP). With ``accum > 1`` the global batch is split into
-    ``accum`` equal micro-batches (each spread over all devices) whose mean gradient
-    feeds one optimizer update: the same update, a fraction of the activations.
-    """
+def _step(model, tx, mesh, *, mode, spec=None, accum=1, label_smoothing=0.0, preprocess=None):
+    """The unjitted ``(state, images, labels) -> (state, metrics)`` of one optimizer step
+    (see :func:`make_train_step`)."""
     if mode not in MODES:
         raise TrainError(f"mode {mode!r} is not one of {MODES}")
     if mode == "qat" and not isinstance(spec, quant.QuantSpec):
@@ -191,7 +179,6 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(lossp)
     kw = dict(spec=spec if mode == "qat" else None, label_smoothing=label_smoothing)
-    batch_sh = NamedSharding(mesh, P("data"))
 
     def step(state, images, labels):
         params = state["params"]
@@ -208,10 +195,78 @@ def make_train_step(
         }
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    return step
+
+
+def _scan(step, resident):
+    """``(state, xs, data) -> (state, stacked metrics)``: ``step`` over ``xs`` in a scan."""
+
+    def chunk(state, xs, data):
+        def body(st, x):
+            images, labels = x if resident is None else gather(resident, *data, x)
+            return step(st, images, labels)
+
+        return jax.lax.scan(body, state, xs)
+
+    return chunk
+
+
+def make_train_step(model, tx, mesh, state_sharding, **kw):
+    """Jitted ``(state, images, labels) -> (state, metrics)``; ``state`` is donated.
+
+    Keywords: ``mode`` ("fp" or "qat"), ``spec`` (the ``quant.QuantSpec`` QAT trains
+    for; unused by FP), ``accum``, ``label_smoothing``, ``preprocess``.
+    ``preprocess``: a ``data.DevicePreprocess`` run on each (micro-)batch inside the
+    step, so ``images`` arrive as uint8 at their stored size; None: they are model
+    inputs already. The model's ``dtype`` is the compute dtype (bfloat16 halves the
+    activations); params, optimizer state and QAT's fake-quant stay float32.
+
+    ``state = {"params", "opt_state", "step"}``. With ``accum > 1`` the global batch is
+    split into ``accum`` equal micro-batches (each spread over all devices) whose mean
+    gradient feeds one optimizer update: the same update, a fraction of the activations.
+
+    It is :func:`make_train_chunk` at ``k = 1``: the step compiled as a scan body, so
+    one step per dispatch and ``k`` per dispatch agree bit for bit. (A bare jitted
+    step does not: XLA on CPU fuses the patch embedding's gradient differently outside a
+    loop, about 1e-9 apart in Adam's moments after 4 steps.)
+    """
+    chunk = _scan(_step(model, tx, mesh, **kw), None)
+    batch_sh = NamedSharding(mesh, P("data"))
+
+    def step(state, images, labels):
+        state, m = chunk(state, (images[None], labels[None]), ())
+        return state, jax.tree.map(lambda v: v[0], m)
+
     return jax.jit(
         step,
         donate_argnums=(0,),
         in_shardings=(state_sharding, batch_sh, batch_sh),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
+    )
+
+
+def make_train_chunk(model, tx, mesh, state_sharding, *, resident=None, **kw):
+    """Jitted ``(state, xs, data) -> (state, metrics)``: ``k`` optimizer steps in one
+    dispatch (a ``lax.scan``), bit-identical to ``k`` calls of :func:`make_train_step`
+    (``tests/test_train.py``); each metric comes back stacked, ``[k]``.
+
+    ``resident`` (a ``data.ResidentSplit``): ``data = (images, labels)`` are its device
+    arrays and ``xs`` the stream positions ``[k, B]`` (``data.positions_array``); each
+    step gathers its batch on device. None: ``xs = (images [k, B, ...], labels [k, B])``
+    host batches placed with ``data.loader.place_rows(..., steps=k)`` and ``data = ()``.
+    Keywords as :func:`make_train_step`.
+    """
+    chunk = _scan(_step(model, tx, mesh, **kw), resident)
+    if resident is None:
+        stacked = NamedSharding(mesh, P(None, "data"))
+        xs_sh, data_sh = (stacked, stacked), ()
+    else:
+        xs_sh = positions_sharding(resident)
+        data_sh = (resident.images.sharding, resident.labels.sharding)
+    return jax.jit(
+        chunk,
+        donate_argnums=(0,),
+        in_shardings=(state_sharding, xs_sh, data_sh),
         out_shardings=(state_sharding, NamedSharding(mesh, P())),
     )
 

@@ -12,10 +12,8 @@ import contextlib
 import json
 import os
 import shutil
-import zlib
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from qvec_jax import config as qconfig
@@ -25,7 +23,6 @@ from qvec_jax.sharding import replicated
 from qvec_jax.train.step import TrainError
 
 __all__ = [
-    "batch_crc",
     "check_config",
     "checkpoint_manager",
     "claim_workdir",
@@ -100,12 +97,6 @@ def truncate_metrics(path: str, step: int) -> None:
         if rec.get("step", 0) <= step:
             keep.append(ln if ln.endswith("\n") else ln + "\n")
     atomic_write_text(path, "".join(keep))
-
-
-def batch_crc(crc: int, images, labels) -> int:
-    """Running fingerprint of the data stream (labels + a strided image sample)."""
-    crc = zlib.crc32(np.ascontiguousarray(labels).tobytes(), crc)
-    return zlib.crc32(np.ascontiguousarray(np.asarray(images).reshape(-1)[::997]).tobytes(), crc)
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
