@@ -218,10 +218,13 @@ def test_hf_layer_norm_eps_and_activation_come_from_the_config(tmp_path, act):
     model, params, got = _ours(path, x)
     assert model.layer_norm_eps == 1e-12
     assert model.activation == ("gelu" if act == "gelu" else "gelu_tanh")
-    assert np.abs(got - want).max() < 1e-5
-    # with the old hard-coded 1e-6 the logits were off by far more than that
+    err = np.abs(got - want).max()
+    assert err < 1e-5
+    # with the old hard-coded 1e-6 the logits were off by far more than that (the margin
+    # is relative: the absolute shift depends on the random weights, about 1e-5)
     old = model.clone(layer_norm_eps=1e-6, activation="gelu")
-    assert np.abs(np.asarray(old.apply({"params": params}, x)) - want).max() > 1e-5
+    old_err = np.abs(np.asarray(old.apply({"params": params}, x)) - want).max()
+    assert old_err > 10 * err
 
 
 def test_a_converted_hf_model_rebuilds_from_its_meta(tmp_path):

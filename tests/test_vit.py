@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import qvec_jax as q
-from qvec_jax.models import VARIANTS, create_model, decode_variant
+from qvec_jax.models import VARIANTS, create_model, decode_variant, vit
 from qvec_jax.models.vit import count_params
 
 
@@ -144,3 +145,93 @@ def test_init_is_seeded():
     c = model.init_params(6)
     assert all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(jnp.all(u == v)), a, b)))
     assert not bool(jnp.all(a["head"]["kernel"] == c["head"]["kernel"]))
+
+
+def _softmax_attention(q, k, v):
+    """The definition, in float64 numpy: softmax over keys of q.k / sqrt(head_dim), times v."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
+def test_fused_attention_is_softmax_attention_and_flax_s():
+    import flax.linen as nn
+
+    from qvec_jax.models.vit import fused_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(0, 2, (3, 2, 5, 3, 8)).astype(np.float32)
+    got = fused_attention(q, k, v)
+    assert got.shape == (2, 5, 3, 8) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), _softmax_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    # inside flax's module: the same params give the same output as flax's own attention
+    x = rng.normal(size=(2, 5, 12)).astype(np.float32)
+    ours = nn.MultiHeadDotProductAttention(num_heads=3, attention_fn=fused_attention)
+    params = jax.jit(ours.init)(jax.random.key(2), x, x)
+    want = jax.jit(nn.MultiHeadDotProductAttention(num_heads=3).apply)(params, x, x)
+    got = jax.jit(ours.apply)(params, x, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_attention_refuses_what_it_would_drop():
+    import flax.linen as nn
+
+    from qvec_jax.models.vit import fused_attention
+
+    q = jnp.ones((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="does not implement mask"):
+        fused_attention(q, q, q, mask=jnp.ones((1, 2, 4, 4), bool))
+    x = jnp.ones((1, 4, 16))
+    mha = nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=fused_attention)
+    params = mha.init(jax.random.key(0), x, x)
+    with pytest.raises(ValueError, match="does not implement sow_weights"):
+        mha.apply(params, x, x, sow_weights=True)
+    drop = mha.clone(dropout_rate=0.1)
+    with pytest.raises(ValueError, match="does not implement dropout"):
+        drop.apply(params, x, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert drop.apply(params, x, x, deterministic=True).shape == x.shape  # no dropout: fine
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (jit, custom_jvp...) included."""
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+def test_bf16_forward_stays_in_bf16(monkeypatch):
+    model = create_model("test/4", num_classes=4, image_size=28, dtype=jnp.bfloat16)
+    params = model.abstract_params()  # shapes and dtypes are all this test needs
+    x = jax.ShapeDtypeStruct((2, 28, 28, 3), jnp.float32)
+    # every module (LayerNorms, attention, MLP, blocks, head) returns bfloat16
+    capture = partial(model.apply, capture_intermediates=True)
+    _, state = jax.eval_shape(capture, {"params": params}, x)
+    outs = q.flatten(state["intermediates"])
+    assert len(outs) > 20 and {str(y.dtype) for y in outs.values()} == {"bfloat16"}
+    # every matmul and the conv take bfloat16 operands; the only float32 results are XLA
+    # attention's scores (q.k accumulated in float32 for the softmax, [b, h, q, 1, k])
+    jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, x).jaxpr
+    mm = [e for e in _eqns(jaxpr) if e.primitive.name in ("dot_general", "conv_general_dilated")]
+    assert len(mm) >= 2 * 6 + 2  # per block q, k, v, out, MLP x2; conv, head (+ attention's)
+    assert {str(v.aval.dtype) for e in mm for v in e.invars} == {"bfloat16"}
+    f32 = [e.outvars[0].aval for e in mm if e.outvars[0].aval.dtype == jnp.float32]
+    assert len(f32) <= model.depth and all(a.shape == (2, 2, 50, 1, 50) for a in f32)
+    # and the blocks' attention is jax.nn.dot_product_attention's (it refuses this kernel)
+    monkeypatch.setattr(vit, "ATTENTION_IMPLEMENTATION", "no-such-kernel")
+    with pytest.raises(ValueError, match="Unsupported implementation option: no-such-kernel"):
+        jax.eval_shape(model.apply, {"params": params}, x)
+
+
+def test_attention_kernel_is_cudnn_only_for_half_precision_on_gpu(monkeypatch):
+    from qvec_jax.models.vit import attention_kernel
+
+    assert attention_kernel(jnp.float32) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_kernel(jnp.bfloat16) == "cudnn"
+    assert attention_kernel(jnp.float16) == "cudnn"
+    assert attention_kernel(jnp.float32) == "xla"

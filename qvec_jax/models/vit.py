@@ -24,6 +24,20 @@ approximation) are fields, set from an imported checkpoint's config.
 ``tests/test_torch_ref.py`` checks logits against timm and Hugging Face. No dropout: the
 paper's fine-tuning recipe uses none, so ``apply`` needs no RNG. Inputs are NHWC images
 in [-1, 1].
+
+Attention is flax's ``MultiHeadDotProductAttention`` (so the q/k/v/out Dense params, and
+the submodules GPTQ intercepts, are flax's) with :func:`fused_attention` as its
+``attention_fn``: ``jax.nn.dot_product_attention``, whose ``implementation`` is
+``ATTENTION_IMPLEMENTATION``, by default :func:`attention_kernel`'s choice: cuDNN's
+fused kernel (never writes the scores to HBM) on a GPU in bfloat16/float16, XLA's
+elsewhere (JAX 0.10's own default is always XLA).
+
+``dtype=bfloat16`` computes in bfloat16 end to end: every Dense/conv/attention matmul
+takes bfloat16 operands and every module returns bfloat16; params stay float32 and are
+cast in the layers. Two steps run in float32 inside, on purpose, for accuracy, and hand
+bfloat16 on: LayerNorm's mean and variance (flax's ``force_float32_reductions``), and
+attention's scores and softmax (``jax.nn.dot_product_attention`` accumulates q.k in
+float32, as cuDNN does, and casts the probabilities to bfloat16 for the value matmul).
 """
 
 from __future__ import annotations
@@ -55,6 +69,9 @@ HEAD_INIT = nn.initializers.truncated_normal(0.02)
 #: The MLP activations the model implements: exact (erf) GELU and its tanh approximation.
 ACTIVATIONS = {"gelu": False, "gelu_tanh": True}  # name -> nn.gelu's ``approximate``
 LAYER_NORM_EPS = 1e-6  # the Google and timm checkpoints'
+#: ``jax.nn.dot_product_attention``'s ``implementation``: None chooses (:func:`attention_kernel`);
+#: "xla" or "cudnn" force one ("cudnn" needs a GPU and bfloat16/float16, else it fails).
+ATTENTION_IMPLEMENTATION = None
 
 # The variants this project names; any "<class>/<patch>" with a class above also works.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -103,6 +120,57 @@ def decode_variant(variant: str) -> dict[str, int]:
     )
 
 
+def fused_attention(
+    query,
+    key,
+    value,
+    mask=None,
+    dropout_rate=0.0,
+    deterministic=True,
+    dtype=None,
+    precision=None,
+    module=None,
+):
+    """Softmax attention ``softmax(q k^T / sqrt(head_dim)) v`` by
+    ``jax.nn.dot_product_attention``, as the ``attention_fn`` of flax's
+    ``MultiHeadDotProductAttention``: q/k/v ``[batch, len, heads, head_dim]`` in,
+    ``[batch, len, heads, head_dim]`` out, in ``dtype`` (the model's compute dtype).
+
+    ``implementation=ATTENTION_IMPLEMENTATION`` (None: JAX chooses the kernel). What this
+    ViT never uses is refused, not dropped: a mask, attention dropout, a matmul
+    ``precision``, and ``sow_weights`` (a fused kernel has no weights to sow).
+    """
+    unused = {
+        "mask": mask is not None,
+        "dropout": dropout_rate > 0 and not deterministic,
+        "precision": precision is not None,
+        "sow_weights": module is not None,
+    }
+    if any(unused.values()):
+        names = ", ".join(k for k, v in unused.items() if v)
+        raise ValueError(
+            f"fused_attention does not implement {names}: build MultiHeadDotProductAttention "
+            "without them (this ViT uses none)"
+        )
+    if dtype is not None:
+        query, key, value = (jnp.asarray(t, dtype) for t in (query, key, value))
+    kernel = ATTENTION_IMPLEMENTATION or attention_kernel(query.dtype)
+    if kernel == "cudnn" and ATTENTION_IMPLEMENTATION is None:
+        try:  # JAX checks cuDNN's version and the shapes while tracing: fall back to XLA
+            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            kernel = "xla"
+    return jax.nn.dot_product_attention(query, key, value, implementation=kernel)
+
+
+def attention_kernel(dtype) -> str:
+    """The attention kernel for ``dtype`` on the default backend: cuDNN's fused one on a
+    GPU in bfloat16/float16 (it never writes the scores to HBM; JAX 0.10 does not pick it
+    by itself), XLA's elsewhere (float32, CPU, TPU)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
 class MlpBlock(nn.Module):
     mlp_dim: int
     dtype: Any = jnp.float32
@@ -138,6 +206,7 @@ class EncoderBlock(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             dtype=self.dtype,
             deterministic=True,
+            attention_fn=fused_attention,
             name="MultiHeadDotProductAttention_1",
         )(y, y)
         x = x + y
@@ -213,7 +282,7 @@ class ViT(nn.Module):
         )(jnp.asarray(images, self.dtype))  # fmt: skip
         x = x.reshape(n, -1, self.width)
         cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
-        x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.width)), x], 1)
         x = _Transformer(
             self.depth, self.mlp_dim, self.num_heads, dtype=self.dtype,
             layer_norm_eps=self.layer_norm_eps, activation=self.activation, name="Transformer",
