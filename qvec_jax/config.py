@@ -123,9 +123,29 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 NOT_TRAINING = ("demo",)
 
 
+#: Keys that change how fast a run goes, never its numbers (``tests/test_feed.py`` checks
+#: bit-identical params): a run's identity ignores them, so a run resumes under other
+#: values, and configs written before a key existed still match.
+SPEED_ONLY = ("data.workers", "data.device_bytes", "steps_per_dispatch")
+
+
 def training_diff(a, b) -> list[str]:
-    """:func:`diff` without the keys under :data:`NOT_TRAINING`."""
-    return [k for k in diff(a, b) if k.split(".")[0] not in NOT_TRAINING]
+    """:func:`diff` without the keys under :data:`NOT_TRAINING` and those in :data:`SPEED_ONLY`."""
+    return [k for k in diff(a, b) if k.split(".")[0] not in NOT_TRAINING and k not in SPEED_ONLY]
+
+
+def training_json(cfg: ml_collections.ConfigDict) -> dict:
+    """The config as a JSON-able dict without :data:`NOT_TRAINING` and :data:`SPEED_ONLY`:
+    what makes two runs the same computation."""
+    out = {k: v for k, v in json.loads(to_json(cfg)).items() if k not in NOT_TRAINING}
+    for key in SPEED_ONLY:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
 
 
 def diff(a: ml_collections.ConfigDict | dict, b: ml_collections.ConfigDict | dict) -> list[str]:

@@ -157,3 +157,22 @@ def test_sharded_split_gathers_across_four_devices():
         n=4,
     )
     assert out.split() == ["replicated", "False", "sharded", "True"]
+
+
+def test_speed_only_settings_do_not_change_a_runs_identity(qat_run):
+    """data.workers, data.device_bytes and steps_per_dispatch change the speed, not the
+    numbers: a finished run is not refused (nor redone) under other values, configs
+    written before the keys existed still match, and the study's recipe is the same."""
+    from qvec_jax import config as qconfig
+    from qvec_jax.study.run import recipe_fingerprint
+
+    faster = _tiny_cfg(mode="qat", **{"data.workers": 2, "data.device_bytes": 0,
+                                      "steps_per_dispatch": 3})  # fmt: skip
+    assert train.finetune(faster, qat_run, progress=False)["steps"] == 8
+    old = qconfig.training_json(faster)
+    assert "device_bytes" not in old["data"] and "steps_per_dispatch" not in old
+    assert qconfig.training_diff(old, faster) == []
+    base = qconfig.load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                            "demo_tiny.py"))  # fmt: skip
+    other = qconfig.apply_overrides(base, [("steps_per_dispatch", 5), ("data.workers", 3)])
+    assert recipe_fingerprint(other) == recipe_fingerprint(base)

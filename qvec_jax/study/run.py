@@ -96,18 +96,14 @@ class StudySpec:
 def recipe_fingerprint(cfg) -> str:
     """12 hex digits of the recipe: the pretext run and the fine-tune config with its
     task, mode, seed and backbone path blanked (what every fine-tune of a study shares);
-    the ``demo`` settings that are not training (``config.NOT_TRAINING``) do not count."""
+    the ``demo`` settings that are not training (``config.NOT_TRAINING``) and the input
+    settings that change only the speed (``config.SPEED_ONLY``) do not count."""
     ft = qconfig.apply_overrides(
         cfg, [("task", "digits"), ("mode", "fp"), ("seed", 0), ("init.path", "")]
     )
     pre = qconfig.pretext_config(cfg, cfg.demo.pretext_task, float(cfg.demo.pretext_epochs))
 
-    def training(c) -> dict:
-        return {
-            k: v for k, v in json.loads(qconfig.to_json(c)).items() if k not in qconfig.NOT_TRAINING
-        }
-
-    text = json.dumps([training(pre), training(ft)], sort_keys=True)
+    text = json.dumps([qconfig.training_json(pre), qconfig.training_json(ft)], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
