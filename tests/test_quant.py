@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VIT_KERNELS, vit_tree, with_int_leaves
+from conftest import VIT_KERNELS, run_multidevice, vit_tree, with_int_leaves
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import qvec_jax as q
+from qvec_jax import quant
 
 BITS = range(2, 9)
 
@@ -509,3 +510,212 @@ def test_head_rule_leaves_out_the_same_head_in_both_namings(fp_qat_pair):
     assert {big_vision_path(p) for p in qv} == set(qv_bv)
     assert "head/kernel" in q.flatten(big_vision_tree(fp))
     assert not any(p.startswith("head/") for p in qv_bv)
+
+
+# --- grouped fake-quant: stacks of same-shaped leaves, bit for bit the per-leaf quantizer ---
+
+FLOATS = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+@st.composite
+def leaf_sets(draw):
+    """Leaves of 1-3 shapes (so that stacks form), each with its own channel axes (also
+    negative spellings of the same axes) and dtype; values normal, or next to ties."""
+    shapes = draw(
+        st.lists(
+            hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6), min_size=1, max_size=3
+        )
+    )
+    gran, bits, ste = (
+        draw(st.sampled_from(["channel", "tensor"])),
+        draw(st.integers(2, 8)),
+        draw(st.booleans()),
+    )
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    leaves, axes = [], []
+    for _ in range(draw(st.integers(1, 9))):
+        shape = draw(st.sampled_from(shapes))
+        nd = len(shape)
+        ax = draw(st.sampled_from([None, (nd - 1,), (-1,), tuple(range(nd)), (0,)]))
+        red = reduce_of(nd, gran, ax)
+        w = near_ties(rng, shape, bits, red) if rng.random() < 0.5 else rng.normal(size=shape)
+        leaves.append(jnp.asarray(w, draw(st.sampled_from(FLOATS))))
+        axes.append(ax)
+    return leaves, axes, bits, gran, ste
+
+
+def per_leaf(leaves, axes, bits, gran, ste=False):
+    return [
+        q.fake_quant(w, bits, granularity=gran, channel_axes=a, ste=ste)
+        for w, a in zip(leaves, axes)
+    ]
+
+
+def assert_bits_equal(xs, ys):
+    """Same dtypes, shapes and bits (so -0.0 is not 0.0)."""
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        bits = f"u{x.dtype.itemsize}"
+        np.testing.assert_array_equal(x.view(bits), y.view(bits))
+
+
+@settings(max_examples=40, deadline=None)
+@given(leaf_sets())
+def test_grouped_and_per_leaf_fake_quant_are_bit_identical(case):
+    leaves, axes, bits, gran, ste = case
+    ref = per_leaf(leaves, axes, bits, gran, ste)
+    for grouped in (True, False):
+        out = quant.fake_quant_leaves(
+            leaves, axes, bits, granularity=gran, ste=ste, grouped=grouped
+        )
+        assert_bits_equal(out, ref)
+
+
+def test_per_leaf_plan_holds_no_whole_tree_temporary(monkeypatch):
+    """Leaf by leaf (the CPU default), the program's temporaries are the scales: peak
+    memory is the input plus the output. (XLA's CPU backend materializes stacks.)"""
+    monkeypatch.setattr(quant, "grouped_default", lambda: False)
+    tree = vit_tree(0, width=64, heads=4, mlp=256)
+    kernels = sum(x.nbytes for p, x in q.flatten(tree).items() if p in VIT_KERNELS)
+    compiled = jax.jit(lambda t: q.fake_quant_tree(t, 3)).lower(tree).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.05 * kernels
+
+
+def test_groups_share_shape_dtype_and_reduction_axes():
+    f32, bf16 = jnp.zeros((4, 3, 5)), jnp.zeros((4, 3, 5), jnp.bfloat16)
+    leaves = [f32, f32, bf16, f32, f32, jnp.zeros((4, 15)), f32]
+    axes = ((1, 2), (-2, -1), (1, 2), (2,), (1, 2), (1,), (1, -1))
+    assert quant._groups(leaves, axes, "channel", False) == tuple((i,) for i in range(7))
+    assert quant._groups(leaves, axes, "channel", True) == ((0, 1, 4, 6), (2,), (3,), (5,))
+    # per tensor the channel axes do not matter
+    assert quant._groups(leaves, axes, "tensor", True) == ((0, 1, 3, 4, 6), (2,), (5,))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("gran", ["channel", "tensor"])
+def test_ptq_grouped_equals_per_leaf_fake_quant(monkeypatch, dtype, gran):
+    tree = with_int_leaves(vit_tree(5, dtype=dtype, depth=3))
+    flat, sel = q.flatten(tree), q.VIT_RULE.select(tree)
+    ref = per_leaf([flat[p] for p in sel], list(sel.values()), 3, gran)
+    for grouped in (True, False):
+        monkeypatch.setattr(quant, "grouped_default", lambda g=grouped: g)
+        for fn in (q.ptq, jax.jit(q.ptq, static_argnums=1)):
+            out = q.flatten(fn(tree, q.QuantSpec(3, gran)))
+            assert_bits_equal([out[p] for p in sel], ref)
+            for p in flat.keys() - sel.keys():
+                assert out[p] is flat[p] or np.array_equal(out[p], flat[p]), p
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_ste_forward_and_gradient_are_the_per_leaf_ones(monkeypatch, dtype):
+    tree = vit_tree(6, dtype=dtype, depth=3)
+    ct = jax.tree.map(
+        lambda x: jnp.asarray(np.random.default_rng(1).normal(size=x.shape), dtype), tree
+    )
+    loss = lambda t: sum(
+        jnp.sum(x.astype(jnp.float32) * c.astype(jnp.float32))
+        for x, c in zip(jax.tree.leaves(q.fake_quant_tree(t, 2, ste=True)), jax.tree.leaves(ct))
+    )
+    results = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(quant, "grouped_default", lambda g=grouped: g)
+        fwd = jax.jit(lambda t: q.fake_quant_tree(t, 2, ste=True))(tree)
+        results[grouped] = fwd, jax.jit(jax.grad(loss))(tree)
+    (fwd_g, grad_g), (fwd_p, grad_p) = results[True], results[False]
+    assert_bits_equal(jax.tree.leaves(fwd_g), jax.tree.leaves(fwd_p))
+    assert_bits_equal(jax.tree.leaves(grad_g), jax.tree.leaves(grad_p))
+    assert_bits_equal(jax.tree.leaves(grad_g), jax.tree.leaves(ct))  # identity everywhere
+    sel = q.VIT_RULE.select(tree)
+    flat, ref = q.flatten(fwd_g), q.flatten(tree)
+    assert_bits_equal(
+        [flat[p] for p in sel], per_leaf([ref[p] for p in sel], sel.values(), 2, "channel")
+    )
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_eager_tree_calls_refuse_nan_and_inf_in_any_leaf_naming_it(monkeypatch, grouped, bad):
+    """The check is read off the scales (a NaN counts as Inf in the absmax) and one read
+    of the other float leaves, in the quantizing programs: a bad value in any float leaf,
+    at any place, is caught and named."""
+    monkeypatch.setattr(quant, "grouped_default", lambda: grouped)
+    tree = with_int_leaves(vit_tree(0, dtype=jnp.bfloat16))
+    flat = q.flatten(tree)
+    floats = [p for p, x in flat.items() if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert len(floats) == len(flat) - 2
+    for k, path in enumerate(floats):
+        bad_flat = dict(flat)
+        x = np.array(flat[path], copy=True)
+        x.reshape(-1)[[0, k % x.size, -1][k % 3]] = bad
+        bad_flat[path] = jnp.asarray(x)
+        bad_tree = q.unflatten(bad_flat)
+        for fn in (lambda t: q.ptq(t, 2), lambda t: q.fake_quant_tree(t, 3, ste=True)):
+            with pytest.raises(ValueError, match=f"^{path}: NaN or Inf in params"):
+                fn(bad_tree)
+    jax.jit(lambda t: q.ptq(t, 2))(bad_tree)  # under jit: no check, no error
+
+
+def test_a_nan_or_inf_anywhere_in_a_channel_makes_its_scale_nan():
+    """XLA's CPU max reduction can skip a NaN in a large array; the scale must not."""
+    w = np.random.default_rng(0).normal(size=(768, 3072)).astype(np.float32)
+    w[5, 7], w[700, 9], w[3, 11] = np.nan, np.inf, -np.inf
+    _, s = q.codes_and_scale(w, 3)
+    s = np.asarray(s).ravel()
+    assert (
+        np.flatnonzero(np.isnan(s)).tolist() == [7, 9, 11]
+        and np.isfinite(np.delete(s, [7, 9, 11])).all()
+    )
+    _, s = q.codes_and_scale(w, 3, "tensor")
+    assert np.isnan(np.asarray(s)).all()
+
+
+def test_fake_quant_leaves_validates_like_fake_quant():
+    w = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="2 leaves but 1 channel_axes"):
+        quant.fake_quant_leaves([w, w], [None], 3)
+    with pytest.raises(TypeError, match="float array"):
+        quant.fake_quant_leaves([w, jnp.ones((4, 3), jnp.int32)], [None, None], 3)
+    with pytest.raises(ValueError, match="out of range"):
+        quant.fake_quant_leaves([w], [(2,)], 3)
+    with pytest.raises(ValueError, match="2..8"):
+        quant.fake_quant_leaves([w], [None], 9)
+    assert quant.fake_quant_leaves([], [], 3) == []
+
+
+GROUPED_SHARDING_CODE = """
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import sys; sys.path.insert(0, "tests")
+from conftest import vit_tree
+import qvec_jax as q
+from qvec_jax import quant
+
+mesh = jax.make_mesh((4, 2), ("a", "b"))
+host = vit_tree(0, width=16, heads=2, mlp=32, depth=3)
+def spec(i, x):  # same-shaped leaves on up to three shardings, in turn
+    specs = [P()]
+    if x.ndim >= 2 and x.shape[-1] % 8 == 0:
+        specs.append(P(*([None] * (x.ndim - 1)), ("a", "b")))  # output axis split 8 ways
+    if x.ndim >= 2 and x.shape[0] % 4 == 0:
+        specs.append(P("a"))  # reduction axis split
+    return specs[i % len(specs)]
+
+flat = {p: jax.device_put(x, NamedSharding(mesh, spec(i, x)))
+        for i, (p, x) in enumerate(q.flatten(host).items())}
+assert len({x.sharding for p, x in flat.items() if p.endswith("query/kernel")}) == 3
+ref = q.flatten(q.ptq(host, 3))
+for grouped in (True, False):
+    quant.grouped_default = lambda: grouped
+    for fn in (q.ptq, jax.jit(q.ptq, static_argnums=1)):
+        out = q.flatten(fn(q.unflatten(flat), 3))
+        for p, x in flat.items():
+            assert out[p].sharding.is_equivalent_to(x.sharding, x.ndim), (p, out[p].sharding)
+            np.testing.assert_array_equal(np.asarray(out[p]), np.asarray(ref[p]))
+print("OK")
+"""
+
+
+def test_grouped_ptq_keeps_each_leafs_sharding():
+    assert run_multidevice(GROUPED_SHARDING_CODE).strip() == "OK"
