@@ -55,11 +55,13 @@ def random_params(model, seed: int) -> dict:
     )
 
 
-def random_split(n: int, stored: int, image_size: int, *, seed: int, task="cifar10") -> Split:
-    """An in-memory split of ``n`` random uint8 RGB images at ``stored`` px (labels 0..9),
-    read through the project's reader and Split like any task's."""
+def random_split(n: int, stored: int, image_size: int, *, seed: int, task="cifar10",
+                 grey: bool = False) -> Split:  # fmt: skip
+    """An in-memory split of ``n`` random uint8 RGB (``grey``: ``[n, h, w]`` grey) images at
+    ``stored`` px (labels 0..9), read through the project's reader and Split like any task's."""
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, stored, stored, 3), dtype=np.uint8)
+    shape = (n, stored, stored) if grey else (n, stored, stored, 3)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int64)
     reader = ArrayReader({"train": (images, labels), "test": (images, labels)}, 255.0, "random")
     return Split(task=qdata.get_task(task), split="val", image_size=image_size,

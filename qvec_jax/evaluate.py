@@ -14,6 +14,10 @@ inside :func:`count_correct`, so a cached split costs no host work per evaluatio
 :func:`accuracy` is the one-shot form. The last batch is zero-padded and masked, so
 every example counts exactly once. The model's ``dtype`` (float32 or bfloat16) is its
 compute dtype; params and PTQ stay float32 (PTQ is applied before the model casts).
+
+:func:`count_correct_stack` (:meth:`EvalSet.accuracies`) evaluates a stack of param
+trees of one shape on each batch in one call (the grid's batched cells), with exactly
+the counts :func:`count_correct` gives each tree.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from qvec_jax import data as qdata
 from qvec_jax import quant
 from qvec_jax.sharding import make_mesh, put, replicated, round_batch, shard_batch
 
-__all__ = ["EvalError", "EvalSet", "HeadWarning", "accuracy", "check_head", "count_correct"]
+__all__ = [
+    "EvalError", "EvalSet", "HeadWarning", "accuracy", "check_head", "count_correct",
+    "count_correct_stack",
+]  # fmt: skip
 
 
 class EvalError(ValueError):
@@ -87,10 +94,34 @@ def count_correct(params, images, labels, mask, *, model, spec: quant.QuantSpec 
     ``prep.without_view()``), so the views of one stored shape share one compile."""
     if spec is not None:
         params = quant.fake_quant_tree(params, spec)
-    if prep is not None:
-        images = prep(images) if view is None else qdata.device_preprocess(
-            images, image_size=prep.image_size, max_value=prep.max_value, view=view)  # fmt: skip
-    logits = model.apply({"params": params}, images)
+    return _hits(params, _inputs(images, prep, view), labels, mask, model)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prep"))
+def count_correct_stack(stacked, images, labels, mask, *, model, prep=None, view=None):
+    """:func:`count_correct` (``spec=None``) of each of the ``L`` param trees stacked on
+    the leading axis of ``stacked``'s leaves: int32 ``[L]``. The batch is preprocessed once
+    and shared; the models run one after the other (``jax.lax.map``: each the computation
+    of :func:`count_correct`, so each count equals its count exactly, as
+    tests/test_grid_batched.py checks; ``jax.vmap`` rounds the batched matmuls otherwise)."""
+    x = _inputs(images, prep, view)
+    return jax.lax.map(lambda params: _hits(params, x, labels, mask, model), stacked)
+
+
+def _inputs(images, prep, view):
+    """The model inputs of a batch: ``images`` through ``prep`` (and ``view``), if any."""
+    if prep is None:
+        return images
+    if view is None:
+        return prep(images)
+    return qdata.device_preprocess(
+        images, image_size=prep.image_size, max_value=prep.max_value, view=view
+    )
+
+
+def _hits(params, x, labels, mask, model):
+    """The number of real (``mask``) rows of ``x`` that ``model`` classifies right."""
+    logits = model.apply({"params": params}, x)
     hit = (jnp.argmax(logits, axis=-1) == labels) & mask
     return jnp.sum(hit.astype(jnp.int32))
 
@@ -150,6 +181,18 @@ class EvalSet:
             total = total + count_correct(params, x, y, m, model=model, spec=spec,
                                           prep=self.prep, view=self.view)  # fmt: skip
         return int(total) / self.n
+
+    def accuracies(self, model, stacked) -> list[float]:
+        """Top-1 accuracy of ``model`` with each of the param trees stacked on the leading
+        axis of ``stacked``'s leaves (:func:`count_correct_stack`): the same numbers as
+        :meth:`accuracy` of each tree, from one pass over the batches."""
+        stacked = put(stacked, replicated(self.mesh))
+        total = None
+        for x, y, m in self.batches():
+            count = count_correct_stack(stacked, x, y, m, model=model, prep=self.prep,
+                                        view=self.view)  # fmt: skip
+            total = count if total is None else total + count
+        return [int(t) / self.n for t in np.asarray(total)]
 
 
 def accuracy(

@@ -31,11 +31,9 @@ appends to its own ``cells.shard-<i>-of-<n>.jsonl`` and holds its own lock
 ``qvec report`` (or a final ``run_grid`` without a shard) reports the whole grid. The
 shards share ``grid.json``: one asking for another grid is refused until that one is complete.
 
-Efficiency (:mod:`qvec_jax.grid.cells` evaluates the cells): params are jit *arguments*.
-``PTQ(FP_R + lam * QV_D)`` is built by one jitted function of ``(fp, qv, lam)`` and
-evaluated by one jitted function of ``(params, batch)``, so the whole grid compiles once
-per receiver model shape (not per cell); each patched, quantized tree lives on device
-only while it is evaluated.
+Efficiency (:mod:`qvec_jax.grid.cells`): params are jit *arguments* (one compile per model
+shape and group size, not per cell); a group of one donor's lambdas is patched, quantized
+and evaluated as one stack within a memory budget (``cell_group``; the same records).
 """
 
 from __future__ import annotations
@@ -208,16 +206,18 @@ def _grid_meta(
     }
 
 
-def _eval_n(eval_n) -> int | None:
-    """``run_grid``'s ``eval_n`` checked: a whole number >= 1, or None (whole splits)."""
-    if eval_n is not None and (isinstance(eval_n, bool) or int(eval_n) < 1):
-        raise GridError(f"eval_n={eval_n!r}: a whole number of examples >= 1, or None for all")
-    return None if eval_n is None else int(eval_n)
+def _at_least_one(value, name: str, what: str, none: str) -> int | None:
+    """``run_grid``'s ``eval_n`` or ``cell_group`` checked: a whole number of ``what`` >= 1,
+    or None (``none``: what None means)."""
+    if value is not None and (isinstance(value, bool) or int(value) < 1):
+        raise GridError(f"{name}={value!r}: a whole number of {what} >= 1, or None for {none}")
+    return None if value is None else int(value)
 
 
-def _request(tasks, bits, granularity, spec, lambdas, compute_dtype, extras) -> tuple:
+def _request(tasks, bits, granularity, spec, lambdas, compute_dtype, cell_group) -> tuple:
     """``run_grid``'s arguments checked and normalized: ``(tasks, spec, lambdas, dtype)``
     (tasks deduplicated in order, lambdas sorted with 1.0 added, dtype as its name)."""
+    _at_least_one(cell_group, "cell_group", "cells", "the default")
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise GridError("no tasks given; pass at least one task name")
@@ -301,37 +301,37 @@ def run_grid(
     extras=None,
     compute_dtype="float32",
     eval_n: int | None = None,
+    cell_group: int | None = None,
 ) -> list[dict]:
     """Compute every missing cell of the grid over ``tasks``; return all stored cells.
 
     The quantizer is ``spec`` (a ``quant.QuantSpec``), or ``bits`` with ``granularity``
-    ("channel" by default). ``runs_dir`` holds the fine-tunes
-    (``RUNS/<task>/{fp,qat}/params``); results go to ``workdir`` (``cells.jsonl``,
-    ``grid.json``, through a :class:`GridStore`); ``qvec_jax.report.write_report(workdir,
-    cells=...)`` turns them into tables and plots. ``lambdas`` (finite, non-empty) always
-    gets 1.0 added (the zero-shot column and the ceiling need it).
+    ("channel" by default). ``runs_dir`` holds the fine-tunes (``RUNS/<task>/{fp,qat}/params``);
+    results go to ``workdir`` (``cells.jsonl``, ``grid.json``, through a :class:`GridStore`);
+    ``qvec_jax.report.write_report(workdir, cells=...)`` turns them into tables and plots.
+    ``lambdas`` (finite, non-empty) always gets 1.0 added (the zero-shot column, the ceiling).
     ``shard=(i, n)``: only the cells of shard ``i`` of ``n`` (module docstring); in a
     ``jax.distributed`` run the processes split the cells (of the shard) among them,
     wait for each other, and return the merged cells.
-    Raises :class:`MissingCheckpoints` after computing the available cells if a
-    checkpoint is missing and not ``allow_missing``; :class:`GridError` if the
-    checkpoints do not share one backbone, a task name cannot be a directory name
-    (before anything is created), or a shard asks for another grid than the ``grid.json``
-    the other shards share, while that grid is not complete (before its lock is taken);
-    ``files.WorkdirLocked`` (at once) if another grid run holds ``workdir`` (or this
-    shard of it).
+    Raises :class:`MissingCheckpoints` after computing the available cells if a checkpoint is
+    missing and not ``allow_missing``; :class:`GridError` if the checkpoints do not share one
+    backbone, a task name cannot be a directory name (before anything is created), or a shard
+    asks for another grid than the ``grid.json`` the other shards share, while that grid is not
+    complete (before its lock is taken); ``files.WorkdirLocked`` (at once) if another grid run
+    holds ``workdir`` (or shard).
     ``extras``: a ``grid.extras.Extras`` (lambda-strategy measurements, leave-one-out
     merges), a ``grid.gptq.GptqCells`` (GPTQ rows), or a sequence of them, computed in
     order after the main cells, under the same lock and shard.
-    ``compute_dtype``: "float32" or "bfloat16", the model's activations and matmuls in
-    every evaluation; params, QVs, the patch and PTQ stay float32 (PTQ before the cast).
+    ``compute_dtype``: "float32" or "bfloat16", the model's activations and matmuls;
+    params, QVs, the patch and PTQ stay float32 (PTQ before the cast).
     ``eval_n``: each split's fixed sample of at most this many (``data.Split.subset``).
     ``grid.json`` names a non-default dtype or sample; a rerun with another is refused.
+    ``cell_group``: cells evaluated as one stack, at most (1: one at a time; None: default).
     """
     tasks, spec, lambdas, dtype = _request(
-        tasks, bits, granularity, spec, lambdas, compute_dtype, extras
+        tasks, bits, granularity, spec, lambdas, compute_dtype, cell_group
     )
-    store, eval_n = GridStore(workdir), _eval_n(eval_n)
+    store, eval_n = GridStore(workdir), _at_least_one(eval_n, "eval_n", "examples", "all")
     mine = _process_shard(shard)
     if shard is not None:  # before the lock: a refused shard leaves the workdir as it was
         request = _grid_meta(tasks, lambdas, spec, runs_dir, {}, [], [], dtype, eval_n)
@@ -340,7 +340,7 @@ def run_grid(
         missing = _run_locked(
             tasks, runs_dir, store, spec, lambdas, batch_size=batch_size, data_dir=data_dir,
             progress=progress, device_cache_bytes=device_cache_bytes, shard=mine,
-            extras=extras, dtype=dtype, asked=shard, eval_n=eval_n,
+            extras=extras, dtype=dtype, asked=shard, eval_n=eval_n, cell_group=cell_group,
         )  # fmt: skip
     return _merged_cells(store, missing, allow_missing)
 
@@ -361,6 +361,7 @@ def _merged_cells(store: GridStore, missing: list[dict], allow_missing: bool) ->
 def _run_locked(
     tasks, runs_dir, store: GridStore, spec, lambdas, *, batch_size, data_dir, progress,
     device_cache_bytes, shard, extras=None, dtype="float32", asked=None, eval_n=None,
+    cell_group=None,
 ) -> list[str]:  # fmt: skip
     """``run_grid``'s body, run while this process holds its shard's lock; computes the
     shard's missing cells and returns the missing checkpoints. ``shard``: this process's
@@ -383,7 +384,8 @@ def _run_locked(
 
     if plan.todo:
         store.repair_tail(shard)
-        run = GridRun(ckpts, spec, data_dir=data_dir, compute_dtype=dtype, eval_n=eval_n)
+        run = GridRun(ckpts, spec, data_dir=data_dir, compute_dtype=dtype, eval_n=eval_n,
+                      cell_group=cell_group)  # fmt: skip
         run.compute(plan.todo, store, batch_size, device_cache_bytes, progress, shard)
     stages = extras if isinstance(extras, (list, tuple)) else () if extras is None else (extras,)
     for stage in stages:  # Extras, GptqCells: their cells after the main ones, in order
