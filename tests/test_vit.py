@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import qvec_jax as q
-from qvec_jax.models import VARIANTS, create_model, decode_variant, vit
+from qvec_jax.models import VARIANTS, create_model, decode_variant
 from qvec_jax.models.vit import count_params
 
 
@@ -158,7 +158,7 @@ def _softmax_attention(q, k, v):
 def test_fused_attention_is_softmax_attention_and_flax_s():
     import flax.linen as nn
 
-    from qvec_jax.models.vit import fused_attention
+    from qvec_jax.models.attention import fused_attention
 
     rng = np.random.default_rng(0)
     q, k, v = rng.normal(0, 2, (3, 2, 5, 3, 8)).astype(np.float32)
@@ -177,7 +177,7 @@ def test_fused_attention_is_softmax_attention_and_flax_s():
 def test_fused_attention_refuses_what_it_would_drop():
     import flax.linen as nn
 
-    from qvec_jax.models.vit import fused_attention
+    from qvec_jax.models.attention import fused_attention
 
     q = jnp.ones((1, 4, 2, 8))
     with pytest.raises(ValueError, match="does not implement mask"):
@@ -222,16 +222,43 @@ def test_bf16_forward_stays_in_bf16(monkeypatch):
     f32 = [e.outvars[0].aval for e in mm if e.outvars[0].aval.dtype == jnp.float32]
     assert len(f32) <= model.depth and all(a.shape == (2, 2, 50, 1, 50) for a in f32)
     # and the blocks' attention is jax.nn.dot_product_attention's (it refuses this kernel)
-    monkeypatch.setattr(vit, "ATTENTION_IMPLEMENTATION", "no-such-kernel")
+    from qvec_jax.models import attention
+
+    monkeypatch.setattr(attention, "ATTENTION_IMPLEMENTATION", "no-such-kernel")
     with pytest.raises(ValueError, match="Unsupported implementation option: no-such-kernel"):
         jax.eval_shape(model.apply, {"params": params}, x)
 
 
 def test_attention_kernel_is_cudnn_only_for_half_precision_on_gpu(monkeypatch):
-    from qvec_jax.models.vit import attention_kernel
+    from qvec_jax.models.attention import attention_kernel
 
     assert attention_kernel(jnp.float32) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention_kernel(jnp.bfloat16) == "cudnn"
     assert attention_kernel(jnp.float16) == "cudnn"
     assert attention_kernel(jnp.float32) == "xla"
+
+
+def test_padded_cudnn_attention_is_plain_attention(monkeypatch):
+    """The cuDNN path pads 13 tokens to 16 and masks the padding by sequence lengths: run
+    with XLA's kernel in its place (no GPU here), values and gradients equal plain
+    attention's; with a warning, a refused cuDNN falls back to XLA."""
+    from qvec_jax.models import attention
+
+    real = jax.nn.dot_product_attention
+    xla = lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 13, 3, 8)), jnp.float32) for _ in range(3))
+    plain = lambda q, k, v: jnp.sum(jnp.sin(real(q, k, v, implementation="xla")))
+    want, want_g = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla)
+    padded = lambda q, k, v: jnp.sum(jnp.sin(attention._cudnn(q, k, v)))
+    got, got_g = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(got_g, want_g):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", real)
+    monkeypatch.setattr(attention, "attention_kernel", lambda dtype: "cudnn")
+    with pytest.warns(UserWarning, match="cuDNN attention refused"):
+        out = attention.fused_attention(q, k, v)
+    np.testing.assert_allclose(out, real(q, k, v), atol=1e-6)

@@ -26,11 +26,10 @@ paper's fine-tuning recipe uses none, so ``apply`` needs no RNG. Inputs are NHWC
 in [-1, 1].
 
 Attention is flax's ``MultiHeadDotProductAttention`` (so the q/k/v/out Dense params, and
-the submodules GPTQ intercepts, are flax's) with :func:`fused_attention` as its
-``attention_fn``: ``jax.nn.dot_product_attention``, whose ``implementation`` is
-``ATTENTION_IMPLEMENTATION``, by default :func:`attention_kernel`'s choice: cuDNN's
-fused kernel (never writes the scores to HBM) on a GPU in bfloat16/float16, XLA's
-elsewhere (JAX 0.10's own default is always XLA).
+the submodules GPTQ intercepts, are flax's) with
+:func:`qvec_jax.models.attention.fused_attention` as its ``attention_fn``:
+``jax.nn.dot_product_attention``, cuDNN's fused kernel on a GPU in bfloat16/float16,
+XLA's elsewhere.
 
 ``dtype=bfloat16`` computes in bfloat16 end to end: every Dense/conv/attention matmul
 takes bfloat16 operands and every module returns bfloat16; params stay float32 and are
@@ -51,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qvec_jax.models.attention import fused_attention
+
 # Width classes as in big_vision (Table 2 of arXiv 2106.04560), plus two tiny ones for
 # tests and the CPU demo. A variant string is "<class>/<patch>", e.g. "B/16".
 WIDTHS: dict[str, dict[str, int]] = {
@@ -69,9 +70,6 @@ HEAD_INIT = nn.initializers.truncated_normal(0.02)
 #: The MLP activations the model implements: exact (erf) GELU and its tanh approximation.
 ACTIVATIONS = {"gelu": False, "gelu_tanh": True}  # name -> nn.gelu's ``approximate``
 LAYER_NORM_EPS = 1e-6  # the Google and timm checkpoints'
-#: ``jax.nn.dot_product_attention``'s ``implementation``: None chooses (:func:`attention_kernel`);
-#: "xla" or "cudnn" force one ("cudnn" needs a GPU and bfloat16/float16, else it fails).
-ATTENTION_IMPLEMENTATION = None
 
 # The variants this project names; any "<class>/<patch>" with a class above also works.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -118,57 +116,6 @@ def decode_variant(variant: str) -> dict[str, int]:
     return dict(
         width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(m.group(2))
     )
-
-
-def fused_attention(
-    query,
-    key,
-    value,
-    mask=None,
-    dropout_rate=0.0,
-    deterministic=True,
-    dtype=None,
-    precision=None,
-    module=None,
-):
-    """Softmax attention ``softmax(q k^T / sqrt(head_dim)) v`` by
-    ``jax.nn.dot_product_attention``, as the ``attention_fn`` of flax's
-    ``MultiHeadDotProductAttention``: q/k/v ``[batch, len, heads, head_dim]`` in,
-    ``[batch, len, heads, head_dim]`` out, in ``dtype`` (the model's compute dtype).
-
-    ``implementation=ATTENTION_IMPLEMENTATION`` (None: JAX chooses the kernel). What this
-    ViT never uses is refused, not dropped: a mask, attention dropout, a matmul
-    ``precision``, and ``sow_weights`` (a fused kernel has no weights to sow).
-    """
-    unused = {
-        "mask": mask is not None,
-        "dropout": dropout_rate > 0 and not deterministic,
-        "precision": precision is not None,
-        "sow_weights": module is not None,
-    }
-    if any(unused.values()):
-        names = ", ".join(k for k, v in unused.items() if v)
-        raise ValueError(
-            f"fused_attention does not implement {names}: build MultiHeadDotProductAttention "
-            "without them (this ViT uses none)"
-        )
-    if dtype is not None:
-        query, key, value = (jnp.asarray(t, dtype) for t in (query, key, value))
-    kernel = ATTENTION_IMPLEMENTATION or attention_kernel(query.dtype)
-    if kernel == "cudnn" and ATTENTION_IMPLEMENTATION is None:
-        try:  # JAX checks cuDNN's version and the shapes while tracing: fall back to XLA
-            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
-        except (ValueError, NotImplementedError, RuntimeError):
-            kernel = "xla"
-    return jax.nn.dot_product_attention(query, key, value, implementation=kernel)
-
-
-def attention_kernel(dtype) -> str:
-    """The attention kernel for ``dtype`` on the default backend: cuDNN's fused one on a
-    GPU in bfloat16/float16 (it never writes the scores to HBM; JAX 0.10 does not pick it
-    by itself), XLA's elsewhere (float32, CPU, TPU)."""
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
 
 
 class MlpBlock(nn.Module):
