@@ -15,6 +15,7 @@ import qvec_jax as q
 from qvec_jax import checkpoints, evaluate, grid
 from qvec_jax import data as qdata
 from qvec_jax import report as rp
+from qvec_jax.grid import cells
 from qvec_jax.grid.inputs import checkpoint_path
 from qvec_jax.models import vit
 
@@ -369,7 +370,7 @@ def test_every_subcommand_help_has_an_example(capsys):
 
 @pytest.mark.slow  # clears the jit caches, so it recompiles everything it runs
 def test_grid_compiles_once_per_model_shape_not_per_cell(runs, tmp_path):
-    jitted = (grid.patch_and_quantize, grid.ptq_jit, evaluate.count_correct)
+    jitted = (grid.patch_and_quantize, cells.ptq_selected, evaluate.count_correct)
     two = ["digits", "digits_rot90"]  # same model shape (10 classes)
     jax.clear_caches()
     # the per-cell path (tests/test_grid_batched.py counts the batched path's compiles)
