@@ -4,10 +4,12 @@ Prints, in one run, the demo's fine-tune (``configs/demo_tiny.py``: ViT demo/4 a
 batch 128, random init) on ``--task`` (Fashion-MNIST when its files are here, else
 digits):
 
-- ``device``: the device-only step: ``train.make_train_step`` on one batch already on
-  the device, ``--steps`` calls dispatched back to back and waited for at the end
-  (ms a step). No host input, no metrics; the floor the loop is held to. It is measured
-  again right before each loop setting, and each ratio uses the one before it.
+- the device-only step, the floor each loop setting is held to, at the same steps a
+  dispatch: ``k = 1``, ``train.make_train_step`` on one batch already on the device;
+  ``k = log_every``, ``train.make_train_chunk`` over the resident split with every
+  chunk's positions placed beforehand. ``--steps`` steps dispatched back to back and
+  waited for at the end (ms a step). No host input, no metrics. It is measured again
+  right before each loop setting, and each ratio uses the one before it.
 - each loop setting: ``train.finetune`` for ``--steps`` steps (records every
   ``--log-every``, one checkpoint at the end), its marginal ms a step from its own
   ``metrics.jsonl`` (every record but the first, which holds the compile): the steps
@@ -63,25 +65,37 @@ def config(task: str, steps: int, log_every: int, over: dict):
     return qconfig.apply_overrides(base, list(over.items()))
 
 
-def device_ms(cfg, steps: int) -> float:
-    """ms a step of the jitted step alone, on a batch already on the device."""
+def device_ms(cfg, steps: int, k: int = 1) -> float:
+    """ms a step with no host input: ``k = 1``, ``train.make_train_step`` on one batch
+    already on the device; ``k > 1``, ``train.make_train_chunk`` over the resident
+    split with every chunk's positions placed beforehand. ``steps`` steps dispatched back
+    to back, waited for at the end."""
+    from qvec_jax.data.loader import stream_positions
+    from qvec_jax.data.resident import place_split, positions_array
+
     task = qdata.get_task(cfg.task)
     split = qdata.load_split(task, "train", image_size=cfg.model.image_size)
     model, params = train.build_model_and_params(cfg, task.num_classes)
     tx, _ = train.make_optimizer(cfg.optim, 10 * steps)
-    mesh = make_mesh()
+    mesh, b = make_mesh(), cfg.batch_size
     sh = state_shardings(train.abstract_state(params, tx), mesh)
-    step = train.make_train_step(model, tx, mesh, sh, mode=cfg.mode,
-                                 preprocess=split.preprocessor)  # fmt: skip
-    x, y = place_rows(split.get(np.arange(cfg.batch_size)), mesh, cfg.batch_size)
+    kw = dict(mode=cfg.mode, spec=train.validate(cfg), preprocess=split.preprocessor)
+    if k == 1:
+        fn = train.make_train_step(model, tx, mesh, sh, **kw)
+        args = [place_rows(split.get(np.arange(b)), mesh, b)] * (steps + 1)
+    else:
+        res = place_split(split, mesh, 1 << 30)
+        fn = train.make_train_chunk(model, tx, mesh, sh, resident=res, **kw)
+        pos = stream_positions(len(split), 0, 0, (steps + k) * b).reshape(-1, k, b)
+        args = [(positions_array(res, p), (res.images, res.labels)) for p in pos]
     state = train.create_state(params, tx, sh)
-    state, m = step(state, x, y)
+    state, m = fn(state, *args[0])
     jax.block_until_ready(m)  # compiled
     t = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, x, y)
+    for a in args[1 : 1 + steps // k]:
+        state, m = fn(state, *a)
     jax.block_until_ready((state, m))
-    return 1e3 * (time.perf_counter() - t) / steps
+    return 1e3 * (time.perf_counter() - t) / (steps // k * k)
 
 
 def loop_ms(cfg) -> float:
@@ -113,14 +127,15 @@ def main(argv=None) -> None:
     print(f"device: {dev.platform} {getattr(dev, 'device_kind', '')} x{jax.device_count()}; "
           f"task {task}, demo/4 at 16 px, batch 128, {a.mode}, {a.steps} steps")  # fmt: skip
     cfg = config(task, a.steps, a.log_every, {"mode": a.mode})
-    head, floors = {}, []
+    head = {}
     for name, over in SETTINGS.items():
-        floors.append(device_ms(cfg, a.steps))  # again before each: the machine is shared
+        k = a.log_every if over.get("steps_per_dispatch") != 1 else 1
+        floor = device_ms(cfg, a.steps, k)  # again before each: the machine is shared
         ms = loop_ms(config(task, a.steps, a.log_every, {"mode": a.mode, **over}))
-        head[f"{name.replace('-', '_')}_ratio"] = ms / floors[-1]
-        print(f"loop {name:12s} {ms:8.2f} ms a step = {ms / floors[-1]:.3f} x the device-only "
-              f"step measured just before it ({floors[-1]:.2f} ms)")  # fmt: skip
-    head["device_ms"] = float(np.median(floors))
+        head[f"{name.replace('-', '_')}_ratio"] = ms / floor
+        head[f"device_k{k}_ms"] = floor
+        print(f"loop {name:12s} {ms:7.2f} ms a step = {ms / floor:.3f} x the device-only "
+              f"step at {k} a dispatch, measured just before it ({floor:.2f} ms)")  # fmt: skip
     print("headline: " + " ".join(f"{k}={v:.3g}" for k, v in head.items()))
 
 

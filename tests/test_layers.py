@@ -203,7 +203,7 @@ def test_subsystems_are_packages():
     """The grid, training and merging each live in one package (no prefixed modules)."""
     for package, parts in {
         "grid": {"run", "store", "inputs", "cells", "extras", "gptq"},
-        "train": {"loop", "step", "workdir", "feed", "options"},
+        "train": {"loop", "step", "workdir", "feed", "options", "records"},
         "merge": {"methods", "spec", "topk"},
         "study": {"run", "stats"},
     }.items():

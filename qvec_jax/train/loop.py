@@ -33,12 +33,10 @@ import dataclasses
 import json
 import numbers
 import os
-import time
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
@@ -54,6 +52,7 @@ from qvec_jax.train.options import (
     steps_per_dispatch,
     total_train_steps,
 )
+from qvec_jax.train.records import Records, per_step
 from qvec_jax.train.step import (
     MODES,
     TrainError,
@@ -294,8 +293,9 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
     jitted call each): a metrics record every ``log_every`` steps and a checkpoint
     every ``checkpoint_every`` steps, both also at ``end``.
 
-    The next chunk's input is prepared while the device runs the current one (before
-    its metrics are fetched), so the device does not wait on the host at a record.
+    The device never waits on the host between chunks: the next chunk's input is built
+    while the device runs the current one, and a record's metrics are fetched after the
+    next chunk is dispatched (at a checkpoint, before: its steps are checked first).
     Divergence costs no extra host round trip: the losses and gradient norms of every
     step are checked when a record fetches them, and before a checkpoint (one more fetch
     of the steps since the last record, and one scalar: all params finite), so no
@@ -308,31 +308,23 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
     bounds = list(chunks(run.start, end, k, cfg.log_every, cfg.checkpoint_every))
     bar = tqdm(total=run.total, initial=run.start, disable=not (progress and is_main),
                unit="step", desc=f"{cfg.task} {cfg.mode}", dynamic_ncols=True)  # fmt: skip
-    window, t_log, n_log = [], time.perf_counter(), 0
     try:
         with open(run.path("metrics.jsonl"), "a") as mfile:
+            records = Records(run, mfile if is_main else None, bar)
             nxt = feed.chunk(*bounds[0], run.crc) if bounds else None
             for i, (s0, done) in enumerate(bounds):
                 xs, run.crc = nxt
                 run.state, m = run.chunk_fn(run.state, xs, feed.data)
+                records.write_pending()  # the last chunk's, fetched while this one runs
                 if i + 1 < len(bounds):  # on the host while the device runs this chunk
                     nxt = feed.chunk(*bounds[i + 1], run.crc)
                 bar.update(done - s0)
-                if i == 0:  # keep compilation out of the throughput numbers
-                    jax.block_until_ready(m)
-                    t_log = time.perf_counter()
-                else:
-                    n_log += done - s0
-                window.append(m)
+                records.add(m, done - s0, first=i == 0)
                 if done % cfg.log_every == 0 or done == end:
-                    rec = _record(run, done, window, n_log, t_log)
-                    if is_main:
-                        mfile.write(json.dumps(rec) + "\n")
-                        mfile.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-                    window, t_log, n_log = [], time.perf_counter(), 0
+                    records.close(done, run.crc)
                 if done % cfg.checkpoint_every == 0 or done == end:
-                    _check_finite(run, done, window)
+                    records.write_pending()
+                    _check_finite(run, done, records.window)
                     save_state(run.mngr, done, run.state, run.crc)
     finally:
         feed.close()
@@ -341,37 +333,11 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
         run.mngr.close()
 
 
-def _per_step(window: list) -> list[dict]:
-    """Host metrics, one dict a step, of the chunks in ``window`` (each ``[k]`` arrays)."""
-    out = []
-    for m in jax.device_get(window):
-        out += [{key: v[j] for key, v in m.items()} for j in range(len(m["loss"]))]
-    return out
-
-
 def _check_finite(run: _Run, done: int, window: list) -> None:
     """Before a checkpoint: the unrecorded steps' metrics and the params are finite."""
     last_good = run.mngr.latest_step()
-    ms = _per_step(window)
+    ms = per_step(window)
     check_metrics(ms, done - len(ms) + 1, run.cfg.optim.lr, run.workdir, last_good)
     if not bool(all_finite(run.state["params"])):
         raise diverged(done, "the params hold NaN or Inf", run.cfg.optim.lr, run.workdir,
                        last_good)  # fmt: skip
-
-
-def _record(run: _Run, done: int, window: list, n_log: int, t_log: float) -> dict:
-    """One metrics.jsonl record for the steps in ``window`` (the last one is ``done``);
-    a NaN/Inf loss or gradient norm among them stops the run."""
-    ms = _per_step(window)  # waits for the steps, so the time below includes them
-    dt = max(time.perf_counter() - t_log, 1e-9)
-    check_metrics(ms, done - len(ms) + 1, run.cfg.optim.lr, run.workdir,
-                  run.mngr.latest_step())  # fmt: skip
-    return {
-        "step": done,
-        "loss": float(np.mean([w["loss"] for w in ms])),
-        "lr": float(run.schedule(done - 1)),
-        "grad_norm": float(ms[-1]["grad_norm"]),
-        "steps_per_s": n_log / dt if n_log else None,  # None: compile only
-        "examples_per_s": n_log * run.cfg.batch_size / dt if n_log else None,
-        "data_crc": run.crc,
-    }
