@@ -310,14 +310,15 @@ def _loop(run: _Run, end: int, progress: bool) -> None:
                unit="step", desc=f"{cfg.task} {cfg.mode}", dynamic_ncols=True)  # fmt: skip
     try:
         with open(run.path("metrics.jsonl"), "a") as mfile:
-            records = Records(run, mfile if is_main else None, bar)
+            ends = [done for _, done in bounds if done % cfg.log_every == 0 or done == end]
+            records = Records(run, mfile if is_main else None, bar, ends)
             nxt = feed.chunk(*bounds[0], run.crc) if bounds else None
             for i, (s0, done) in enumerate(bounds):
                 xs, run.crc = nxt
                 run.state, m = run.chunk_fn(run.state, xs, feed.data)
-                records.write_pending()  # the last chunk's, fetched while this one runs
                 if i + 1 < len(bounds):  # on the host while the device runs this chunk
                     nxt = feed.chunk(*bounds[i + 1], run.crc)
+                records.write_pending()  # the last chunk's, fetched while this one runs
                 bar.update(done - s0)
                 records.add(m, done - s0, first=i == 0)
                 if done % cfg.log_every == 0 or done == end:

@@ -21,8 +21,12 @@ class Records:
     closed window is written by :meth:`write_pending`, when the loop has dispatched the
     next chunk (or must check the steps before a checkpoint)."""
 
-    def __init__(self, run, mfile, bar):
+    def __init__(self, run, mfile, bar, ends):
         self.run, self.mfile, self.bar = run, mfile, bar
+        # the learning rate of each record's last step, computed before the loop starts:
+        # an eager call of the schedule during the loop would queue on the device behind
+        # the chunk in flight and hold the host (and the next chunk's input) until it ends
+        self.lrs = {done: float(run.schedule(done - 1)) for done in ends}
         self.window, self.t, self.n = [], time.perf_counter(), 0
         self.pending = None  # (done, window, steps timed, start time, crc) to write
 
@@ -41,7 +45,7 @@ class Records:
     def write_pending(self) -> None:
         if self.pending is None:
             return
-        rec = record(self.run, *self.pending)
+        rec = record(self.run, *self.pending, lr=self.lrs[self.pending[0]])
         self.pending, self.t = None, time.perf_counter()
         if self.mfile is not None:
             self.mfile.write(json.dumps(rec) + "\n")
@@ -57,7 +61,7 @@ def per_step(window: list) -> list[dict]:
     return out
 
 
-def record(run, done: int, window: list, n_log: int, t_log: float, crc: int) -> dict:
+def record(run, done: int, window: list, n_log: int, t_log: float, crc: int, *, lr: float) -> dict:
     """One metrics.jsonl record for the steps in ``window`` (the last one is ``done``);
     a NaN/Inf loss or gradient norm among them stops the run."""
     ms = per_step(window)  # waits for the steps, so the time below includes them
@@ -67,7 +71,7 @@ def record(run, done: int, window: list, n_log: int, t_log: float, crc: int) -> 
     return {
         "step": done,
         "loss": float(np.mean([w["loss"] for w in ms])),
-        "lr": float(run.schedule(done - 1)),
+        "lr": lr,
         "grad_norm": float(ms[-1]["grad_norm"]),
         "steps_per_s": n_log / dt if n_log else None,  # None: compile only
         "examples_per_s": n_log * run.cfg.batch_size / dt if n_log else None,
