@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # effective (global) batch per optimizer step
     # Largest per-device micro-batch; when batch_size / num_devices is larger, the step
     # accumulates gradients over micro-batches (same update, less memory). 0 = no limit.
+    # 32 fits a 16 GB GPU; on an H100/H200 (80-141 GB) use device_batch_size=0: a whole
+    # batch of 128 needs about 12 GB there (bf16), and 4 micro-batches cost about 3.5x
+    # the kernel launches of one (compiled for an H200, bench/gpu_check.py's notes).
     c.device_batch_size = 32
     c.epochs = -1.0  # -1 = the task table's epochs (METHOD.md)
     c.total_steps = -1  # > 0 overrides epochs
