@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import monitoring
-from test_grid_run import TASKS, make_runs
+from test_grid_run import TASKS, _count_compiles, make_runs
 
 from qvec_jax import checkpoints, grid, trees
 from qvec_jax import data as qdata
@@ -111,19 +110,3 @@ def test_batched_grid_writes_the_per_cell_records_and_resumes_a_kill_mid_group(r
     assert compiles == 0  # other groups of the sizes compiled above: nothing new
     with pytest.raises(grid.GridError, match="cell_group=0: a whole number of cells >= 1"):
         grid.run_grid(tasks, runs, kill, cell_group=0, **kw)
-
-
-def _count_compiles(fn) -> int:
-    """The number of XLA compilations ``fn()`` triggers."""
-    events = []
-
-    def listener(name, *_args, **_kw):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
-        fn()
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
-    return len(events)
