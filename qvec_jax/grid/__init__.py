@@ -11,21 +11,25 @@ One package, one module per part:
 - :mod:`~qvec_jax.grid.cells`: the cell evaluator (checkpoints on demand, the jitted
   :func:`patch_and_quantize` and :func:`ptq_jit`, cached eval splits);
 - :mod:`~qvec_jax.grid.extras`: lambda-strategy measurements and leave-one-out merges;
-- :mod:`~qvec_jax.grid.gptq`: the GPTQ rows (calibration sources, GPTQ + QV).
+- :mod:`~qvec_jax.grid.gptq`: the GPTQ rows (calibration sources, GPTQ + QV);
+- :mod:`~qvec_jax.grid.gptq_bank`: GPTQ of the bank-patched receiver (``qvec quantize``'s
+  candidates).
 
 The report of a grid is :mod:`qvec_jax.report` (layer 6), which reads the store.
 """
 
-from qvec_jax.grid import cells, extras, gptq, inputs, run, store
+from qvec_jax.grid import cells, extras, gptq, gptq_bank, inputs, run, store
 from qvec_jax.grid.cells import patch_and_quantize, ptq_jit
 from qvec_jax.grid.extras import Extras
 from qvec_jax.grid.gptq import GptqCells
+from qvec_jax.grid.gptq_bank import BankCells
 from qvec_jax.grid.inputs import GridError, MissingCheckpoints, checkpoint_path
 from qvec_jax.grid.run import DEFAULT_LAMBDAS, plan_cells, run_grid, shard_of
 from qvec_jax.grid.store import GridStore
 
 __all__ = [
     "DEFAULT_LAMBDAS",
+    "BankCells",
     "Extras",
     "GptqCells",
     "GridError",
@@ -35,6 +39,7 @@ __all__ = [
     "checkpoint_path",
     "extras",
     "gptq",
+    "gptq_bank",
     "inputs",
     "patch_and_quantize",
     "plan_cells",

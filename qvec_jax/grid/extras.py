@@ -56,6 +56,7 @@ __all__ = [
     "MIN_MERGE_DONORS",
     "Extras",
     "loo_donor",
+    "merge_sources",
     "measured_strategies",
     "plan_extras",
     "read_extras_settings",
@@ -193,12 +194,19 @@ def read_extras_settings(workdir) -> dict:
 
 
 def _src(ckpts, r: str, donors: list[str], merged: bool) -> dict[str, str]:
+    """The fingerprints a cell of R is computed from: FP_R and each donor's FP and QAT
+    (keys tagged with the donor's name for a merge)."""
     src = {"fp_R": ckpts[(r, "fp")].fingerprint}
     for d in donors:
         tag = f":{d}" if merged else ""
         src[f"fp_D{tag}"] = ckpts[(d, "fp")].fingerprint
         src[f"qat_D{tag}"] = ckpts[(d, "qat")].fingerprint
     return src
+
+
+def merge_sources(ckpts, r: str, donors: list[str]) -> dict[str, str]:
+    """The ``sources`` of a cell of R computed from the merge of ``donors``' QVs."""
+    return _src(ckpts, r, donors, True)
 
 
 def plan_extras(ex: Extras, tasks, ckpts, lambdas, cands, done: dict) -> list[dict]:

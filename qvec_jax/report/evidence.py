@@ -22,7 +22,7 @@ from qvec_jax.report.extras import extras_metrics
 from qvec_jax.report.metrics import compute_metrics
 from qvec_jax.report.overlap import calib_counts, overlap_text, summarize
 
-__all__ = ["BEST", "RTN1", "TIES", "approaches_of_grid"]
+__all__ = ["BEST", "RTN1", "TIES", "approaches_of_grid", "bank_key"]
 
 RTN1, BEST, TIES = "rtn_qv_1", "rtn_qv_best", "loo_ties"
 GPTQ_DATA = {
@@ -119,8 +119,9 @@ def _strategy_rows(em: dict | None) -> list[dict]:
 
 
 def _cell_approach(c: dict) -> tuple[dict, tuple] | None:
-    """The approach a leave-one-out merge (lambda=1), GPTQ(FP_R) or GPTQ+QV (lambda=1)
-    cell belongs to, and its unit key; None for other cells."""
+    """The approach a leave-one-out merge (lambda=1), GPTQ(FP_R), GPTQ+QV (lambda=1) or
+    GPTQ of a leave-one-out bank (lambda=1) cell belongs to, and its unit key; None for
+    other cells."""
     kind, r, d = c["kind"], c["receiver"], c.get("donor")
     if kind == "merge" and c.get("lam") == 1.0 and str(d).startswith("loo:"):
         m = d.split(":", 1)[1]
@@ -131,10 +132,21 @@ def _cell_approach(c: dict) -> tuple[dict, tuple] | None:
         name = f"GPTQ(FP_R), calibration: {src}"
         a = _approach(f"gptq_{src}", name, GPTQ_DATA[src], "receiver", src != "receiver")
         return a, (r, None)
+    if kind.startswith("gptq+bank:") and str(d).startswith("loo:"):
+        src, m, lam = kind.split(":", 1)[1], d.split(":", 1)[1], float(c["lam"])
+        name = f"GPTQ(FP_R + {lam:g} merge_{m}(other QVs)), calibration: {src}"
+        data = "donor QAT" + ("" if src == "noise" else f" + {GPTQ_DATA[src]}")
+        key = bank_key(m, src, lam)
+        return _approach(key, name, data, "receiver", True), (r, None)  # a fixed lam
     if kind == "gptq+qv:donor" and c.get("lam") == 1.0:
         name = "GPTQ(FP_R + QV_D), lambda = 1, calibration: the donor's images"
         return _approach("gptq_qv", name, "donor QAT + donor", "pair", True), (r, d)
     return None
+
+
+def bank_key(method: str, source: str, lam: float) -> str:
+    """The approach key of GPTQ of a leave-one-out bank: ``gptq_bank_ties_pretext@0.5``."""
+    return f"gptq_bank_{method}_{source}@{float(lam):g}"
 
 
 CELL_ORDER = ("loo_mean", "loo_ties", "gptq_noise", "gptq_pretext", "gptq_donor",
@@ -158,7 +170,7 @@ def _cell_rows(cells: list[dict]) -> list[dict]:
         unit = "pairs" if rows[key]["unit"] == "pair" else "receivers"
         rows[key]["overlap"] = overlap_text(summarize(by, unit)) or "0 images"
     ordered = [rows[k] for k in CELL_ORDER if k in rows]
-    return ordered + [v for k, v in rows.items() if k not in CELL_ORDER]
+    return ordered + [rows[k] for k in sorted(rows) if k not in CELL_ORDER]
 
 
 def approaches_of_grid(workdir, strategy: str | None = None) -> tuple[dict, list[dict], dict]:

@@ -18,6 +18,7 @@ import numpy as np
 from qvec_jax.files import atomic_write_text
 from qvec_jax.report.markdown import table
 from qvec_jax.report.plots import _pyplot, save_fig
+from qvec_jax.report.quantize import quantize_markdown
 
 __all__ = ["study_markdown", "write_study_report"]
 
@@ -220,6 +221,7 @@ def study_markdown(analysis: dict) -> str:
     title = f"# qvec study: {a['half'].upper()} half ({len(a['tasks'])} views)"
     loud = [ln for w in a.get("warnings") or [] for ln in ("", f"> **WARNING: {w}**")]
     lines = [title, *loud, "", *_intro(a), *_main_table(a), *_paired_table(a)]
+    lines += quantize_markdown(a)
     lines += _draws_section(a) + _seed_section(a) + _conditions_section(a)
     return "\n".join(lines + _figures_and_time(a)) + "\n"
 

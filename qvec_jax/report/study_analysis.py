@@ -19,6 +19,7 @@ from qvec_jax.report.checks import grid_checks
 from qvec_jax.report.evidence import BEST, RTN1, TIES, approaches_of_grid
 from qvec_jax.report.metrics import compute_metrics
 from qvec_jax.report.predictors import cosines, pair_features
+from qvec_jax.report.quantize import quantize_lines, quantize_section
 from qvec_jax.report.study import write_study_report
 from qvec_jax.study import stats
 from qvec_jax.study.run import REQUEST_FILE
@@ -195,6 +196,7 @@ def analyze(study: dict, grids: dict[int, Path], *, strategy=None, strategy_sour
         },
         "approaches": [_summary(a, tasks) for a in approaches],
         "paired": _paired(by_key, tasks, chosen),
+        "quantize": quantize_section(by_key, base, tasks),
         "draws": _draws(by_key[RTN1], tasks) if RTN1 in by_key else None,
         "seed_spread": _seed_spread([(s, b, rows) for s, b, rows, _ in per_seed]),
         "by_condition": _conditions(by_key[RTN1], tasks, features) if RTN1 in by_key else [],
@@ -272,6 +274,7 @@ def headline(a: dict) -> str:
             f"  {x['name']}: wins {_iv(x['win_rate'], False)}, mean delta "
             f"{_iv(x['mean_delta'], True)} pts  [data: {x['data']}]"
         )
+    lines += quantize_lines(a)
     if a.get("draws"):
         d = a["draws"]
         lines.append(

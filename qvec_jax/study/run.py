@@ -44,6 +44,9 @@ __all__ = [
 
 #: The lambda screen: 0 (so lambda_best never does worse than PTQ(FP_R) on val) and 1.
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+#: The bank's lambdas under GPTQ (``grid.BankCells``): 1 (zero-shot) and two smaller ones,
+#: since GPTQ already corrects part of what the QV corrects for RTN.
+BANK_LAMBDAS = (0.25, 0.5, 1.0)
 #: What a study workdir was asked for (``study.json`` is the analysis, the report's).
 REQUEST_FILE = "request.json"
 
@@ -108,8 +111,12 @@ def recipe_fingerprint(cfg) -> str:
 
 
 def runs_root(runs_dir, cfg) -> Path:
-    """``RUNS/<fingerprint>``: where this recipe's pretext and fine-tunes live."""
-    return Path(runs_dir).resolve() / recipe_fingerprint(cfg)
+    """``RUNS/<fingerprint>``: where this recipe's pretext and fine-tunes live, links
+    resolved: when the fingerprint's definition changes but not the training (as when
+    issue 22 made ``config.SPEED_ONLY`` keys stop counting), ``RUNS/<new>`` may link to
+    ``RUNS/<old>``; each fine-tune's own config check (``config.training_diff``) still
+    refuses a run trained otherwise."""
+    return (Path(runs_dir) / recipe_fingerprint(cfg)).resolve()
 
 
 def seed_values(cfg, seeds: int) -> list[int]:
@@ -207,8 +214,9 @@ def _check_workdir(workdir: Path, spec: StudySpec, fingerprint: str, seeds: list
 
 
 def _stages(cfg, spec: StudySpec) -> list:
-    """The grid's extras and GPTQ rows of a study (no strategy cells: strategies are
-    scored from the extras' measurements, and the choice is ``qvec tune``'s)."""
+    """The grid's extras, GPTQ rows and GPTQ of the leave-one-out banks (``qvec
+    quantize``'s candidates) of a study (no strategy cells: strategies are scored from
+    the extras' measurements, and the choice is ``qvec tune``'s)."""
     pretext = cfg.demo.pretext_task
     ex = grid.Extras(
         strategy=cfg.demo.select_strategy,
@@ -222,7 +230,10 @@ def _stages(cfg, spec: StudySpec) -> list:
         pretext=pretext,
         qv_donors=spec.gptq_qv_donors,
     )
-    return [ex, gq]
+    bank = grid.BankCells(
+        methods=spec.methods, lams=BANK_LAMBDAS, calib_size=spec.gptq_calib, pretext=pretext
+    )
+    return [ex, gq, bank]
 
 
 def _task_set(spec: StudySpec) -> dict:
