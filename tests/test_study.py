@@ -19,6 +19,7 @@ from test_report import square_grid
 from qvec_jax import data as qdata
 from qvec_jax.cli import main
 from qvec_jax.data import task_sets
+from qvec_jax.study import run
 
 pytestmark = pytest.mark.skipif(
     not qdata.availability("fashion_mnist")[0], reason="a study needs Fashion-MNIST"
@@ -30,7 +31,7 @@ TINY = [
     "demo.pretext_warmup_steps=1", "demo.proxy_size=8", "demo.gptq_calib_size=8",
 ]  # fmt: skip
 ARGS = ["--half", "dev", "--views", "3", "--eval-n", "64", "--lambdas", "0,1",
-        "--gptq-qv-donors", "1", "--no-progress"]  # fmt: skip
+        "--gptq-qv-donors", "1", "--bank-lambdas", "1", "--no-progress"]  # fmt: skip
 
 
 #: The study's processes share JAX's compilation cache: the second and third runs of the
@@ -75,7 +76,12 @@ def test_a_study_writes_its_report_and_labels_every_approach(reference):
     assert a["n_pairs"] == 6 and a["eval_n"] == 64 and a["warnings"] == []
     keys = {x["key"] for x in a["approaches"]}
     assert {"rtn_qv_1", "rtn_qv_best", "ptq_qat", "loo_mean", "loo_ties", "gptq_noise",
-            "gptq_pretext", "gptq_receiver", "gptq_qv"} <= keys  # fmt: skip
+            "gptq_pretext", "gptq_receiver", "gptq_qv", "gptq_bank_mean_noise@1",
+            "gptq_bank_ties_pretext@1"} <= keys  # fmt: skip
+    q = a["quantize"]  # qvec quantize's candidates against GPTQ(pretext), per receiver
+    assert q["reference"] == "gptq_pretext" and q["best"] in q["names"]
+    assert {r["key"] for r in q["rows"]} >= {"rtn", "gptq_noise", "gptq_bank_ties_noise@1"}
+    assert "## `qvec quantize`: data-free recipes" in (workdir / "study.md").read_text()
     for x in a["approaches"]:
         assert x["data"] and x["unit"] in ("pair", "receiver")
         assert x["win_rate"]["tasks"] <= 3 and 0 <= x["win_rate"]["point"] <= 1
@@ -158,6 +164,18 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_request_from_before_a_spec_key_existed_still_matches(tmp_path):
+    """request.json written before ``bank_lambdas`` existed: the key takes its default."""
+    spec = run.StudySpec("dev", views=3)
+    run._check_workdir(tmp_path, spec, "abc", [1])
+    req = json.loads((tmp_path / "request.json").read_text())
+    del req["spec"]["bank_lambdas"]
+    (tmp_path / "request.json").write_text(json.dumps(req))
+    run._check_workdir(tmp_path, spec, "abc", [1])  # the default: the same study
+    with pytest.raises(run.StudyError, match="differs in: spec"):
+        run._check_workdir(tmp_path, run.StudySpec("dev", views=3, bank_lambdas=(1.0,)), "abc", [1])
 
 
 def test_a_workdir_holding_another_study_is_refused(reference, capsys):

@@ -86,6 +86,12 @@ def _study_options(p) -> None:
         metavar="K|all",
         help="GPTQ + QV for the K donors after each receiver (default 3)",
     )
+    p.add_argument(
+        "--bank-lambdas",
+        type=finite_floats,
+        default=None,
+        help="lambdas of GPTQ on the leave-one-out bank (default 0.25,0.5,1)",
+    )
 
 
 def _choice_and_run_options(p) -> None:
@@ -141,6 +147,8 @@ def _choice(args) -> tuple[str | None, str]:
 
 def _spec(args) -> StudySpec:
     kw = {} if args.lambdas is None else {"lambdas": tuple(args.lambdas)}
+    if args.bank_lambdas is not None:
+        kw["bank_lambdas"] = tuple(args.bank_lambdas)
     try:
         return StudySpec(
             args.half,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from qvec_jax.data import task_sets
 from qvec_jax.files import WorkdirLocked, atomic_write_text
 
 __all__ = [
+    "DEFAULT_BANK_LAMBDAS",
     "DEFAULT_LAMBDAS",
     "REQUEST_FILE",
     "StudyError",
@@ -46,7 +48,7 @@ __all__ = [
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 #: The bank's lambdas under GPTQ (``grid.BankCells``): 1 (zero-shot) and two smaller ones,
 #: since GPTQ already corrects part of what the QV corrects for RTN.
-BANK_LAMBDAS = (0.25, 0.5, 1.0)
+DEFAULT_BANK_LAMBDAS = (0.25, 0.5, 1.0)
 #: What a study workdir was asked for (``study.json`` is the analysis, the report's).
 REQUEST_FILE = "request.json"
 
@@ -63,7 +65,8 @@ class StudySpec:
     ``lambdas``: the RTN screen; ``eval_n``: a fixed sample of at most this many images
     per val and test split (None: whole splits); ``methods``: leave-one-out merges;
     ``gptq_calib``: images per GPTQ calibration set; ``gptq_qv_donors``: GPTQ+QV for the
-    donors that follow each receiver (None: every pair)."""
+    donors that follow each receiver (None: every pair); ``bank_lambdas``: GPTQ of the
+    receiver patched with the leave-one-out bank of each method, at these lambdas."""
 
     half: str
     views: int | None = 16
@@ -74,6 +77,7 @@ class StudySpec:
     methods: tuple[str, ...] = ("mean", "ties")
     gptq_calib: int = 128
     gptq_qv_donors: int | None = 3
+    bank_lambdas: tuple[float, ...] = DEFAULT_BANK_LAMBDAS
 
     def __post_init__(self):
         if self.half not in task_sets.HALF_NAMES:
@@ -88,12 +92,22 @@ class StudySpec:
             raise StudyError(f"--views: {e}") from None
         object.__setattr__(self, "lambdas", tuple(float(x) for x in self.lambdas))
         object.__setattr__(self, "methods", tuple(self.methods))
+        bank = tuple(float(x) for x in self.bank_lambdas)
+        if not bank or len(set(bank)) != len(bank) or not all(math.isfinite(x) for x in bank):
+            raise StudyError(f"--bank-lambdas {list(self.bank_lambdas)}: distinct finite numbers")
+        object.__setattr__(self, "bank_lambdas", bank)
 
     def tasks(self) -> list[str]:
         return task_sets.study_views(self.half, self.views, self.sample_seed)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The JSON of every field's default (``half`` excepted: it has none)."""
+        fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "half"}
+        return json.loads(json.dumps(fields))
 
 
 def recipe_fingerprint(cfg) -> str:
@@ -202,6 +216,8 @@ def _check_workdir(workdir: Path, spec: StudySpec, fingerprint: str, seeds: list
         except json.JSONDecodeError as e:
             msg = f"{path}: corrupt JSON ({e}); delete it or use another --workdir"
             raise StudyError(msg) from None
+        # a spec key added since the study was asked for takes its default there
+        old["spec"] = spec.defaults() | (old.get("spec") or {})
         if {k: old.get(k) for k in want} != want:
             differ = [k for k in want if old.get(k) != want[k]]
             raise StudyError(
@@ -231,7 +247,7 @@ def _stages(cfg, spec: StudySpec) -> list:
         qv_donors=spec.gptq_qv_donors,
     )
     bank = grid.BankCells(
-        methods=spec.methods, lams=BANK_LAMBDAS, calib_size=spec.gptq_calib, pretext=pretext
+        methods=spec.methods, lams=spec.bank_lambdas, calib_size=spec.gptq_calib, pretext=pretext
     )
     return [ex, gq, bank]
 
