@@ -34,6 +34,8 @@ REFERENCES = (
     ("ptq_qat", "RTN of QAT on the receiver (ceiling)", "labelled receiver"),
 )
 REFERENCE = "gptq_pretext"
+#: The best single quantizer that reads no image at all: the reference without a pretext task.
+NO_DATA_REFERENCE = "gptq_noise"
 
 
 def _bank_candidates(keys) -> list[tuple[str, str, str]]:
@@ -59,9 +61,9 @@ def _per_receiver(by_key: dict, base: dict) -> dict[str, dict[str, float]]:
 
 
 def quantize_section(by_key: dict, base: dict, tasks: list[str]) -> dict | None:
-    """The candidates' rows (mean accuracy, difference from :data:`REFERENCE`, share of
-    receivers above it, each with its interval) and the best candidate; None when the
-    study has no GPTQ(pretext) cells to compare with."""
+    """The candidates' rows (mean accuracy, difference from :data:`REFERENCE` and from
+    :data:`NO_DATA_REFERENCE`, share of receivers above the first, each with its
+    interval) and the best candidate; None when the study has no GPTQ(pretext) cells."""
     acc = _per_receiver(by_key, base)
     ref = acc.get(REFERENCE)
     if not ref:
@@ -74,10 +76,13 @@ def quantize_section(by_key: dict, base: dict, tasks: list[str]) -> dict | None:
             if not vals:
                 continue
             diff = {(r, None): v - ref[r] for r, v in vals.items() if r in ref}
+            nod = acc.get(NO_DATA_REFERENCE) or {}
+            diff0 = {(r, None): v - nod[r] for r, v in vals.items() if r in nod}
             rows.append({
                 "key": key, "recipe": recipe, "data": data, "group": group, "n": len(vals),
                 "mean_acc": stats.bootstrap({(r, None): v for r, v in vals.items()}, tasks),
                 "vs_reference": stats.bootstrap(diff, tasks),
+                "vs_no_data": stats.bootstrap(diff0, tasks),
                 "above_reference": stats.bootstrap({k: float(v > 0) for k, v in diff.items()},
                                                    tasks),
             })  # fmt: skip
@@ -110,14 +115,16 @@ def quantize_markdown(a: dict) -> list[str]:
     if not q:
         return []
     head = ["recipe", "data used", "receivers", "mean test acc % [lo, hi]",
-            "minus gptq:pretext pts [lo, hi]", "receivers above it [lo, hi]"]  # fmt: skip
+            "minus gptq:pretext pts [lo, hi]", "receivers above it [lo, hi]",
+            "minus gptq:noise pts [lo, hi]"]  # fmt: skip
     rows = []
     for r in q["rows"]:
         mark = " **(best here)**" if r["key"] == q["best"] else ""
         ref = " (reference, not data-free)" if r["group"] != "candidate" else ""
         rows.append([r["recipe"] + mark + ref, r["data"], str(r["n"]), _f(r["mean_acc"]),
                      _f(r["vs_reference"], sign=True),
-                     _f(r["above_reference"], pct=True)])  # fmt: skip
+                     _f(r["above_reference"], pct=True),
+                     _f(r["vs_no_data"], sign=True)])  # fmt: skip
     role = (
         "the choice of `qvec quantize`'s default (`qvec_jax.recipe`)"
         if a["half"] == "dev"
