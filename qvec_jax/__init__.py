@@ -1,7 +1,8 @@
 """qvec_jax: zero-shot quantization via weight-space arithmetic (arXiv 2604.03420).
 
 The method is two short modules: ``qvec_jax.quant`` (the quantizer, METHOD.md) and
-``qvec_jax.trees`` (QV = QAT - FP, patched = FP + lam * QV). Everything else is plumbing.
+``qvec_jax.trees`` (QV = QAT - FP, patched = FP + lam * QV). Everything else is plumbing;
+``quantize_model`` (:mod:`qvec_jax.recipe`) is the data-free quantizer a user deploys.
 """
 
 from .export import export_packed, load_packed
@@ -22,6 +23,7 @@ from .paths import (
     weighted_sum,
 )
 from .quant import VIT_RULE, QuantSpec, codes_and_scale, fake_quant, fake_quant_tree, ptq
+from .recipe import Recipe, quantize_model
 from .select import select_lambda
 from .trees import HEAD_RULE, patch, quantization_vector
 
@@ -32,6 +34,7 @@ __all__ = [
     "VIT_RULE",
     "QTensor",
     "QuantSpec",
+    "Recipe",
     "Rule",
     "add",
     "check_same_structure",
@@ -51,6 +54,7 @@ __all__ = [
     "ptq",
     "quantization_vector",
     "quantize",
+    "quantize_model",
     "scale",
     "select_lambda",
     "size_report",

@@ -44,7 +44,8 @@ class CheckpointMeta(TypedDict, total=False):
     ``train`` writes the model keys and the run keys; ``qvec convert`` the model keys,
     ``backbone_id`` and ``source``; ``qvec extract`` a ``kind="qv"`` meta with the
     donor's run keys, ``qat``, ``fp`` and ``global_norm``; ``qvec patch`` and ``qvec
-    ptq`` add ``patch`` / ``ptq`` to the receiver's meta. :func:`validate_meta` checks it.
+    ptq`` add ``patch`` / ``ptq`` to the receiver's meta, ``qvec quantize`` ``ptq`` and
+    ``quantize``. :func:`validate_meta` checks it.
     """
 
     kind: str  # "params" or "qv"
@@ -68,6 +69,7 @@ class CheckpointMeta(TypedDict, total=False):
     global_norm: float  # of the QV (qvec extract)
     patch: dict  # {"qv", "donor", "lam", "zero_shot"} (qvec patch)
     ptq: dict  # {"bits", "granularity"} (qvec ptq), + "method", "calib" (gptq), "packed" (export)
+    quantize: dict  # recipe.quantize_model's record: recipe, bank, calib, data (qvec quantize)
     merge: dict  # {"spec": MergeSpec.to_dict(), "inputs": [{path, task, fingerprint}]}
     crc32: dict  # {leaf path: CRC-32 of its saved bytes, 8 hex digits}, set by save_params
 

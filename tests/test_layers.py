@@ -24,11 +24,12 @@ LAYERS: dict[str, int] = {
     "paths": 1, "quant": 1, "trees": 1, "config": 1, "files": 1,
     # 2 trees of arrays: packing, QV merges (merge/: methods, spec, topk), the model
     "packing": 2, "merge": 2, "models": 2,
-    # 3 storage and data: foreign weights, our checkpoints, packed exports, tasks, devices
-    "pretrained": 3, "checkpoints": 3, "export": 3, "data": 3, "sharding": 3,
+    # 3 storage and data: foreign weights, our checkpoints, packed exports, QV banks, tasks,
+    # devices
+    "pretrained": 3, "checkpoints": 3, "export": 3, "bank": 3, "data": 3, "sharding": 3,
     # 4 computation on models: evaluation, training (train/: loop, step, workdir), GPTQ,
-    # lambda selection
-    "evaluate": 4, "train": 4, "gptq": 4, "select": 4,
+    # lambda selection, the data-free quantizer a user deploys (recipe)
+    "evaluate": 4, "train": 4, "gptq": 4, "select": 4, "recipe": 4,
     # 5 the transfer grid (grid/: run, store, inputs, cells, extras, gptq) and the study
     # (study/: run, stats)
     "grid": 5, "study": 5,
@@ -202,7 +203,7 @@ def test_modules_and_functions_stay_small(module):
 def test_subsystems_are_packages():
     """The grid, training and merging each live in one package (no prefixed modules)."""
     for package, parts in {
-        "grid": {"run", "store", "inputs", "cells", "extras", "gptq"},
+        "grid": {"run", "store", "inputs", "cells", "extras", "gptq", "gptq_bank"},
         "train": {"loop", "step", "workdir", "feed", "options", "records"},
         "merge": {"methods", "spec", "topk"},
         "study": {"run", "stats"},

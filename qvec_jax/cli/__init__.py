@@ -4,7 +4,8 @@ Library modules hold no argparse. One module per group of commands:
 
 - :mod:`.common`: what all subcommands share (``QvecError``, output checks, restore);
 - :mod:`.model_cmds`: convert, extract, eval; :mod:`.patch_cmd`: patch;
-- :mod:`.quant_cmds`: merge, ptq, export;
+- :mod:`.quant_cmds`: merge, ptq, export; :mod:`.bank_cmds`: qv-bank (build, show);
+- :mod:`.quantize_cmd`: quantize (the dev-chosen data-free recipe, a packed export);
 - :mod:`.run_cmds`: tasks, finetune, demo;
 - :mod:`.grid_cmds`: grid, report;
 - :mod:`.study_cmd`: tune, study (choose on dev, report on test).
@@ -16,7 +17,16 @@ import argparse
 import os
 import sys
 
-from qvec_jax.cli import grid_cmds, model_cmds, patch_cmd, quant_cmds, run_cmds, study_cmd
+from qvec_jax.cli import (
+    bank_cmds,
+    grid_cmds,
+    model_cmds,
+    patch_cmd,
+    quant_cmds,
+    quantize_cmd,
+    run_cmds,
+    study_cmd,
+)
 from qvec_jax.cli.common import QvecError
 
 __all__ = [
@@ -38,9 +48,11 @@ COMMANDS = (
     run_cmds.add_finetune,
     model_cmds.add_extract,
     quant_cmds.add_merge,
+    bank_cmds.add_qv_bank,
     patch_cmd.add_patch,
     quant_cmds.add_ptq,
     quant_cmds.add_export,
+    quantize_cmd.add_quantize,
     model_cmds.add_eval,
     grid_cmds.add_grid,
     grid_cmds.add_report,
