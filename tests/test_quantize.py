@@ -163,7 +163,7 @@ def test_the_default_is_the_dev_ranking_head_and_fallbacks_follow_it():
         got, why = recipe.choose_recipe(bits, **kw)
         assert got == want[0], (bits, kw)
         assert bits == b or f"(the nearest measured to {bits} bits)" in why
-    assert recipe.ranked_bits(8) == 4 and recipe.ranked_bits(3) == 3
+    assert recipe.ranked_bits(8) == 3 and recipe.ranked_bits(4) == 3 and recipe.ranked_bits(3) == 3
     with pytest.raises(RecipeError, match="calib 'noisy'"):
         recipe.default_recipe(3, have_bank=True, have_pretext=True, calib="noisy")
 
@@ -226,7 +226,7 @@ def test_the_default_recipe_is_its_definition_and_says_it_was_chosen_on_dev(ck, 
         assert_same_qtree(got, by_definition(r, params, meta, b))
     got, rec = recipe.quantize_model(params, bits=8, calib="none", bank=None)
     assert rec["why"] == (
-        "the dev ranking at 4 bits (the nearest measured to 8 bits): its "
+        "the dev ranking at 3 bits (the nearest measured to 8 bits): its "
         "first recipe with calib='none' that fits"
     )
 
@@ -317,7 +317,9 @@ def test_cli_quantize_writes_the_library_tree_and_eval_reads_it(capsys, ck, fp, 
     }
     assert gmeta["ptq"]["packed"] is True and gmeta["ptq"]["method"] == rec["method"]
     assert f"recipe: {rec['recipe']} (2-bit channel); chosen on {recipe.DEV_CHOICE}" in out
-    parts = [f"donor QAT weights (bank {b}: 2 donors)"]
+    parts = [f"donor QAT weights (bank {b}: 2 donors)"] if rec["bank"] else []
+    if rec["bank"] is None:  # the dev ranking's head takes no bank: the console says so
+        assert f"bank {b} given but not used: {rec['recipe']} ranks above" in out
     if rec["calib"] and rec["calib"]["source"] == "pretext":
         parts.append(f"{N} pretext images of {PRETEXT} (0 of the receiver's images)")
     line = data_line(out)
@@ -359,7 +361,7 @@ def test_cli_refusals_name_the_option_and_write_nothing(capsys, ck, tmp_path):
         [*base, "--bits", "2", "--bank", ck / "bank3.safetensors"],
         ["bank built for 3-bit channel QAT; pass --bits 3 or build a bank of 2-bit donors"],
     )
-    refused(capsys, ck, [*base, "--bits", "5"], ["--bits", "measured at 2, 3, 4 bits"],
+    refused(capsys, ck, [*base, "--bits", "5"], ["--bits", "use 2, 3 or 4"],
             code=cli.EXIT_USAGE)  # fmt: skip
     refused(capsys, ck, ["quantize", ck / "plain_fp", out, "--bits", "2", "--calib", "pretext"],
             ["--calib pretext", "pass --calib noise"])  # fmt: skip

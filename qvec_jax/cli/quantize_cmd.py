@@ -30,12 +30,13 @@ from qvec_jax.recipe import RecipeError
 
 
 def _bits(text: str) -> int:
-    """A bit width the recipes were measured at (``recipe.DEV_RANKING``)."""
-    measured = sorted(recipe.DEV_RANKING)
-    if text not in [str(b) for b in measured]:
+    """2, 3 or 4: the widths ``qvec quantize`` has a dev-chosen recipe for (4 bits takes
+    the nearest measured width's, ``recipe.ranked_bits``, and says so)."""
+    if text not in ("2", "3", "4"):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: the recipes were measured at {', '.join(map(str, measured))} bits; "
-            "for another width use `qvec export --bits B` (RTN or GPTQ, no recipe)"
+            f"{text!r}: use 2, 3 or 4 (the recipes were measured at "
+            f"{', '.join(map(str, sorted(recipe.DEV_RANKING)))} bits); for another width use "
+            "`qvec export --bits B` (RTN or GPTQ, no recipe)"
         )
     return int(text)
 
@@ -151,7 +152,9 @@ def _say(args, record: dict, b) -> None:
     print(f"recipe: {record['recipe']} ({record['bits']}-bit {record['granularity']}); "
           f"chosen on {record['chosen_on']}: {record['why']}")  # fmt: skip
     if b is not None and record["bank"] is None:
-        print(f"bank {args.bank} given but not used: the recipe chosen adds no bank QV")
+        print(f"bank {args.bank} given but not used: {record['recipe']} ranks above every "
+              "recipe with a bank on the dev half (docs/results.md); pass --lam X (e.g. 0.25) "
+              "to add it anyway")  # fmt: skip
     rec = record["bank"] or {}
     if "lam_choice" in rec:
         c = rec["lam_choice"]
