@@ -41,6 +41,7 @@ QUICK = (
     "total_steps=12",
     "optim.warmup_steps=2",
     "checkpoint_every=6",
+    "log_every=6",  # chunks cut at records and checkpoints: one scan length, one compile
 )
 
 

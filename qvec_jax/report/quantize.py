@@ -80,6 +80,7 @@ def quantize_section(by_key: dict, base: dict, tasks: list[str]) -> dict | None:
             diff0 = {(r, None): v - nod[r] for r, v in vals.items() if r in nod}
             rows.append({
                 "key": key, "recipe": recipe, "data": data, "group": group, "n": len(vals),
+                "overlap": (by_key.get(key) or {}).get("overlap"),
                 "mean_acc": stats.bootstrap({(r, None): v for r, v in vals.items()}, tasks),
                 "vs_reference": stats.bootstrap(diff, tasks),
                 "vs_no_data": stats.bootstrap(diff0, tasks),
@@ -114,14 +115,16 @@ def quantize_markdown(a: dict) -> list[str]:
     q = a.get("quantize")
     if not q:
         return []
-    head = ["recipe", "data used", "receivers", "mean test acc % [lo, hi]",
+    head = ["recipe", "data used", "its images that are the receiver's", "receivers",
+            "mean test acc % [lo, hi]",
             "minus gptq:pretext pts [lo, hi]", "receivers above it [lo, hi]",
             "minus gptq:noise pts [lo, hi]"]  # fmt: skip
     rows = []
     for r in q["rows"]:
         mark = " **(best here)**" if r["key"] == q["best"] else ""
         ref = " (reference, not data-free)" if r["group"] != "candidate" else ""
-        rows.append([r["recipe"] + mark + ref, r["data"], str(r["n"]), _f(r["mean_acc"]),
+        rows.append([r["recipe"] + mark + ref, r["data"],
+                     (r.get("overlap") or "-").replace("|", "/"), str(r["n"]), _f(r["mean_acc"]),
                      _f(r["vs_reference"], sign=True),
                      _f(r["above_reference"], pct=True),
                      _f(r["vs_no_data"], sign=True)])  # fmt: skip
