@@ -2,7 +2,7 @@
 
 A donor is a task's pair of fine-tunes of one backbone: QAT and FP (:class:`DonorPair`).
 :func:`build_bank` takes each donor's ``QV = QAT - FP`` (``trees.quantization_vector``,
-head excluded, float32) and merges them (``merge.merge_qvs``, :data:`DEFAULT_METHOD`);
+head excluded, float32) and merges them (``merge.merge_qvs``, :data:`DEFAULT_METHODS`);
 one donor's bank is its QV. A receiver of that backbone is then quantized zero-shot as
 ``PTQ(FP_R + lam * bank.qv)`` without any donor checkpoint at hand.
 
@@ -47,7 +47,9 @@ from .trees import quantization_vector
 
 FORMAT = "qvec_jax.qv-bank"
 VERSION = 1
-DEFAULT_METHOD = "ties"  # chosen on the study's dev half: docs/results.md
+#: The merge method per QAT bit width, chosen on the study's dev half (docs/results.md,
+#: "qvec quantize"); another width takes the nearest measured one's.
+DEFAULT_METHODS = {2: "ties", 3: "mean"}
 #: Every provenance key a bank file must hold.
 KEYS = ("format", "version", "backbone_id", "variant", "image_size", "bits", "granularity",
         "rule", "donors", "merge", "lam", "pretext", "qvec_jax", "crc32", "checksum")  # fmt: skip
@@ -125,10 +127,11 @@ class Bank:
 
 
 def build_bank(
-    pairs: list[DonorPair], *, method: str | MergeSpec = DEFAULT_METHOD, lam: float = 1.0
+    pairs: list[DonorPair], *, method: str | MergeSpec | None = None, lam: float = 1.0
 ) -> Bank:
     """The bank of ``pairs``: each donor's QV, merged by ``method`` (a name or a
-    ``MergeSpec``) when there are two or more, with its provenance (module docstring).
+    ``MergeSpec``; None: :data:`DEFAULT_METHODS` of the donors' bits) when there are two or
+    more, with its provenance (module docstring).
 
     Refused (BankError naming the donor paths): no pair; a pair whose QAT/FP meta says
     another mode, or whose two tasks differ; donors of different backbones, quant specs,
@@ -136,14 +139,17 @@ def build_bank(
     pairs = list(pairs)
     if not pairs:
         raise BankError("no donors: give at least one (QAT, FP) pair of fine-tunes of one task")
+    for pair in pairs:
+        _check_pair(pair)
+    model = _shared_model(pairs)
+    if method is None:
+        bits = min(DEFAULT_METHODS, key=lambda b: (abs(b - model["bits"]), -b))
+        method = DEFAULT_METHODS[bits]
     try:
         spec = method if isinstance(method, MergeSpec) else MergeSpec(method)
         lam = check_lam(lam)
     except (TypeError, ValueError) as e:
         raise BankError(str(e)) from None
-    for pair in pairs:
-        _check_pair(pair)
-    model = _shared_model(pairs)
     prints = _fingerprints(pairs)
     qvs = [_qv(pair) for pair in pairs]
     if len(qvs) == 1:

@@ -117,22 +117,24 @@ def _ranking(*names: str) -> tuple[Recipe, ...]:
 
 #: The recipes ranked by mean test accuracy on the study's DEV half (16 views; the 2-bit
 #: study of issue 21 and its 3-bit twin, ``quant.bits=3 --lambdas 0,1``; docs/results.md,
-#: "qvec quantize"), each bank a leave-one-out TIES merge (``bank.DEFAULT_METHOD``) at its
-#: dev-best lambda of 0.25, 0.5 and 1 under GPTQ (RTN: 1, zero-shot). The first is the
-#: default; the others are the fallbacks when it needs a bank or a pretext task one lacks.
+#: "qvec quantize"), each bank the leave-one-out merge by ``bank.DEFAULT_METHODS[bits]``
+#: at its dev-best lambda of 0.25, 0.5 and 1 under GPTQ (RTN: 1, zero-shot). The first is
+#: the default; the others, the fallbacks (it needs a bank or a pretext task one lacks).
+#: At 3 bits the recipes lie within 2 points of one another, at the noise level.
 DEV_RANKING: dict[int, tuple[Recipe, ...]] = {
     2: _ranking("gptq:pretext", "gptq+bank:pretext@0.25", "gptq+bank:noise@0.5", "gptq:noise",
                 "rtn+bank", "rtn"),
-    3: _ranking("gptq:pretext", "gptq+bank:pretext@0.25", "gptq+bank:noise@0.5", "gptq:noise",
-                "rtn+bank", "rtn"),
+    3: _ranking("gptq+bank:pretext@0.5", "gptq:pretext", "gptq+bank:noise@0.5", "gptq:noise",
+                "rtn", "rtn+bank"),
 }  # fmt: skip
 #: The default recipe per measured bit width: the head of its dev ranking.
 DEFAULT_RECIPES: dict[int, Recipe] = {b: r[0] for b, r in DEV_RANKING.items()}
-#: The dev-best bank lambda per ``(bits, merge method, calib)`` measured (a bank of another
-#: method takes the lambda it was built with, ``Bank.lam``).
+#: Dev-best bank lambda per ``(bits, merge method, calib)`` (other methods: ``Bank.lam``).
 DEV_BANK_LAMS: dict[tuple[int, str, str], float] = {
     (2, "ties", "none"): 1.0, (2, "ties", "noise"): 0.5, (2, "ties", "pretext"): 0.25,
     (2, "mean", "none"): 1.0, (2, "mean", "noise"): 0.25, (2, "mean", "pretext"): 0.25,
+    (3, "ties", "none"): 1.0, (3, "ties", "noise"): 0.25, (3, "ties", "pretext"): 0.25,
+    (3, "mean", "none"): 1.0, (3, "mean", "noise"): 0.5, (3, "mean", "pretext"): 0.5,
 }  # fmt: skip
 
 

@@ -61,9 +61,10 @@ def add_qv_bank(sub) -> None:
     )
     b.add_argument(
         "--method",
-        default=bank.DEFAULT_METHOD,
+        default=None,
         choices=merge.METHODS,
-        help=f"how two or more QVs are merged (default {bank.DEFAULT_METHOD})",
+        help="how two or more QVs are merged (default: chosen on the study's dev half per "
+        f"bit width, {', '.join(f'{b} bits {m}' for b, m in bank.DEFAULT_METHODS.items())})",
     )
     b.add_argument(
         "--lam",
