@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from test_cli_methods import run_ok
 from test_cli_safety import refused, snapshot
 from vit_layouts import random_params
 
@@ -249,14 +250,6 @@ def ck(tmp_path_factory) -> Path:
             checkpoints.save_params(root / "runs" / task / mode / "params", tree, info)
     (root / "runs" / "grid").mkdir()  # not a task dir: skipped
     return root
-
-
-def run_ok(capsys, *argv) -> str:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return out
 
 
 def _restored(ck: Path, task: str) -> bank.DonorPair:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from test_cli_methods import run_ok
 from test_cli_safety import refused
 from vit_layouts import random_params, to_timm
 
@@ -286,14 +287,6 @@ def test_the_package_root_exports_the_quantizer():
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def run_ok(capsys, *argv) -> str:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return out
 
 
 def data_line(out: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import qvec_jax as q
 from qvec_jax import checkpoints, data
 
 _FMT = argparse.RawDescriptionHelpFormatter
@@ -321,6 +322,19 @@ def save(out: Path, params, meta: dict) -> None:
     with claim(out), writing(out, "output"):
         checkpoints.save_params(out, jax.tree.map(np.asarray, params), meta)
     print(f"wrote {out}")
+
+
+def say_packed(out, disk: int, params, spec) -> dict:
+    """Print that the packed export ``out`` (``disk`` bytes) was written, against the fp32
+    model and ``size_report``'s count; return the size report."""
+    size = q.size_report(params, spec)
+    fp32, total = size["fp32_bytes"], size["total_bytes"]
+    print(f"wrote {out}")
+    print(
+        f"{out}: {disk:,} bytes on disk; fp32 {fp32:,} bytes ({fp32 / disk:.2f}x smaller); "
+        f"size_report {total:,} bytes (the file is {100 * (disk / total - 1):+.2f}% over it)"
+    )
+    return size
 
 
 def task_names(text: str, option: str, *, one: bool = False) -> list[str]:

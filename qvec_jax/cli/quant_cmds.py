@@ -32,6 +32,7 @@ from qvec_jax.cli.common import (
     restore_qv,
     same_backbone,
     save,
+    say_packed,
     writing,
 )
 from qvec_jax.export import export_packed
@@ -313,12 +314,5 @@ def _cmd_export(args) -> int:
         record |= {"method": args.method, "packed": True}
         with writing(out, "output"):
             disk = export_packed(tree, out, spec, meta={**meta, "ptq": record})
-    size = q.size_report(params, spec)
-    fp32, total = size["fp32_bytes"], size["total_bytes"]
-    print(f"wrote {out}")
-    print(
-        f"{out}: {disk:,} bytes on disk; fp32 {fp32:,} bytes ({fp32 / disk:.2f}x smaller); "
-        f"size_report {total:,} bytes (the file is {100 * (disk / total - 1):+.2f}% over it)"
-    )
-    print(json.dumps(size))
+    print(json.dumps(say_packed(out, disk, params, spec)))
     return 0

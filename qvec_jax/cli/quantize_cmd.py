@@ -23,6 +23,7 @@ from qvec_jax.cli.common import (
     positive_int,
     refuse_quantized,
     restore_model,
+    say_packed,
     writing,
 )
 from qvec_jax.export import export_packed
@@ -104,13 +105,7 @@ def _cmd_quantize(args) -> int:
         ptq = record | {"packed": True}  # what `qvec eval` and checkpoints.quantized read
         with writing(out, "output"):
             disk = export_packed(tree, out, spec, meta={**meta, "ptq": ptq, "quantize": record})
-    size = q.size_report(params, spec)
-    fp32, total = size["fp32_bytes"], size["total_bytes"]
-    print(f"wrote {out}")
-    print(
-        f"{out}: {disk:,} bytes on disk; fp32 {fp32:,} bytes ({fp32 / disk:.2f}x smaller); "
-        f"size_report {total:,} bytes (the file is {100 * (disk / total - 1):+.2f}% over it)"
-    )
+    say_packed(out, disk, params, spec)
     return 0
 
 
