@@ -74,8 +74,9 @@ def add_quantize(sub) -> None:
                    help="none (RTN), noise or pretext (GPTQ); default: the dev-chosen "
                    "recipe's")  # fmt: skip
     p.add_argument("--lam", type=_lam, default=None, metavar="X|STRATEGY",
-                   help="the bank's lambda: a number or a lambda strategy (default: the "
-                   "bank's, 1 = zero-shot)")  # fmt: skip
+                   help="the bank's lambda: a number (1 = zero-shot) or a lambda strategy; "
+                   "asks for the bank (default: the dev-best for the recipe and the bank's "
+                   "merge method, recipe.DEV_BANK_LAMS)")  # fmt: skip
     p.add_argument("--calib-size", type=positive_int, default=128, help="GPTQ images (128)")
     p.add_argument("--granularity", default="channel", choices=("channel", "tensor"))
     p.add_argument("--data-dir", default=None, help="where the pretext task's data lives")
