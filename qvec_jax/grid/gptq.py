@@ -58,6 +58,7 @@ __all__ = [
     "QV_SOURCES",
     "SOURCES",
     "GptqCells",
+    "calib_accounting",
     "calib_images",
     "calib_spec",
     "is_gptq_cell",
@@ -185,6 +186,21 @@ def calib_spec(
         "n": int(n),
         "seed": seed,
     }
+
+
+def calib_accounting(spec: dict, receiver: str, n: int, *, data_dir=None) -> dict:
+    """``{"calib_used", "calib_overlap"}`` of a record calibrated on ``n`` images of
+    ``spec``: how many of the receiver's train/val/test images they hold (none for noise),
+    by the package's one overlap rule."""
+    task = spec["task"]
+    counts = (
+        overlap.zero_counts()
+        if task is None
+        else select.images_overlap(task, spec["n"], receiver, seed=spec["seed"], data_dir=data_dir)
+    )
+    used = {"n": n, "split": None if task is None else "train",
+            "receiver_images": overlap.has_overlap(counts)}  # fmt: skip
+    return {"calib_used": used, "calib_overlap": counts}
 
 
 def calib_images(spec: dict, image_size: int, *, data_dir=None) -> np.ndarray:
@@ -330,8 +346,11 @@ class _Job:
             twin = self.made.get(cell_key(rec | {"kind": cell["kind"].split("@")[0]}))
             if twin is not None and all(twin.get(k) == cell[k] for k in ("sources", "calib")):
                 rec |= {k: twin[k] for k in ("acc", "n", "calib_used", "seconds")}
-                rec["calib_overlap"] = twin.get("calib_overlap") or self.calib_overlap(
-                    cell["calib"], r
+                rec["calib_overlap"] = (
+                    twin.get("calib_overlap")
+                    or calib_accounting(
+                        cell["calib"], r, cell["calib"]["n"], data_dir=self.run.data_dir
+                    )["calib_overlap"]
                 )
                 rec["same_as"] = list(cell_key(twin))  # one GPTQ, not two
                 return self._finish(rec)
@@ -344,24 +363,10 @@ class _Job:
         q = put(q, self.run.replicated)
         rec["acc"] = {s: e.accuracy(eval_model, q) for s, e in evals.items()}
         rec["n"] = {s: e.n for s, e in evals.items()}
-        task, counts = cell["calib"]["task"], self.calib_overlap(cell["calib"], r)
-        rec["calib_used"] = {
-            "n": len(images),
-            "split": None if task is None else "train",
-            "receiver_images": overlap.has_overlap(counts),
-        }
-        rec["calib_overlap"] = counts
+        rec |= calib_accounting(cell["calib"], r, len(images), data_dir=self.run.data_dir)
         rec["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         rec["seconds"]["total"] = round(time.perf_counter() - t0, 3)
         return self._finish(rec)
-
-    def calib_overlap(self, spec: dict, r: str) -> dict:
-        """How many of R's train/val/test images the calibration set holds (none for noise)."""
-        if spec["task"] is None:
-            return overlap.zero_counts()
-        return select.images_overlap(
-            spec["task"], spec["n"], r, seed=spec["seed"], data_dir=self.run.data_dir
-        )
 
     def _finish(self, rec: dict) -> dict:
         rec |= {"bits": self.spec.bits, "granularity": self.spec.granularity}

@@ -33,11 +33,10 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from qvec_jax import checkpoints, gptq, merge, select, trees
-from qvec_jax.data import overlap
+from qvec_jax import checkpoints, gptq, merge, trees
 from qvec_jax.grid.cells import GridRun
 from qvec_jax.grid.extras import MIN_MERGE_DONORS, loo_donor, merge_sources
-from qvec_jax.grid.gptq import calib_images, calib_spec
+from qvec_jax.grid.gptq import calib_accounting, calib_images, calib_spec
 from qvec_jax.grid.inputs import GridError
 from qvec_jax.grid.run import shard_of
 from qvec_jax.grid.store import GridStore, cell_key
@@ -139,6 +138,7 @@ def _compute(opts: BankCells, run: GridRun, todo: list[dict], store: GridStore, 
         desc="grid gptq+bank", disable=not kw.get("progress", True), dynamic_ncols=True,
     )  # fmt: skip
     images: dict = {}
+    seen: dict = {}  # calibration accounting per (receiver, set): the same for every lam
     with store.writer(kw.get("shard")) as out:
         for r in dict.fromkeys(c["receiver"] for c in todo):
             cache = kw.get("device_cache_bytes", 1 << 30)
@@ -164,30 +164,24 @@ def _compute(opts: BankCells, run: GridRun, todo: list[dict], store: GridStore, 
                                   batch_size=opts.batch_size, timings=timings)  # fmt: skip
                     q = put(q, run.replicated)
                     rec = dict(cell, acc={s: e.accuracy(eval_model, q) for s, e in evals.items()})
-                    out.append(_finish(rec, run, evals, len(images[key]), timings, t0))
+                    out.append(_finish(rec, run, evals, len(images[key]), timings, t0, seen))
                     bar.update(1)
                 del qv
             del evals, fp
     bar.close()
 
 
-def _finish(rec: dict, run: GridRun, evals: dict, n: int, timings: dict, t0: float) -> dict:
-    """The record's evaluation sizes, calibration accounting and timings."""
+def _finish(
+    rec: dict, run: GridRun, evals: dict, n: int, timings: dict, t0: float, seen: dict
+) -> dict:
+    """The record's evaluation sizes, calibration accounting (counted once per receiver and
+    calibration set: ``seen``) and timings."""
     calib, r = rec["calib"], rec["receiver"]
-    counts = (
-        overlap.zero_counts()
-        if calib["task"] is None
-        else select.images_overlap(
-            calib["task"], calib["n"], r, seed=calib["seed"], data_dir=run.data_dir
-        )
-    )
+    key = (r, calib["task"], calib["n"], calib["seed"], n)
+    if key not in seen:
+        seen[key] = calib_accounting(calib, r, n, data_dir=run.data_dir)
     rec["n"] = {s: e.n for s, e in evals.items()}
-    rec["calib_used"] = {
-        "n": n,
-        "split": None if calib["task"] is None else "train",
-        "receiver_images": overlap.has_overlap(counts),
-    }
-    rec["calib_overlap"] = counts
+    rec |= seen[key]
     rec["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     rec["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return rec | {"bits": run.spec.bits, "granularity": run.spec.granularity}
